@@ -1,0 +1,3 @@
+"""carwash-gateway: the edge gateway of a car-wash site."""
+
+__version__ = "0.1.0"

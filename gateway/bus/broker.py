@@ -1,0 +1,237 @@
+"""The embedded amqtt broker of the site LAN, its auth and topic ACL, and the core's view of it.
+
+Who may do what (docs/security.md explains why):
+- The gateway's own services log in as `mqtt.internal_username` with the internal password from
+  the secrets file: they may publish and subscribe anything.
+- Anyone else connects anonymously when `mqtt.allow_anonymous` is true (ESP32 devices do) and may
+  publish only `server/{id}/ack` and `server/{id}/streaming`, and subscribe only within
+  `device/#`. Any other username, or a wrong password, is refused at CONNECT.
+
+`LocalBus` is how core code talks to the broker without a TCP hop: `publish()` broadcasts (and
+retains) in-process; `subscribe()` registers a handler for messages that clients published and
+the ACL let through. Handlers run one at a time, in arrival order, on one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.session import ApplicationMessage, Session
+
+from gateway.bus.topics import filter_within, is_valid_filter, matches
+
+log = logging.getLogger(__name__)
+
+ANON_PUBLISH = ("server/+/ack", "server/+/streaming")
+ANON_SUBSCRIBE = ("device/#",)
+
+Handler = Callable[[str, bytes, str | None], Awaitable[None] | None]
+
+
+class GatewayAuthPlugin(BaseAuthPlugin):
+    """Internal user by password (constant-time), anonymous devices when allowed, nobody else."""
+
+    @dataclass
+    class Config:
+        internal_username: str = ""
+        internal_password: str = ""
+        allow_anonymous: bool = False
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        cfg = self.config
+        if session.username is None:
+            return bool(cfg.allow_anonymous)
+        user_ok = hmac.compare_digest(session.username.encode(), cfg.internal_username.encode())
+        pw_ok = hmac.compare_digest((session.password or "").encode(), cfg.internal_password.encode())
+        if user_ok and pw_ok:
+            return True
+        log.warning("mqtt: refused login of user %r from client %r", session.username, session.client_id)
+        return False
+
+
+class GatewayTopicPlugin(BaseTopicPlugin):
+    """The topic ACL. Internal users: everything. Others: the device topics only."""
+
+    @dataclass
+    class Config:
+        internal_username: str = ""
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        if session is None or topic is None:
+            return False
+        if session.username is not None and session.username == self.config.internal_username:
+            return True  # authenticate() already checked the password
+        if action == Action.RECEIVE:
+            return True  # the subscription was checked when it was made
+        if action == Action.PUBLISH:
+            allowed = any(matches(f, topic) for f in ANON_PUBLISH)
+        elif action == Action.SUBSCRIBE:
+            allowed = is_valid_filter(topic) and any(filter_within(topic, a) for a in ANON_SUBSCRIBE)
+        else:
+            allowed = False
+        if not allowed:
+            self.context.logger.info("mqtt acl: denied %s of %r to client %r", action, topic, session.client_id)
+        return allowed
+
+
+class GatewayBusPlugin(BasePlugin[BaseContext]):
+    """Hands every permitted client publish to the LocalBus (set after the broker is built)."""
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.sink: Callable[[str, bytes, str | None], None] | None = None
+        self.presence: Callable[[str, bool], Awaitable[None]] | None = None
+
+    async def on_broker_message_broadcast(self, *, client_id: str, message: ApplicationMessage) -> None:
+        # Runs as its own task per message; put without awaiting so arrival order is kept.
+        if self.sink is not None and message is not None and message.topic:
+            self.sink(message.topic, bytes(message.data or b""), client_id)
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        if self.presence is not None:
+            await self.presence(client_id, True)
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        if self.presence is not None:
+            await self.presence(client_id, False)
+
+
+class GatewayBroker(Broker):
+    """amqtt's Broker with one fix: retained messages go only to subscriptions a session holds.
+
+    amqtt 0.12.1 publishes, to every client that connects, the retained messages of every filter
+    *any* client subscribed to, and sends retained messages for subscriptions the ACL refused
+    (tests/test_broker.py shows both). Both bypass the topic ACL, so the gateway filters here.
+    """
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter = subscription[0]
+        granted = next(
+            (qos for s, qos in self._subscriptions.get(topic_filter, ()) if s.client_id == session.client_id), None
+        )
+        if granted is None:
+            return
+        await super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    bind: str
+    port: int
+    internal_username: str
+    internal_password: str
+    allow_anonymous: bool
+    max_connections: int
+
+
+def broker_config(s: BrokerSettings) -> dict[str, Any]:
+    """amqtt config: explicit bind, only our plugins (the default loggers cost a task a packet)."""
+    host = f"[{s.bind}]" if ":" in s.bind else s.bind
+    return {
+        "listeners": {
+            "default": {"type": "tcp", "bind": f"{host}:{s.port}", "max_connections": s.max_connections},
+        },
+        "timeout_disconnect_delay": 0,
+        "plugins": {
+            f"{__name__}.GatewayAuthPlugin": {
+                "internal_username": s.internal_username,
+                "internal_password": s.internal_password,
+                "allow_anonymous": s.allow_anonymous,
+            },
+            f"{__name__}.GatewayTopicPlugin": {"internal_username": s.internal_username},
+            f"{__name__}.GatewayBusPlugin": {},
+        },
+    }
+
+
+class LocalBus:
+    """The core's side of the embedded broker. Create inside the running loop, then `start()`."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self._settings = settings
+        self._broker: GatewayBroker | None = None
+        self._handlers: list[tuple[str, Handler]] = []
+        self._queue: asyncio.Queue[tuple[str, bytes, str | None]] = asyncio.Queue()
+        self._presence_changed = asyncio.Condition()
+        self.clients: set[str] = set()
+        self.dropped_handler_errors = 0
+
+    @property
+    def broker(self) -> GatewayBroker:
+        if self._broker is None:
+            raise RuntimeError("bus not started")
+        return self._broker
+
+    async def start(self) -> None:
+        """Bind the listener; raises if the address cannot be bound."""
+        broker = GatewayBroker(broker_config(self._settings))
+        plugin = broker.plugins_manager.get_plugin("GatewayBusPlugin")
+        assert isinstance(plugin, GatewayBusPlugin)
+        plugin.sink = self._enqueue
+        plugin.presence = self._on_presence
+        await broker.start()
+        self._broker = broker
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            broker, self._broker = self._broker, None
+            await broker.shutdown()
+
+    async def _on_presence(self, client_id: str, connected: bool) -> None:
+        async with self._presence_changed:
+            (self.clients.add if connected else self.clients.discard)(client_id)
+            self._presence_changed.notify_all()
+
+    async def wait_clients(self, predicate: Callable[[set[str]], bool], timeout: float) -> None:
+        """Wait until `predicate(self.clients)` holds (connected client ids). TimeoutError."""
+        async with asyncio.timeout(timeout):
+            async with self._presence_changed:
+                await self._presence_changed.wait_for(lambda: predicate(self.clients))
+
+    def _enqueue(self, topic: str, data: bytes, client_id: str | None) -> None:
+        self._queue.put_nowait((topic, data, client_id))
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Receive client publishes matching `topic_filter` (handlers are called in order)."""
+        if not is_valid_filter(topic_filter):
+            raise ValueError(f"invalid topic filter {topic_filter!r}")
+        self._handlers.append((topic_filter, handler))
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Deliver to subscribers; with `retain`, also replace the retained message (b"" clears)."""
+        broker = self.broker
+        if retain:
+            await broker.retain_message(None, topic, payload, qos)
+        if payload or not retain:
+            await broker.internal_message_broadcast(topic, payload, qos)
+
+    def retained(self, topic: str) -> bytes | None:
+        msg = self.broker.retained_messages.get(topic)
+        return bytes(msg.data) if msg is not None else None
+
+    async def dispatch_forever(self) -> None:
+        """Run the handlers for each received message; one failing handler never stops the bus."""
+        while True:
+            topic, data, client_id = await self._queue.get()
+            for topic_filter, handler in self._handlers:
+                if not matches(topic_filter, topic):
+                    continue
+                try:
+                    result = handler(topic, data, client_id)
+                    if result is not None:
+                        await result
+                except Exception:
+                    self.dropped_handler_errors += 1
+                    log.exception("handler for %s failed on a message on %s", topic_filter, topic)

@@ -1,0 +1,71 @@
+"""Topic names and matching. Device and wash topics are the spec's; `gateway/...` is ours.
+
+`gateway/#` is reserved by the ACL for the gateway's own authenticated users (core and web):
+- `gateway/rpc/{method}`: web -> core requests (`{"id", "reply_to", "params"}`)
+- `gateway/reply/{client_id}`: core -> caller replies (`{"id", "ok", "result" | "error"}`)
+- `gateway/status`: retained availability of the core (`{"online", "version", "since"}`)
+- `gateway/health`: retained health of the parts the core owns (plc buses, cloud link)
+"""
+
+from __future__ import annotations
+
+PREFIX = "gateway"
+RPC_REQUEST = "gateway/rpc/{method}"
+RPC_REQUEST_FILTER = "gateway/rpc/+"
+RPC_REPLY = "gateway/reply/{client_id}"
+STATUS = "gateway/status"
+HEALTH = "gateway/health"
+
+DEVICE_COMMAND = "device/{device_id}/command"
+DEVICE_ACK = "server/{device_id}/ack"
+DEVICE_STREAMING = "server/{device_id}/streaming"
+PAYMENT_STATUS = "device/{charge_id}/payment-status"
+WASH_CMD = "wash/{bay_id}/cmd"
+WASH_STATUS = "wash/{bay_id}/status"
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter match (`+` one level, `#` the rest); `$` topics never match wildcards."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+def is_valid_filter(topic_filter: str) -> bool:
+    if not topic_filter:
+        return False
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def filter_within(topic_filter: str, allowed: str) -> bool:
+    """True when every topic `topic_filter` can match is also matched by `allowed`."""
+    f_levels = topic_filter.split("/")
+    a_levels = allowed.split("/")
+    for i, a in enumerate(a_levels):
+        if a == "#":
+            return True
+        if i >= len(f_levels):
+            return False
+        f = f_levels[i]
+        if f == "#":
+            return False
+        if a == "+":
+            continue
+        if f != a:
+            return False
+    return len(f_levels) == len(a_levels)

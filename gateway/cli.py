@@ -1,0 +1,167 @@
+"""`carwash-gateway` command line: one entry point, one subcommand per job.
+
+Every subcommand takes `--config PATH` (default /etc/carwash-gateway/gateway.toml; the
+CARWASH_GATEWAY_CONFIG environment variable overrides the default). A configuration problem
+prints one line naming the file and key and exits with 78 (EX_CONFIG), which the systemd units
+list in RestartPreventExitStatus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import secrets as pysecrets
+import signal
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, Secrets, config_path, load_config, load_secrets
+
+EX_CONFIG = 78
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Secrets]:
+    cfg = load_config(config_path(args.config))
+    return cfg, load_secrets(cfg)
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    print(f"carwash-gateway {__version__}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg, _ = _load(args)
+    print(f"{cfg.source}: OK (site {cfg.site.id}, {len(cfg.buses)} bus(es), {len(cfg.bays)} bay(s))")
+    return 0
+
+
+def cmd_core(args: argparse.Namespace) -> int:
+    from gateway.core.app import CoreApp
+    from gateway.logsetup import setup_logging
+
+    cfg, sec = _load(args)
+    setup_logging(cfg.logging.level, process="core")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await CoreApp(cfg, sec).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    cfg, _ = _load(args)  # fail here, with the one-line message, rather than inside gunicorn
+    conf = Path(__file__).resolve().parent.parent / "web" / "gunicorn_conf.py"
+    os.environ["CARWASH_GATEWAY_CONFIG"] = str(Path(cfg.source).resolve())
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(conf), "web.wsgi:app"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec keeps the PID, so systemd's Type=notify sees gunicorn's own READY=1.
+    os.execv(sys.executable, argv)
+    return 1  # pragma: no cover
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir)
+
+
+def cmd_init_secrets(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"{path}: exists, left unchanged (use --force to replace)", file=sys.stderr)
+        return 1
+    write_secrets(path, device_signing_key=pysecrets.token_hex(16))
+    print(f"{path}: written (mode 0640)")
+    return 0
+
+
+def write_secrets(path: Path, *, device_signing_key: str) -> None:
+    """Write a new secrets file readable by its owner and group only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = (
+        "# carwash-gateway secrets: readable by the service only, never commit or log.\n"
+        f'device_signing_key = "{device_signing_key}"\n'
+        f'jwt_secret = "{pysecrets.token_urlsafe(48)}"\n'
+        f'mqtt_internal_password = "{pysecrets.token_urlsafe(24)}"\n'
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(body)
+    os.chmod(path, 0o640)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise SystemExit("passwords differ")
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from gateway import users
+    from gateway.store import migrate, open_database
+
+    cfg = load_config(config_path(args.config))
+    db = open_database(cfg.paths.database)
+    migrate(db)  # same forward migrations the core applies; harmless when current
+    try:
+        if args.action == "add":
+            users.add_user(db, args.username, _read_password(args))
+        elif args.action == "passwd":
+            users.set_password(db, args.username, _read_password(args))
+        else:
+            users.remove_user(db, args.username)
+    except users.UserError as exc:
+        print(f"user {args.action}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"user {args.username}: {args.action} done")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="carwash-gateway", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="configuration file (default: $CARWASH_GATEWAY_CONFIG "
+                        "or /etc/carwash-gateway/gateway.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("core", parents=[common], help="run the core process").set_defaults(fn=cmd_core)
+    sub.add_parser("web", parents=[common], help="run the web process (gunicorn)").set_defaults(fn=cmd_web)
+    d = sub.add_parser("demo", parents=[common], help="run a demo site on 127.0.0.1")
+    d.add_argument("--data-dir", metavar="DIR", help="keep the demo's data here (default: a temporary directory)")
+    d.set_defaults(fn=cmd_demo)
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and secrets").set_defaults(
+        fn=cmd_check_config)
+    sub.add_parser("version", parents=[common], help="print the version").set_defaults(fn=cmd_version)
+    s = sub.add_parser("init-secrets", parents=[common], help="write a new secrets file (0640)")
+    s.add_argument("path")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(fn=cmd_init_secrets)
+    u = sub.add_parser("user", parents=[common], help="technician accounts")
+    u.add_argument("action", choices=("add", "passwd", "remove"))
+    u.add_argument("username")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    u.set_defaults(fn=cmd_user)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG

@@ -1,0 +1,23 @@
+"""Time helpers: the database stores naive UTC datetimes; the wire uses ISO 8601 with `Z`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+
+def utc_now() -> dt.datetime:
+    """Naive UTC now, the form every DateTimeField holds."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def iso_z(moment: dt.datetime | None = None) -> str:
+    """`2026-01-14T08:00:00.000Z` (milliseconds, UTC) as the seeds write timestamps."""
+    m = moment or utc_now()
+    if m.tzinfo is not None:
+        m = m.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return m.strftime("%Y-%m-%dT%H:%M:%S.") + f"{m.microsecond // 1000:03d}Z"
+
+
+def epoch_ms() -> int:
+    return time.time_ns() // 1_000_000

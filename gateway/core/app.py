@@ -1,0 +1,134 @@
+"""The core process: store, embedded broker, RPC, health, systemd notifications.
+
+`CoreApp(config, secrets)` does no I/O. `await app.run(stop)` opens and migrates the store,
+starts the broker, tells systemd READY=1, runs every long-lived service under the supervisor
+until `stop` is set, then shuts down (STOPPING=1) within `SHUTDOWN_BUDGET` seconds.
+Later components (bays, devices, commands, uplink) are added as services and RPC methods here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from peewee import SqliteDatabase
+
+from gateway import __version__
+from gateway.bus.broker import BrokerSettings, LocalBus
+from gateway.bus.rpc import RpcServer
+from gateway.bus.topics import HEALTH, STATUS
+from gateway.clock import iso_z
+from gateway.config import Config, Secrets
+from gateway.core.supervisor import Service, Supervisor
+from gateway.sdnotify import Notifier
+from gateway.store import migrate, open_database
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BUDGET = 4.0
+
+
+class Health:
+    """What the core knows of the parts it owns; published retained on `gateway/health`."""
+
+    def __init__(self, cloud_configured: bool) -> None:
+        self.cloud_configured = cloud_configured
+        self.plc: dict[str, bool] = {}
+        self.cloud = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"plc": dict(self.plc), "cloud": self.cloud, "cloud_configured": self.cloud_configured, "at": iso_z()}
+
+
+class CoreApp:
+    def __init__(self, config: Config, secrets: Secrets, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.notifier = notifier or Notifier()
+        self.health = Health(cloud_configured=bool(config.cloud.url))
+        self.started_at = time.monotonic()
+        self.db: SqliteDatabase | None = None
+        self.bus: LocalBus | None = None
+        self.rpc: RpcServer | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        self.notifier.status("opening the database")
+        self.db = open_database(cfg.paths.database)
+        applied = migrate(self.db)
+        if applied:
+            log.info("applied schema migrations %s", applied)
+        self.notifier.status("starting the MQTT broker")
+        self.bus = LocalBus(
+            BrokerSettings(
+                bind=cfg.mqtt.bind,
+                port=cfg.mqtt.port,
+                internal_username=cfg.mqtt.internal_username,
+                internal_password=self.secrets.mqtt_internal_password,
+                allow_anonymous=cfg.mqtt.allow_anonymous,
+                max_connections=cfg.mqtt.max_connections,
+            )
+        )
+        try:
+            await self.bus.start()
+            self.rpc = RpcServer(self.bus)
+            self._register_rpc(self.rpc)
+            await self._publish_retained()
+            services = [Service("bus-dispatch", self.bus.dispatch_forever)]
+            if self.notifier.watchdog_interval:
+                services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
+            supervisor = Supervisor(services)
+            task = asyncio.create_task(supervisor.run(), name="supervisor")
+            elapsed = time.monotonic() - t0
+            self.notifier.ready(f"running: MQTT on {cfg.mqtt.bind}:{cfg.mqtt.port}")
+            self.ready.set()
+            log.info("core ready in %.0f ms (MQTT %s:%d, site %s)", elapsed * 1000, cfg.mqtt.bind, cfg.mqtt.port, cfg.site.id)
+            stop_wait = asyncio.create_task(stop.wait(), name="stop-wait")
+            done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            self.notifier.stopping()
+            log.info("core stopping")
+            for t in (task, stop_wait):
+                t.cancel()
+            await asyncio.gather(task, stop_wait, return_exceptions=True)
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self.bus is not None:
+            try:
+                await asyncio.wait_for(self.bus.stop(), SHUTDOWN_BUDGET)
+            except (TimeoutError, asyncio.TimeoutError):
+                log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
+        if self.db is not None:
+            self.db.close()
+        log.info("core stopped")
+
+    def _register_rpc(self, rpc: RpcServer) -> None:
+        async def ping(_params: dict[str, Any]) -> dict[str, Any]:
+            return {"pong": True, "version": __version__, "uptime_sec": round(time.monotonic() - self.started_at, 3)}
+
+        rpc.register("ping", ping)
+
+    async def _publish_retained(self) -> None:
+        """amqtt keeps retained messages in memory only: the core re-creates them at each start."""
+        assert self.bus is not None
+        status = {"online": True, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
+        await self.bus.publish(STATUS, json.dumps(status).encode(), retain=True)
+        await self.publish_health()
+
+    async def publish_health(self) -> None:
+        assert self.bus is not None
+        await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval or 1.0
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)

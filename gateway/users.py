@@ -1,0 +1,70 @@
+"""Technician accounts: argon2id password hashes in the `technician_user` table."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from peewee import SqliteDatabase
+
+from gateway.clock import utc_now
+from gateway.store import write_tx
+from gateway.store.models import TechnicianUser
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MIN_PASSWORD = 4
+
+_hasher = PasswordHasher()
+
+
+class UserError(Exception):
+    pass
+
+
+def _check(username: str, password: str | None = None) -> None:
+    if not USERNAME_RE.match(username):
+        raise UserError("username: 1-64 letters, digits, '_', '.', '-'")
+    if password is not None and len(password) < MIN_PASSWORD:
+        raise UserError(f"password: at least {MIN_PASSWORD} characters")
+
+
+def add_user(db: SqliteDatabase, username: str, password: str) -> None:
+    _check(username, password)
+    with write_tx(db):
+        if TechnicianUser.select().where(TechnicianUser.username == username).exists():
+            raise UserError(f"user {username!r} exists")
+        TechnicianUser.create(username=username, password_hash=_hasher.hash(password), created_at=utc_now())
+
+
+def set_password(db: SqliteDatabase, username: str, password: str) -> None:
+    _check(username, password)
+    with write_tx(db):
+        n = (TechnicianUser.update(password_hash=_hasher.hash(password))
+             .where(TechnicianUser.username == username).execute())
+    if n == 0:
+        raise UserError(f"no user {username!r}")
+
+
+def remove_user(db: SqliteDatabase, username: str) -> None:
+    with write_tx(db):
+        n = TechnicianUser.delete().where(TechnicianUser.username == username).execute()
+    if n == 0:
+        raise UserError(f"no user {username!r}")
+
+
+def verify(db: SqliteDatabase, username: str, password: str) -> bool:
+    """Constant work whether or not the user exists (no username probing by timing)."""
+    user = TechnicianUser.get_or_none((TechnicianUser.username == username) & (TechnicianUser.disabled == False))  # noqa: E712
+    stored = user.password_hash if user else _dummy_hash()
+    try:
+        ok = _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        ok = False
+    return ok and user is not None
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return _hasher.hash("not-a-real-password")

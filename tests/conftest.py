@@ -1,0 +1,155 @@
+"""Test harness: leak checks, async test runner, and fixtures for real gateway processes.
+
+- Every test fails if it leaves threads, child processes or asyncio tasks behind.
+- `async def` tests run in a fresh event loop (no plugin needed); tasks still pending when the
+  test coroutine returns are a failure.
+- `site` writes a config + secrets in a temporary directory with free ports; `core` and `web`
+  start the real processes and wait for their READY=1 on a NOTIFY_SOCKET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gateway.config import Config, Secrets, load_config, load_secrets
+from gateway.demo import free_port, write_demo_site
+from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_SPEC = REPO.parent / "shared" / "spec"
+LEAK_GRACE_SEC = 5.0
+
+
+# --- leak checks ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    threads_before = set(threading.enumerate())
+    me = psutil.Process()
+    children_before = {p.pid for p in me.children(recursive=True)}
+    yield
+    leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    for t in leaked_threads:
+        t.join(LEAK_GRACE_SEC / max(1, len(leaked_threads)))
+    still = [t.name for t in leaked_threads if t.is_alive()]
+    children = [p for p in me.children(recursive=True) if p.pid not in children_before]
+    gone, alive = psutil.wait_procs(children, timeout=LEAK_GRACE_SEC if children else 0)
+    assert not still, f"test leaked threads: {still}"
+    assert not alive, f"test leaked child processes: {[(p.pid, p.name()) for p in alive]}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    funcargs = pyfuncitem.funcargs
+    kwargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+
+    async def runner() -> None:
+        await pyfuncitem.obj(**kwargs)
+        current = asyncio.current_task()
+        leaked = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        for t in leaked:
+            t.cancel()
+        if leaked:
+            await asyncio.gather(*leaked, return_exceptions=True)
+        assert not leaked, f"test leaked asyncio tasks: {[t.get_name() + ' ' + repr(t.get_coro()) for t in leaked]}"
+
+    asyncio.run(runner())
+    return True
+
+
+# --- a site on disk ---------------------------------------------------------------------------
+
+
+@dataclass
+class Site:
+    dir: Path
+    config_path: Path
+    web_port: int
+    mqtt_port: int
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    @property
+    def secrets(self) -> Secrets:
+        return load_secrets(self.config)
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+
+def make_site(tmp: Path, extra_toml: str = "") -> Site:
+    web_port, mqtt_port = free_port(), free_port()
+    cfg = write_demo_site(tmp, web_port=web_port, mqtt_port=mqtt_port, extra_toml=extra_toml)
+    return Site(tmp, cfg, web_port, mqtt_port)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path / "site")
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    notify: NotifySocket
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> int:
+        rc = stop_process(self.popen, timeout)
+        self.notify.close()
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_process(site: Site, name: str, *, env: dict[str, str] | None = None, ready_timeout: float = 30.0) -> Proc:
+    notify = NotifySocket(site.dir / f"{name}.notify")
+    log_path = site.dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            gateway_command(name, "--config", str(site.config_path)),
+            env=child_env(notify, **(env or {})),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    proc = Proc(popen, notify, log_path)
+    try:
+        notify.wait_for("READY=1", ready_timeout)
+    except TimeoutError:
+        rc = proc.stop()
+        raise AssertionError(f"{name} not ready: rc={rc}\n{proc.log()[-3000:]}") from None
+    return proc
+
+
+@pytest.fixture
+def core(site: Site) -> Iterator[Proc]:
+    proc = start_process(site, "core")
+    yield proc
+    rc = proc.stop()
+    assert rc == 0, f"core exited with {rc}:\n{proc.log()[-3000:]}"
+
+
+@pytest.fixture
+def web(site: Site, core: Proc) -> Iterator[Proc]:
+    proc = start_process(site, "web")
+    yield proc
+    proc.stop()

@@ -1,0 +1,131 @@
+"""A paho-mqtt client for tests: connect, subscribe and wait for messages, all with timeouts.
+
+Blocking calls wait on events set by paho's network thread; async tests call them through
+`asyncio.to_thread` so the broker in the test's loop keeps running.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+@dataclass
+class Msg:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Probe:
+    def __init__(self, port: int, *, username: str | None = None, password: str | None = None,
+                 client_id: str | None = None) -> None:
+        self.port = port
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}")
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.messages: queue.Queue[Msg] = queue.Queue()
+        self.skipped: list[Msg] = []
+        self._connack: queue.Queue[Any] = queue.Queue()
+        self._subacks: dict[int, queue.Queue[list[Any]]] = {}
+        self._published: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.client.on_connect = lambda c, u, f, rc, p: self._connack.put(rc)
+        self.client.on_message = lambda c, u, m: self.messages.put(Msg(m.topic, m.payload, bool(m.retain)))
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = lambda c, u: self._connack.put("connect failed")
+        self.client.on_disconnect = lambda c, u, f, rc, p: self._connack.put(rc) if rc.is_failure else None
+
+    def connect(self, timeout: float = 5.0) -> Any:
+        """Connect and return the CONNACK reason code (raises TimeoutError)."""
+        self.client.connect("127.0.0.1", self.port, keepalive=30)
+        self.client.loop_start()
+        try:
+            return self._connack.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("no CONNACK") from None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:  # paho leaves it open after a refused CONNACK
+            sock.close()
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, reason_codes: list[Any], _p: Any) -> None:
+        with self._lock:
+            q = self._subacks.setdefault(mid, queue.Queue())
+        q.put(reason_codes)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._lock:
+            ev = self._published.setdefault(mid, threading.Event())
+        ev.set()
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> list[int]:
+        """Subscribe and return the granted codes (0x80 = refused)."""
+        rc, mid = self.client.subscribe(topic, qos)
+        assert rc == mqtt.MQTT_ERR_SUCCESS
+        with self._lock:
+            q = self._subacks.setdefault(mid, queue.Queue())
+        try:
+            codes = q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no SUBACK for {topic}") from None
+        return [c.value for c in codes]
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+                timeout: float = 5.0) -> None:
+        """Publish and, for QoS 1, wait for the broker's PUBACK."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        if qos:
+            with self._lock:
+                ev = self._published.setdefault(info.mid, threading.Event())
+            if not ev.wait(timeout):
+                raise TimeoutError(f"no PUBACK for {topic}")
+
+    def expect(self, topic: str | None = None, timeout: float = 5.0) -> Msg:
+        """The next message (on `topic` if given; others are kept in `skipped`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no message on {topic or 'any topic'} within {timeout} s")
+            try:
+                m = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if topic is None or m.topic == topic:
+                return m
+            self.skipped.append(m)
+
+    def until(self, topic: str, timeout: float = 5.0) -> list[Msg]:
+        """Every message received before the first one on `topic` (a marker), in order."""
+        seen: list[Msg] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"marker {topic} not received; got {[m.topic for m in seen]}")
+            try:
+                m = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if m.topic == topic:
+                return seen
+            seen.append(m)

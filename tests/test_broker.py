@@ -1,0 +1,185 @@
+"""The embedded broker: auth, topic ACL, retained messages and the core's LocalBus / RPC.
+
+Each test runs the real amqtt broker in the test's event loop on an ephemeral port and talks to it
+with paho clients, as devices and the web do. Negative checks ("X was not delivered") use a
+marker message published after X by the same client: MQTT keeps one client's order, so when the
+marker arrives, X would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.bus.broker import BrokerSettings, LocalBus
+from gateway.bus.client import BusClient, BusUnavailable, RpcTimeout
+from gateway.bus.rpc import RpcError, RpcServer
+from gateway.demo import free_port
+from tests.mqtt_probe import Probe
+
+USER, PASSWORD = "carwash-gateway", "internal-password-0123456789"
+
+
+@contextlib.asynccontextmanager
+async def running_bus(*, allow_anonymous: bool = True) -> AsyncIterator[LocalBus]:
+    bus = LocalBus(BrokerSettings("127.0.0.1", free_port(), USER, PASSWORD, allow_anonymous, 100))
+    await bus.start()
+    dispatcher = asyncio.create_task(bus.dispatch_forever())
+    try:
+        yield bus
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+        await bus.stop()
+
+
+def port_of(bus: LocalBus) -> int:
+    return bus._settings.port
+
+
+def internal(bus: LocalBus) -> Probe:
+    return Probe(port_of(bus), username=USER, password=PASSWORD)
+
+
+async def test_internal_user_connects_and_wrong_credentials_are_refused() -> None:
+    async with running_bus() as bus:
+        for username, password, accepted in [
+            (USER, PASSWORD, True),
+            (USER, "wrong", False),
+            ("someone", PASSWORD, False),
+            (None, None, True),  # anonymous device
+        ]:
+            with Probe(port_of(bus), username=username, password=password) as p:
+                rc = await asyncio.to_thread(p.connect)
+                assert (not rc.is_failure if hasattr(rc, "is_failure") else False) == accepted, (username, rc)
+
+
+async def test_anonymous_refused_when_not_allowed() -> None:
+    async with running_bus(allow_anonymous=False) as bus:
+        with Probe(port_of(bus)) as p:
+            rc = await asyncio.to_thread(p.connect)
+            assert rc.is_failure
+        with internal(bus) as p:
+            assert not (await asyncio.to_thread(p.connect)).is_failure
+
+
+async def test_anonymous_publish_to_wash_cmd_is_dropped_but_device_topics_pass() -> None:
+    async with running_bus() as bus:
+        seen: list[str] = []
+        bus.subscribe("#", lambda topic, data, cid: seen.append(topic))
+        with internal(bus) as watcher, Probe(port_of(bus)) as device:
+            await asyncio.to_thread(watcher.connect)
+            assert await asyncio.to_thread(watcher.subscribe, "#") == [1]
+            await asyncio.to_thread(device.connect)
+            for topic in ("wash/bay1/cmd", "device/d1/command", "gateway/rpc/ping", "server/d1/other"):
+                await asyncio.to_thread(device.publish, topic, b'{"x":1}')
+            await asyncio.to_thread(device.publish, "server/d1/ack", b'{"a":1}')
+            await asyncio.to_thread(device.publish, "server/d1/streaming", b'{"marker":1}')
+            before = await asyncio.to_thread(watcher.until, "server/d1/streaming")
+            assert [m.topic for m in before] == ["server/d1/ack"]
+        # The core's in-process handlers saw exactly what the ACL let through.
+        assert [t for t in seen if not t.startswith("$")] == ["server/d1/ack", "server/d1/streaming"]
+
+
+async def test_internal_user_may_publish_wash_cmd() -> None:
+    async with running_bus() as bus:
+        got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        bus.subscribe("wash/+/cmd", lambda topic, data, cid: got.put_nowait((topic, data)))
+        with internal(bus) as web:
+            await asyncio.to_thread(web.connect)
+            await asyncio.to_thread(web.publish, "wash/bay1/cmd", b'{"action":"START"}')
+            topic, data = await asyncio.wait_for(got.get(), 5)
+        assert (topic, data) == ("wash/bay1/cmd", b'{"action":"START"}')
+
+
+async def test_anonymous_subscriptions_limited_to_device_topics_and_no_retained_leak() -> None:
+    async with running_bus() as bus:
+        await bus.publish("gateway/health", b'{"secret":"internal"}', retain=True)
+        await bus.publish("wash/bay1/status", b'{"state":"IDLE"}', retain=True)
+        await bus.publish("device/d1/command", b'{"retained":"for d1"}', retain=True)
+        with internal(bus) as web:
+            # An internal subscriber holds gateway/# (amqtt 0.12.1 would replay its retained
+            # messages to every client that connects afterwards).
+            await asyncio.to_thread(web.connect)
+            await asyncio.to_thread(web.subscribe, "gateway/#")
+            with Probe(port_of(bus)) as device:
+                await asyncio.to_thread(device.connect)
+                assert await asyncio.to_thread(device.subscribe, "gateway/#") == [0x80]
+                assert await asyncio.to_thread(device.subscribe, "wash/+/status") == [0x80]
+                assert await asyncio.to_thread(device.subscribe, "#") == [0x80]
+                assert await asyncio.to_thread(device.subscribe, "device/d1/#") == [1]
+                await bus.publish("device/d1/marker", b"{}")
+                before = await asyncio.to_thread(device.until, "device/d1/marker")
+        assert [(m.topic, m.retain) for m in before] == [("device/d1/command", True)]
+
+
+async def test_retained_state_cleared_with_empty_payload() -> None:
+    async with running_bus() as bus:
+        await bus.publish("device/ch_1/payment-status", b'{"status":"PENDING"}', retain=True)
+        assert bus.retained("device/ch_1/payment-status") == b'{"status":"PENDING"}'
+        await bus.publish("device/ch_1/payment-status", b"", retain=True)
+        assert bus.retained("device/ch_1/payment-status") is None
+
+
+async def test_rpc_round_trip_error_unknown_method_and_timeout() -> None:
+    async with running_bus() as bus:
+        rpc = RpcServer(bus)
+        release = asyncio.Event()
+
+        async def echo(params: dict) -> dict:
+            return {"echo": params}
+
+        async def refuse(params: dict) -> None:
+            raise RpcError("BAY_BUSY", "bay1 is washing", 409)
+
+        async def slow(params: dict) -> None:
+            await release.wait()
+
+        rpc.register("echo", echo)
+        rpc.register("refuse", refuse)
+        rpc.register("slow", slow)
+        client = BusClient("127.0.0.1", port_of(bus), USER, PASSWORD, name="test")
+        with pytest.raises(BusUnavailable):
+            client.call("echo", {})
+        client.start()
+        try:
+            assert await asyncio.to_thread(client.wait_connected, 5)
+            assert await asyncio.to_thread(client.call, "echo", {"a": [1, "ü"]}) == {"echo": {"a": [1, "ü"]}}
+            with pytest.raises(RpcError) as err:
+                await asyncio.to_thread(client.call, "refuse", {})
+            assert (err.value.code, err.value.status, str(err.value)) == ("BAY_BUSY", 409, "bay1 is washing")
+            with pytest.raises(RpcError) as err:
+                await asyncio.to_thread(client.call, "nope", {})
+            assert err.value.status == 404
+            with pytest.raises(RpcTimeout):
+                await asyncio.to_thread(client.call, "slow", {}, timeout=0.3)
+            release.set()
+            # The late reply to the timed-out call is ignored; the next call still works.
+            assert await asyncio.to_thread(client.call, "echo", {"n": 2}) == {"echo": {"n": 2}}
+        finally:
+            await asyncio.to_thread(client.stop)
+
+
+async def test_malformed_rpc_requests_are_counted_not_fatal() -> None:
+    async with running_bus() as bus:
+        rpc = RpcServer(bus)
+
+        async def echo(params: dict) -> dict:
+            return params
+
+        rpc.register("echo", echo)
+        with internal(bus) as web:
+            await asyncio.to_thread(web.connect)
+            await asyncio.to_thread(web.subscribe, "gateway/reply/t")
+            for bad in (b"not json", b"[]", json.dumps({"id": 1, "reply_to": "gateway/reply/t"}).encode(),
+                        json.dumps({"id": "x", "reply_to": "wash/bay1/cmd"}).encode()):
+                await asyncio.to_thread(web.publish, "gateway/rpc/echo", bad)
+            await asyncio.to_thread(web.publish, "gateway/rpc/echo",
+                                    json.dumps({"id": "ok", "reply_to": "gateway/reply/t", "params": {"v": 1}}))
+            reply = await asyncio.to_thread(web.expect, "gateway/reply/t")
+        assert json.loads(reply.payload) == {"id": "ok", "ok": True, "result": {"v": 1}}
+        assert rpc.bad_requests == 4

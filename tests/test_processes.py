@@ -1,0 +1,162 @@
+"""The real processes: core (notify protocol, signals), web under gunicorn, and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.core.app import CoreApp
+from gateway.demo import WEB_CONNECTED
+from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from gateway.sdnotify import Notifier
+from web.context import STATUS_DISCONNECTED
+from tests.conftest import Proc, Site, make_site, start_process
+from tests.mqtt_probe import Probe
+
+
+def http_json(url: str, *, method: str = "GET", data: bytes | None = None,
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_core_notify_ready_watchdog_stopping(site: Site) -> None:
+    proc = start_process(site, "core", env={"WATCHDOG_USEC": "300000"})
+    try:
+        proc.notify.wait_for("WATCHDOG=1", 10, count=3)
+        assert any(m.startswith("STATUS=") for _, m in proc.notify.messages)
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.notify.wait_for("STOPPING=1", 5)
+        assert proc.popen.wait(5) == 0
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert "core ready in" in log and "core stopped" in log
+    assert "Traceback" not in log
+
+
+def test_watchdog_ignored_when_meant_for_another_pid(site: Site) -> None:
+    n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert n.watchdog_interval is None
+    n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "900000"})
+    assert n.watchdog_interval == pytest.approx(0.3)
+
+
+def test_core_sigint_and_mqtt_connection_with_mosquitto_clients(site: Site, core: Proc) -> None:
+    # Debian's mosquitto_sub as a device: anonymous, subscribed to its command topic.
+    with Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+               password=site.secrets.mqtt_internal_password) as gw:
+        gw.connect()
+        gw.publish("device/dev-1/command", b'{"command":"PING"}', retain=True)
+        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-t", "device/dev-1/#",
+                              "-C", "1", "-W", "10"], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"command": "PING"}
+        # Anonymous publish to wash/x/cmd is dropped by the ACL; server/{id}/ack passes.
+        gw.subscribe("wash/#")
+        gw.subscribe("server/#")
+        for topic in ("wash/x/cmd", "server/dev-1/ack"):
+            r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-q", "1",
+                                "-t", topic, "-m", "{}"], capture_output=True, text=True, timeout=20)
+            assert r.returncode == 0, r.stderr
+        assert gw.until("server/dev-1/ack") == []
+
+
+def test_web_under_gunicorn_health_envelope_openapi(site: Site, web: Proc) -> None:
+    web.notify.wait_for(WEB_CONNECTED, 20)
+    status, health = http_json(site.web_url + "/api/health")
+    assert status == 200
+    assert health == {"status": "ok", "mqtt": True, "plc": {}, "cloud": False, "db": True}
+    status, body = http_json(site.web_url + "/api/nothing-here")
+    assert status == 404 and body["errorCode"] == "NOT_FOUND" and body["path"] == "/api/nothing-here"
+    status, body = http_json(site.web_url + "/api/health", method="POST", data=b"{}")
+    assert status == 405 and body["errorCode"] == "METHOD_NOT_ALLOWED"
+    status, body = http_json(site.web_url + "/api/health", method="POST", data=b"x" * 300_000)
+    assert status in (405, 413) and body["success"] is False
+    status, spec = http_json(site.web_url + "/api/openapi.json")
+    assert status == 200 and "/api/health" in spec["paths"]
+
+
+def test_web_reports_degraded_when_core_goes_away(site: Site) -> None:
+    core = start_process(site, "core")
+    web = start_process(site, "web")
+    try:
+        web.notify.wait_for(WEB_CONNECTED, 20)
+        assert http_json(site.web_url + "/api/health")[1]["mqtt"] is True
+        assert core.stop() == 0
+        web.notify.wait_for("STATUS=" + STATUS_DISCONNECTED, 20)
+        status, health = http_json(site.web_url + "/api/health")
+        assert status == 200 and health["mqtt"] is False and health["status"] == "degraded"
+        status, body = http_json(site.web_url + "/api/openapi.json")
+        assert status == 200
+    finally:
+        web.stop()
+        core.stop()
+
+
+def test_second_core_on_same_port_fails_clearly(site: Site, core: Proc) -> None:
+    r = subprocess.run(gateway_command("core", "--config", str(site.config_path)), env=child_env(),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "Address already in use" in r.stderr or "can't be started" in r.stderr
+
+
+async def test_core_in_process_stops_on_signal_without_leaking_tasks(site: Site) -> None:
+    app = CoreApp(site.config, site.secrets, Notifier({}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    await asyncio.wait_for(app.ready.wait(), 10)
+    with Probe(site.mqtt_port, client_id="dev-probe") as device:
+        assert not (await asyncio.to_thread(device.connect)).is_failure
+        assert "dev-probe" in app.bus.clients
+    # Let the broker finish closing the connection (else amqtt's writer close is cancelled).
+    await app.bus.wait_clients(lambda ids: "dev-probe" not in ids, 5)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    # The test runner fails this test if any task of the core is still pending here.
+
+
+def test_demo_command_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    proc = subprocess.Popen(gateway_command("demo", "--data-dir", str(data)), env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the demo prints its last line or dies
+            lines.append(line.rstrip("\n"))
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "\n".join(lines)
+        web_url = re.search(r"^web: (http://127\.0\.0\.1:\d+/)$", text, re.M)
+        mqtt_url = re.search(r"^mqtt: mqtt://127\.0\.0\.1:(\d+)$", text, re.M)
+        assert web_url and mqtt_url, text + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        assert re.search(r"^login: demo / demo$", text, re.M)
+        status, health = http_json(web_url.group(1) + "api/health")
+        assert status == 200 and health["mqtt"] is True and health["db"] is True
+        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", mqtt_url.group(1), "-t", "device/x/command",
+                              "-E"], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        stop_process(proc)
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+    assert (data / "gateway.db").exists()

@@ -1,0 +1,36 @@
+"""`create_app(config, secrets)`: the Flask application of the web process (no I/O here)."""
+
+from __future__ import annotations
+
+from flask import Flask, request
+
+from gateway.config import Config, Secrets
+from web import errors, meta
+from web.context import WebContext, ctx
+from web.errors import ApiError
+
+# Routes that answer while the schema is not current (health must always answer).
+UNGATED = ("/api/health", "/api/openapi.json")
+
+
+def create_app(config: Config, secrets: Secrets) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.web.body_limit_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    app.extensions["carwash"] = WebContext(config, secrets)
+    errors.install(app)
+
+    @app.before_request
+    def _guards() -> None:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is not None and request.content_length > limit:
+            # Refuse before reading a byte of the body.
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes")
+        if request.path not in UNGATED and not ctx(app).schema_current():
+            raise ApiError(503, "SERVICE_UNAVAILABLE", "database schema is not current; the core is starting or upgrading",
+                           {"Retry-After": "5"})
+
+    app.register_blueprint(meta.bp)
+    return app

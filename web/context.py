@@ -1,0 +1,87 @@
+"""Per-process state of the web: config, secrets, the database and the local-broker client.
+
+Created by `create_app` without I/O; `start()` opens the database and connects to the broker and
+is called once per worker after fork (gunicorn's post_worker_init), or by tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from flask import Flask, current_app
+from peewee import SqliteDatabase
+
+from gateway.bus.client import BusClient
+from gateway.config import Config, Secrets
+from gateway.sdnotify import Notifier
+from gateway.store import open_database, schema_status
+
+log = logging.getLogger(__name__)
+
+SCHEMA_RECHECK_SEC = 5.0
+# systemd STATUS= lines of the web worker (also what the demo and tests wait for).
+STATUS_CONNECTED = "serving; connected to the local broker"
+STATUS_DISCONNECTED = "degraded; lost the local broker"
+
+
+class WebContext:
+    def __init__(self, config: Config, secrets: Secrets) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.db: SqliteDatabase | None = None
+        self.bus: BusClient | None = None
+        self._schema_ok_until = 0.0
+        self._lock = threading.Lock()
+
+    def start(self, *, connect_bus: bool = True) -> None:
+        self.db = open_database(self.config.paths.database)
+        if connect_bus:
+            host = self.config.mqtt.bind if self.config.mqtt.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            notifier = Notifier()
+            self.bus = BusClient(host, self.config.mqtt.port, self.config.mqtt.internal_username,
+                                 self.secrets.mqtt_internal_password, name="web",
+                                 on_connected=lambda: notifier.status(STATUS_CONNECTED),
+                                 on_disconnected=lambda: notifier.status(STATUS_DISCONNECTED))
+            self.bus.start()
+
+    def stop(self) -> None:
+        if self.bus is not None:
+            self.bus.stop()
+            self.bus = None
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def schema_current(self) -> bool:
+        """True when the core has migrated the database to the version this code expects.
+
+        A positive answer is cached for a few seconds; a negative one is re-checked each time.
+        """
+        now = time.monotonic()
+        if now < self._schema_ok_until:
+            return True
+        if self.db is None:
+            return False
+        try:
+            ok, _version = schema_status(self.db)
+        except Exception:
+            log.exception("schema check failed")
+            ok = False
+        if ok:
+            self._schema_ok_until = now + SCHEMA_RECHECK_SEC
+        return ok
+
+    def db_ok(self) -> bool:
+        if self.db is None:
+            return False
+        try:
+            self.db.execute_sql("SELECT 1").fetchone()
+        except Exception:
+            return False
+        return self.schema_current()
+
+
+def ctx(app: Flask | None = None) -> WebContext:
+    return (app or current_app).extensions["carwash"]  # type: ignore[no-any-return]

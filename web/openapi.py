@@ -1,0 +1,130 @@
+"""The OpenAPI 3.1 document, built from the app's own routes.
+
+Views declare their documentation with `@doc(...)`; `build_spec(app)` walks `app.url_map`, so a
+route cannot exist without appearing in `/api/openapi.json` (an undocumented one is listed with
+`x-undocumented: true`, which a test forbids).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Flask
+
+from gateway import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ENVELOPE_ERROR = {
+    "type": "object",
+    "required": ["success", "errorCode", "message", "statusCode", "timestamp", "path"],
+    "properties": {
+        "success": {"const": False},
+        "errorCode": {"type": "string"},
+        "message": {"type": "string"},
+        "statusCode": {"type": "integer"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "path": {"type": "string"},
+    },
+}
+
+
+def doc(
+    summary: str,
+    *,
+    tags: tuple[str, ...] = (),
+    request: dict[str, Any] | None = None,
+    response: dict[str, Any] | None = None,
+    status: int = 200,
+    errors: tuple[int, ...] = (),
+    security: str | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    content_type: str = "application/json",
+) -> Callable[[F], F]:
+    """Attach OpenAPI metadata to a view. `security`: "device-signature" or "bearer"."""
+
+    def wrap(fn: F) -> F:
+        fn.__openapi__ = {  # type: ignore[attr-defined]
+            "summary": summary,
+            "tags": list(tags),
+            "request": request,
+            "response": response,
+            "status": status,
+            "errors": errors,
+            "security": security,
+            "params": params or {},
+            "content_type": content_type,
+        }
+        return fn
+
+    return wrap
+
+
+_CONVERTER = re.compile(r"<(?:(\w+):)?(\w+)>")
+
+
+def build_spec(app: Flask) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint == "static":
+            continue
+        view = app.view_functions[rule.endpoint]
+        meta: dict[str, Any] | None = getattr(view, "__openapi__", None)
+        path = _CONVERTER.sub(lambda m: "{" + m.group(2) + "}", rule.rule)
+        path_params = [m.group(2) for m in _CONVERTER.finditer(rule.rule)]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            op: dict[str, Any] = {"operationId": f"{rule.endpoint}.{method.lower()}"}
+            if meta is None:
+                op["summary"] = rule.endpoint
+                op["x-undocumented"] = True
+                op["responses"] = {"default": {"description": "undocumented"}}
+            else:
+                op.update(_operation(meta, path_params))
+            paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "carwash-gateway", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": ENVELOPE_ERROR},
+            "securitySchemes": {
+                "device-signature": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-signature",
+                    "description": "SHA256(raw body || key) in lowercase hex (device-api.md §2)",
+                },
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            },
+        },
+    }
+
+
+def _operation(meta: dict[str, Any], path_params: list[str]) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": meta["summary"], "tags": meta["tags"]}
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": meta["params"].get(p, {"type": "string"})}
+        for p in path_params
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in meta["params"].items()
+        if name not in path_params
+    ]
+    if parameters:
+        op["parameters"] = parameters
+    if meta["request"] is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": meta["request"]}}}
+    ok: dict[str, Any] = {"description": "success"}
+    if meta["response"] is not None:
+        ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}
+    responses: dict[str, Any] = {str(meta["status"]): ok}
+    err_ref = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for code in sorted({*meta["errors"], 500}):
+        responses[str(code)] = err_ref
+    op["responses"] = responses
+    if meta["security"]:
+        op["security"] = [{meta["security"]: []}]
+    return op
