@@ -17,6 +17,8 @@ KEY = V["secret_key"]
 
 def test_shipped_vectors_are_the_specs() -> None:
     # The package ships a copy (the demo signs with its test key); it must not drift.
+    if not SHARED_SPEC.is_dir():
+        pytest.skip(f"{SHARED_SPEC} not beside this checkout")
     assert json.loads((SHARED_SPEC / "vectors.json").read_text()) == V
 
 
