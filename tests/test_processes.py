@@ -160,3 +160,13 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
         if proc.stderr:
             proc.stderr.close()
     assert (data / "gateway.db").exists()
+
+
+def test_notifier_without_systemd_python_writes_the_datagram(tmp_path: Path) -> None:
+    # An explicit environment makes the Notifier use its own socket code, not the library.
+    with NotifySocket(tmp_path / "n.sock") as sock:
+        n = Notifier({"NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": "600000"})
+        assert n.ready("up") and n.watchdog() and n.stopping()
+        sock.wait_for("STOPPING=1", 5)
+        assert [m for _, m in sock.messages] == ["READY=1\nSTATUS=up", "WATCHDOG=1", "STOPPING=1"]
+    assert Notifier({}).ready() is False  # outside systemd: a no-op
