@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from flask import Flask, request
+from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
-from web import errors, meta
+from web import errors, meta, wash
 from web.context import WebContext, ctx
 from web.errors import ApiError
 
 # Routes that answer while the schema is not current (health must always answer).
 UNGATED = ("/api/health", "/api/openapi.json")
+SOCKETIO_PATH = "socket.io"
 
 
 def create_app(config: Config, secrets: Secrets) -> Flask:
@@ -33,4 +35,9 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
                            {"Retry-After": "5"})
 
     app.register_blueprint(meta.bp)
+    app.register_blueprint(wash.bp)
+    # Socket.IO for clients of the seed's `wash:status` event; threading mode under gthread.
+    socketio = SocketIO(app, async_mode="threading", cors_allowed_origins="*", path=SOCKETIO_PATH)
+    ctx(app).feed.add_listener(lambda status: socketio.emit("wash:status", status))
+    app.extensions["carwash.socketio"] = socketio
     return app

@@ -16,6 +16,7 @@ from peewee import SqliteDatabase
 from gateway.bus.client import BusClient
 from gateway.config import Config, Secrets
 from gateway.sdnotify import Notifier
+from web.live import WASH_STATUS_FILTER, WashFeed
 from gateway.store import open_database, schema_status
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class WebContext:
         self.secrets = secrets
         self.db: SqliteDatabase | None = None
         self.bus: BusClient | None = None
+        self.feed = WashFeed()
         self._schema_ok_until = 0.0
         self._lock = threading.Lock()
 
@@ -44,6 +46,7 @@ class WebContext:
                                  self.secrets.mqtt_internal_password, name="web",
                                  on_connected=lambda: notifier.status(STATUS_CONNECTED),
                                  on_disconnected=lambda: notifier.status(STATUS_DISCONNECTED))
+            self.bus.on_message(WASH_STATUS_FILTER, self.feed.on_message)
             self.bus.start()
 
     def stop(self) -> None:

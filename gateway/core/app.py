@@ -25,6 +25,7 @@ from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
+from gateway.wash.service import WashService
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class CoreApp:
         self.bus: LocalBus | None = None
         self.rpc: RpcServer | None = None
         self.ready = asyncio.Event()
+        self.wash: WashService | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -79,7 +82,10 @@ class CoreApp:
             self.rpc = RpcServer(self.bus)
             self._register_rpc(self.rpc)
             await self._publish_retained()
+            self.wash = WashService(cfg, self.db, self.bus, self._on_plc_health)
+            await self.wash.start(self.rpc)
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
+            services += [Service(name, run) for name, run in self.wash.services()]
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
             supervisor = Supervisor(services)
@@ -101,6 +107,9 @@ class CoreApp:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        if self.wash is not None:
+            await self.wash.stop()
+        await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self.bus is not None:
             try:
                 await asyncio.wait_for(self.bus.stop(), SHUTDOWN_BUDGET)
@@ -122,6 +131,16 @@ class CoreApp:
         status = {"online": True, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
         await self.bus.publish(STATUS, json.dumps(status).encode(), retain=True)
         await self.publish_health()
+
+    def _on_plc_health(self, plc: dict[str, bool]) -> None:
+        if plc == self.health.plc:
+            return
+        self.health.plc = dict(plc)
+        if self.bus is not None:
+            # Health changes are rare (a bay going offline or back): one small task each.
+            task = asyncio.get_running_loop().create_task(self.publish_health())
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     async def publish_health(self) -> None:
         assert self.bus is not None

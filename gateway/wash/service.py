@@ -1,0 +1,310 @@
+"""The wash bays of the core: PLC buses, one state machine per bay, sessions, MQTT and RPC.
+
+`WashService` is the only writer of bay state and sessions. Commands reach `judge()` from the
+RPC method `wash.command` (the web's REST API) and from MQTT `wash/{bayId}/cmd` (local clients,
+the cloud bridge): one function, one set of rules. Poll results and timers drive the machines;
+their effects are carried out here: PLC writes through the bus scheduler, session and bay rows
+(with their outbox events) through one database thread, status on `wash/{bayId}/status`
+(retained, QoS 1), and the outcome of every MQTT command on `wash/{bayId}/cmd/result`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+import zoneinfo
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import SqliteDatabase
+
+from gateway.bus.broker import LocalBus
+from gateway.bus.rpc import RpcError, RpcServer
+from gateway.clock import iso_z
+from gateway.config import Config
+from gateway.outbox import add_event
+from gateway.store import write_tx
+from gateway.store.models import Bay, WashSession
+from gateway.wash.machine import BayMachine, CloseSession, Decision, Effects, OpenSession, Verdict, View, Write
+from plc.bus import BayAddress, BusScheduler, PlcWriteError, PollResult
+from plc.profile import Profile, encode_command, load_profiles
+
+log = logging.getLogger(__name__)
+
+WASH_CMD_FILTER = "wash/+/cmd"
+TICK_SEC = 0.1
+
+
+@dataclass
+class _Bay:
+    id: str
+    name: str
+    profile: Profile
+    bus: str
+    machine: BayMachine
+    day: str = ""
+    day_seq: int = 0
+
+
+def _dt(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
+
+
+class WashService:
+    def __init__(self, config: Config, db: SqliteDatabase, bus: LocalBus,
+                 on_health: Callable[[dict[str, bool]], None]) -> None:
+        self.config = config
+        self.db = db
+        self.bus = bus
+        self.on_health = on_health
+        self.zone = zoneinfo.ZoneInfo(config.site.timezone)
+        self.bays: dict[str, _Bay] = {}
+        self.schedulers: dict[str, BusScheduler] = {}
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wash-db")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.rejected_mqtt = 0
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def start(self, rpc: RpcServer) -> None:
+        """Load bays from config and store, republish their retained status, wire MQTT and RPC."""
+        cfg = self.config
+        profiles = load_profiles(cfg.wash.extra_profiles)
+        rows = await self._in_db(self._load_rows)
+        for b in cfg.bays:
+            profile = profiles.get(b.profile)
+            if profile is None:
+                raise ValueError(f"bay {b.id}: unknown profile {b.profile!r} (known: {', '.join(profiles)})")
+            row, open_session, day, seq = rows.get(b.id, (None, None, "", 0))
+            view = View(changed_at=time.time())
+            if row is not None:
+                view = View(state=row.state, progress=row.progress, course=row.course, error_code=row.error_code,
+                            session_id=row.session_id, request_id=row.request_id,
+                            changed_at=row.updated_at.replace(tzinfo=dt.timezone.utc).timestamp())
+            machine = BayMachine(b.id, frozenset(profile.courses.values()), start_timeout=cfg.wash.start_timeout_sec,
+                                 offline_after=cfg.wash.offline_after, view=view,
+                                 session_open=open_session is not None)
+            self.bays[b.id] = _Bay(b.id, b.name or b.id, profile, b.bus, machine, day, seq)
+        await self._in_db(self._ensure_rows)
+        for bay in self.bays.values():
+            await self._publish(bay)
+        for bus_cfg in cfg.buses:
+            addrs = [BayAddress(b.id, b.unit, b.base, self.bays[b.id].profile,
+                                (b.poll_period_ms or cfg.wash.poll_period_ms) / 1000)
+                     for b in cfg.bays if b.bus == bus_cfg.name]
+            if addrs:
+                self.schedulers[bus_cfg.name] = BusScheduler(bus_cfg, addrs, self._on_poll,
+                                                             offline_after=cfg.wash.offline_after,
+                                                             backoff_max=cfg.wash.offline_backoff_max_sec)
+        self.bus.subscribe(WASH_CMD_FILTER, self._on_mqtt_command)
+        rpc.register("wash.command", self._rpc_command)
+        self._report_health()
+
+    def services(self) -> list[tuple[str, Callable[[], Any]]]:
+        return [(f"plc-bus:{name}", s.run) for name, s in self.schedulers.items()] + [("wash-ticker", self._ticker)]
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._db_thread.shutdown(wait=True)
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def judge(self, bay_id: str, action: str, course: str | None, request_id: str | None) -> Decision:
+        """Decide a START/STOP for a bay and carry out what it implies."""
+        bay = self.bays.get(bay_id)
+        if bay is None:
+            return Decision(Verdict.REJECTED, 404, "BAY_NOT_FOUND", f"no bay {bay_id!r}")
+        decision, fx = bay.machine.command(action, course, request_id, time.time(), str(uuid.uuid4()))
+        if decision.verdict is Verdict.ACCEPTED:
+            log.info("%s: %s accepted (requestId %s)", bay_id, action, decision.request_id)
+        await self._apply(bay, fx)
+        return decision
+
+    async def _rpc_command(self, params: dict[str, Any]) -> dict[str, Any]:
+        bay_id, action = params.get("bayId"), params.get("action")
+        course, request_id = params.get("course"), params.get("requestId")
+        if not isinstance(bay_id, str) or action not in ("START", "STOP"):
+            raise RpcError("VALIDATION_FAILED", "bayId and action START|STOP are required", 400)
+        if course is not None and not isinstance(course, str) or request_id is not None and not isinstance(request_id, str):
+            raise RpcError("VALIDATION_FAILED", "course and requestId must be strings", 400)
+        d = await self.judge(bay_id, action, course, request_id)
+        if d.verdict is Verdict.REJECTED:
+            raise RpcError(d.code or "CONFLICT", d.message, d.status)
+        view = self.bays[bay_id].machine.view
+        return {"bayId": bay_id, "course": view.course if action == "START" else None, "requestId": d.request_id,
+                "idempotent": d.verdict is Verdict.IDEMPOTENT, "sessionId": view.session_id}
+
+    async def _on_mqtt_command(self, topic: str, data: bytes, client_id: str | None) -> None:
+        topic_bay = topic.split("/")[1]
+        try:
+            msg = json.loads(data)
+            if not isinstance(msg, dict):
+                raise ValueError("payload is not a JSON object")
+            bay_id, action = msg.get("bayId"), msg.get("action")
+            course, request_id = msg.get("course"), msg.get("requestId")
+            if bay_id is not None and bay_id != topic_bay:
+                raise ValueError(f"bayId {bay_id!r} differs from the topic's {topic_bay!r}")
+            if action not in ("START", "STOP"):
+                raise ValueError("action must be START or STOP")
+            if course is not None and not isinstance(course, str):
+                raise ValueError("course must be a string")
+            if request_id is not None and not isinstance(request_id, str):
+                raise ValueError("requestId must be a string")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.rejected_mqtt += 1
+            log.warning("wash/%s/cmd from %r rejected: %s", topic_bay, client_id, exc)
+            await self._publish_result(topic_bay, None, None,
+                                       Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", str(exc)))
+            return
+        d = await self.judge(topic_bay, action, course, request_id)
+        if d.verdict is Verdict.REJECTED:
+            self.rejected_mqtt += 1
+            log.info("wash/%s/cmd %s from %r refused: %s %s", topic_bay, action, client_id, d.code, d.message)
+        await self._publish_result(topic_bay, action, request_id, d)
+
+    async def _publish_result(self, bay_id: str, action: str | None, request_id: str | None, d: Decision) -> None:
+        body = {"bayId": bay_id, "action": action, "requestId": d.request_id or request_id,
+                "accepted": d.verdict is not Verdict.REJECTED, "idempotent": d.verdict is Verdict.IDEMPOTENT,
+                "errorCode": d.code, "message": d.message or None, "statusCode": d.status, "timestampUtc": iso_z()}
+        await self.bus.publish(f"wash/{bay_id}/cmd/result", json.dumps(body).encode(), qos=1)
+
+    # --- PLC and time -----------------------------------------------------------------------
+
+    def _on_poll(self, result: PollResult) -> None:
+        bay = self.bays.get(result.bay_id)
+        if bay is None:
+            return
+        now = time.time()
+        if result.status is not None:
+            fx = bay.machine.on_poll(result.status, now)
+        else:
+            fx = bay.machine.on_poll_failed(now)
+        if fx.writes or fx.sessions or fx.publish or fx.persist:
+            self._spawn(self._apply(bay, fx))
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SEC)
+            now = time.time()
+            for bay in self.bays.values():
+                fx = bay.machine.tick(now)
+                if fx.writes or fx.sessions or fx.publish or fx.persist:
+                    await self._apply(bay, fx)
+
+    # --- effects ----------------------------------------------------------------------------
+
+    async def _apply(self, bay: _Bay, fx: Effects) -> None:
+        for w in fx.writes:
+            self._spawn(self._write(bay, w))
+        if fx.sessions or fx.persist:
+            for s in fx.sessions:
+                if isinstance(s, OpenSession):
+                    bay.machine.view.session_id = self._next_session_id(bay, s.at)
+            snapshot = _copy_view(bay.machine.view)
+            await self._in_db(self._persist, bay.id, bay.name, snapshot, fx.sessions)
+        if fx.publish or fx.sessions:
+            await self._publish(bay)
+            self._report_health()
+
+    async def _write(self, bay: _Bay, w: Write) -> None:
+        scheduler = self.schedulers.get(bay.bus)
+        if scheduler is None:
+            return
+        code = bay.profile.course_code(w.course) if w.course else 0
+        regs = encode_command(bay.profile, w.action, code or 0, w.seq)
+        try:
+            await scheduler.write(bay.id, bay.profile.command_offset, regs)
+        except PlcWriteError as exc:
+            # The machine's timers turn an unanswered START into START_TIMEOUT.
+            log.warning("%s: writing %s failed: %s", bay.id, w.action, exc)
+
+    def _next_session_id(self, bay: _Bay, at: float) -> str:
+        local = dt.datetime.fromtimestamp(at, self.zone)
+        day = local.strftime("%Y%m%d")
+        if day != bay.day:
+            bay.day, bay.day_seq = day, 0
+        bay.day_seq += 1
+        return f"{local.strftime('%Y%m%d-%H%M%S')}-{bay.id}-{bay.day_seq:03d}"
+
+    async def _publish(self, bay: _Bay) -> None:
+        v = bay.machine.view
+        body = {"bayId": bay.id, "sessionId": v.session_id, "requestId": v.request_id, "state": v.state,
+                "progress": v.progress, "course": v.course, "errorCode": v.error_code,
+                "timestampUtc": iso_z(_dt(v.changed_at))}
+        await self.bus.publish(f"wash/{bay.id}/status", json.dumps(body).encode(), qos=1, retain=True)
+
+    def _report_health(self) -> None:
+        self.on_health({b.id: b.machine.view.state != "OFFLINE" for b in self.bays.values()})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _in_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+
+    # --- database thread (one thread: writes stay in order and never block the loop) ----------
+
+    def _load_rows(self) -> dict[str, tuple[Bay | None, WashSession | None, str, int]]:
+        out: dict[str, tuple[Bay | None, WashSession | None, str, int]] = {}
+        today = dt.datetime.now(self.zone).strftime("%Y%m%d")
+        for b in self.config.bays:
+            row = Bay.get_or_none(Bay.bay_id == b.id)
+            open_session = (WashSession.select().where((WashSession.bay == b.id) & WashSession.end_time.is_null())
+                            .order_by(WashSession.id.desc()).first())
+            last = (WashSession.select().where((WashSession.bay == b.id) & (WashSession.local_day == today))
+                    .order_by(WashSession.seq.desc()).first())
+            out[b.id] = (row, open_session, today if last else "", last.seq if last else 0)
+        return out
+
+    def _ensure_rows(self) -> None:
+        with write_tx(self.db):
+            for bay in self.bays.values():
+                v = bay.machine.view
+                if Bay.get_or_none(Bay.bay_id == bay.id) is None:
+                    Bay.create(bay_id=bay.id, name=bay.name, state=v.state, progress=v.progress, course=v.course,
+                               error_code=v.error_code, updated_at=_dt(v.changed_at))
+
+    def _persist(self, bay_id: str, name: str, v: View, sessions: list[OpenSession | CloseSession]) -> None:
+        site = self.config.site.id
+        with write_tx(self.db):
+            for s in sessions:
+                if isinstance(s, OpenSession):
+                    local_day, seq = v.session_id.split("-")[0], int(v.session_id.rsplit("-", 1)[1])  # type: ignore[union-attr]
+                    WashSession.create(session_id=v.session_id, bay=bay_id, local_day=local_day, seq=seq,
+                                       course=s.course, state="STARTING", request_id=s.request_id,
+                                       start_time=_dt(s.at))
+                else:
+                    row = (WashSession.select().where((WashSession.bay == bay_id) & WashSession.end_time.is_null())
+                           .order_by(WashSession.id.desc()).first())
+                    if row is None:
+                        continue
+                    row.state, row.error_code, row.end_time = s.state, s.error_code, _dt(s.at)
+                    row.course = row.course or v.course
+                    row.save()
+                    add_event("wash.session", {
+                        "sessionId": row.session_id, "bayId": bay_id, "course": row.course, "state": row.state,
+                        "errorCode": row.error_code, "requestId": row.request_id,
+                        "startTime": iso_z(row.start_time), "endTime": iso_z(row.end_time)},
+                        site_id=site, partition=f"bay:{bay_id}")
+            values = {"name": name, "state": v.state, "progress": v.progress, "course": v.course,
+                      "error_code": v.error_code, "session_id": v.session_id, "request_id": v.request_id,
+                      "updated_at": _dt(v.changed_at)}
+            # An upsert, not REPLACE: REPLACE deletes the row, which sessions reference.
+            Bay.insert(bay_id=bay_id, **values).on_conflict(conflict_target=[Bay.bay_id], update=values).execute()
+            add_event("wash.status", {"bayId": bay_id, "state": v.state, "course": v.course, "errorCode": v.error_code,
+                                      "sessionId": v.session_id, "timestampUtc": iso_z(_dt(v.changed_at))},
+                      site_id=site, partition=f"bay:{bay_id}", coalesce_key=f"wash.status:{bay_id}")
+
+
+def _copy_view(v: View) -> View:
+    return View(v.state, v.progress, v.course, v.error_code, v.session_id, v.request_id, v.changed_at)

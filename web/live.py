@@ -1,0 +1,73 @@
+"""Live bay status in the web process: the latest `wash/{bayId}/status` of every bay, fanned out
+to SSE streams and Socket.IO clients (`wash:status`).
+
+The core publishes the status retained, so the feed is complete as soon as the web's broker
+client has subscribed. Callbacks run on paho's network thread; SSE generators read from their
+own bounded queue (a slow client loses old events, never blocks the feed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WASH_STATUS_FILTER = "wash/+/status"
+SUBSCRIBER_QUEUE = 256
+
+
+class WashFeed:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.latest: dict[str, dict[str, Any]] = {}
+        self._subscribers: set[queue.Queue[dict[str, Any]]] = set()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.bad_messages = 0
+
+    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self._listeners.append(fn)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        if not payload:
+            return  # a cleared retained message
+        try:
+            status = json.loads(payload)
+            if not isinstance(status, dict) or status.get("bayId") != parts[1]:
+                raise ValueError("not a status of this bay")
+        except ValueError as exc:
+            self.bad_messages += 1
+            log.warning("ignored a bad message on %s: %s", topic, exc)
+            return
+        with self._lock:
+            self.latest[parts[1]] = status
+            subscribers = list(self._subscribers)
+        for q in subscribers:
+            try:
+                q.put_nowait(status)
+            except queue.Full:
+                pass  # that client is too slow; it keeps what it has
+        for fn in self._listeners:
+            try:
+                fn(status)
+            except Exception:
+                log.exception("wash status listener failed")
+
+    def subscribe(self) -> queue.Queue[dict[str, Any]]:
+        q: queue.Queue[dict[str, Any]] = queue.Queue(SUBSCRIBER_QUEUE)
+        with self._lock:
+            self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[dict[str, Any]]) -> None:
+        with self._lock:
+            self._subscribers.discard(q)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self.latest)

@@ -1,0 +1,257 @@
+"""The wash REST API of wash-contract.md, its SSE stream, and the Socket.IO `wash:status` event.
+
+Start and stop are decisions of the core: the web asks over RPC (`wash.command`) and relays the
+answer (200, idempotent 200, 404, 409, 503). Reads come from the live feed (retained status) and
+the database (history, stats); the web never writes bay state or sessions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, stream_with_context
+from gateway.bus.client import BusUnavailable, RpcTimeout
+from gateway.bus.rpc import RpcError
+from gateway.clock import iso_z
+from gateway.store.models import Bay, WashSession
+from web.body import read_json
+from web.context import ctx
+from web.errors import ApiError
+from web.openapi import doc
+
+bp = Blueprint("wash", __name__)
+
+SSE_KEEPALIVE_SEC = 15.0
+
+STATUS = {
+    "type": "object",
+    "properties": {
+        "bayId": {"type": "string"}, "sessionId": {"type": ["string", "null"]},
+        "requestId": {"type": ["string", "null"]},
+        "state": {"enum": ["IDLE", "STARTING", "WASHING", "DONE", "CANCELED", "ERROR", "OFFLINE"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+        "course": {"type": ["string", "null"]}, "errorCode": {"type": ["string", "null"]},
+        "timestampUtc": {"type": "string"},
+    },
+}
+BAY = {"type": "object", "properties": {**STATUS["properties"], "name": {"type": "string"}}}
+SESSION = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "bayId": {"type": "string"}, "course": {"type": ["string", "null"]},
+        "state": {"type": "string"}, "startTime": {"type": "string"}, "endTime": {"type": ["string", "null"]},
+        "errorCode": {"type": ["string", "null"]}, "sessionId": {"type": "string"},
+        "requestId": {"type": ["string", "null"]},
+    },
+}
+START_REQ = {
+    "type": "object", "required": ["bayId", "course"],
+    "properties": {"bayId": {"type": "string"}, "course": {"type": "string"},
+                   "requestId": {"type": "string", "maxLength": 128}},
+}
+STOP_REQ = {"type": "object", "required": ["bayId"], "properties": {"bayId": {"type": "string"}}}
+RANGE_PARAMS = {"from": {"type": "string", "format": "date-time"}, "to": {"type": "string", "format": "date-time"}}
+
+
+def _statuses() -> dict[str, dict[str, Any]]:
+    """Live status of every configured bay (the feed; the stored row until the feed has it)."""
+    c = ctx()
+    live = c.feed.snapshot()
+    out: dict[str, dict[str, Any]] = {}
+    rows = {r.bay_id: r for r in Bay.select()} if len(live) < len(c.config.bays) else {}
+    for b in c.config.bays:
+        if b.id in live:
+            out[b.id] = live[b.id]
+            continue
+        r = rows.get(b.id)
+        out[b.id] = {
+            "bayId": b.id, "sessionId": r.session_id if r else None, "requestId": r.request_id if r else None,
+            "state": r.state if r else "OFFLINE", "progress": r.progress if r else 0,
+            "course": r.course if r else None, "errorCode": r.error_code if r else "PLC_OFFLINE",
+            "timestampUtc": iso_z(r.updated_at) if r else iso_z(),
+        }
+    return out
+
+
+def _known_bay(bay_id: str) -> None:
+    if bay_id not in {b.id for b in ctx().config.bays}:
+        raise ApiError(404, "BAY_NOT_FOUND", f"no bay {bay_id!r}")
+
+
+def _ask_core(params: dict[str, Any]) -> dict[str, Any]:
+    c = ctx()
+    if c.bus is None:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", "not connected to the core")
+    try:
+        return c.bus.call("wash.command", params, timeout=c.config.mqtt.rpc_timeout_sec)  # type: ignore[no-any-return]
+    except RpcError as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+    except (BusUnavailable, RpcTimeout) as exc:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", f"the core did not answer: {exc}") from None
+
+
+def _str_field(body: dict[str, Any], name: str, *, required: bool, max_len: int = 128) -> str | None:
+    v = body.get(name)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not v or len(v) > max_len:
+        raise ApiError(400, "VALIDATION_FAILED", f"{name} must be a non-empty string of at most {max_len} characters")
+    return v
+
+
+@bp.get("/api/bays")
+@doc("Every configured bay with its live status", tags=("wash",), response={"type": "array", "items": BAY})
+def bays() -> Any:
+    names = {b.id: b.name or b.id for b in ctx().config.bays}
+    out = []
+    for bay_id, s in _statuses().items():
+        out.append({"bayId": bay_id, "name": names[bay_id], "state": s["state"], "progress": s["progress"],
+                    "course": s["course"], "errorCode": s["errorCode"], "sessionId": s["sessionId"],
+                    "requestId": s["requestId"]})
+    return jsonify(out)
+
+
+@bp.post("/api/wash/start")
+@doc("Start a wash (decided by the core; same rules as MQTT wash/{bayId}/cmd)", tags=("wash",), request=START_REQ,
+     response={"type": "object"}, errors=(400, 404, 409, 415, 503))
+def start() -> Any:
+    body = read_json()
+    bay_id = _str_field(body, "bayId", required=True)
+    course = _str_field(body, "course", required=True)
+    request_id = _str_field(body, "requestId", required=False)
+    _known_bay(bay_id)  # type: ignore[arg-type]
+    r = _ask_core({"bayId": bay_id, "action": "START", "course": course, "requestId": request_id})
+    out: dict[str, Any] = {"success": True, "bayId": bay_id, "course": r.get("course") or course,
+                           "requestId": r["requestId"]}
+    if r.get("idempotent"):
+        out["idempotent"] = True
+    return jsonify(out)
+
+
+@bp.post("/api/wash/stop")
+@doc("Stop the running wash of a bay", tags=("wash",), request=STOP_REQ, response={"type": "object"},
+     errors=(400, 404, 409, 415, 503))
+def stop() -> Any:
+    body = read_json()
+    bay_id = _str_field(body, "bayId", required=True)
+    _known_bay(bay_id)  # type: ignore[arg-type]
+    r = _ask_core({"bayId": bay_id, "action": "STOP"})
+    return jsonify({"success": True, "bayId": bay_id, "requestId": r["requestId"]})
+
+
+def _status_view(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: s[k] for k in ("bayId", "state", "progress", "course", "errorCode", "sessionId", "timestampUtc")}
+
+
+@bp.get("/api/wash/status/<bay_id>")
+@doc("Status of one bay", tags=("wash",), response=STATUS, errors=(404,))
+def status_one(bay_id: str) -> Any:
+    _known_bay(bay_id)
+    return jsonify(_status_view(_statuses()[bay_id]))
+
+
+@bp.get("/api/wash/status")
+@doc("Status of every bay, by bay id", tags=("wash",), response={"type": "object", "additionalProperties": STATUS})
+def status_all() -> Any:
+    return jsonify({k: _status_view(v) for k, v in _statuses().items()})
+
+
+def _parse_time(name: str) -> dt.datetime | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, "VALIDATION_FAILED", f"{name} must be an ISO 8601 date-time") from None
+    if t.tzinfo is not None:
+        t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def _finished_between() -> Any:
+    q = WashSession.select().where(WashSession.end_time.is_null(False))
+    frm, to = _parse_time("from"), _parse_time("to")
+    if frm is not None:
+        q = q.where(WashSession.start_time >= frm)
+    if to is not None:
+        q = q.where(WashSession.start_time < to)
+    return q
+
+
+@bp.get("/api/wash/history")
+@doc("Finished sessions, newest first", tags=("wash",), response={"type": "array", "items": SESSION},
+     params={"limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}, "bayId": {"type": "string"},
+             **RANGE_PARAMS}, errors=(400,))
+def history() -> Any:
+    raw = request.args.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise ApiError(400, "VALIDATION_FAILED", "limit must be an integer from 1 to 500")
+    q = _finished_between()
+    bay_id = request.args.get("bayId")
+    if bay_id is not None:
+        _known_bay(bay_id)
+        q = q.where(WashSession.bay == bay_id)
+    rows = q.order_by(WashSession.start_time.desc(), WashSession.id.desc()).limit(int(raw))
+    return jsonify([{
+        "id": r.id, "bayId": r.bay_id, "course": r.course, "state": r.state, "startTime": iso_z(r.start_time),
+        "endTime": iso_z(r.end_time) if r.end_time else None, "errorCode": r.error_code, "sessionId": r.session_id,
+        "requestId": r.request_id} for r in rows])
+
+
+@bp.get("/api/wash/stats")
+@doc("Counts and average durations of finished sessions", tags=("wash",), response={"type": "object"},
+     params=RANGE_PARAMS, errors=(400,))
+def stats() -> Any:
+    rows = list(_finished_between().select(WashSession.bay, WashSession.state, WashSession.error_code,
+                                           WashSession.start_time, WashSession.end_time).tuples())
+    total = len(rows)
+    completed = [r for r in rows if r[1] == "DONE"]
+    per_bay: dict[str, list[float]] = {}
+    for bay, _state, _err, start_t, end_t in completed:
+        per_bay.setdefault(bay, []).append((end_t - start_t).total_seconds())
+    durations = [d for ds in per_bay.values() for d in ds]
+    errors: dict[str, int] = {}
+    for _bay, state, err, _s, _e in rows:
+        if state == "ERROR":
+            errors[err or "UNKNOWN"] = errors.get(err or "UNKNOWN", 0) + 1
+    return jsonify({
+        "summary": {"total": total, "completed": len(completed),
+                    "canceled": sum(1 for r in rows if r[1] == "CANCELED"),
+                    "error": sum(1 for r in rows if r[1] == "ERROR")},
+        "avgDurationSec": round(sum(durations) / len(durations)) if durations else 0,
+        "perBayAvg": [{"bayId": b, "avgDurationSec": round(sum(ds) / len(ds))} for b, ds in sorted(per_bay.items())],
+        "errorByCode": [{"errorCode": k, "count": v} for k, v in sorted(errors.items(), key=lambda kv: -kv[1])],
+    })
+
+
+@bp.get("/api/wash/events")
+@doc("Server-sent events: `wash:status` on every status change (current status of every bay first)",
+     tags=("wash",), response={"type": "string"}, content_type="text/event-stream")
+def events() -> Response:
+    feed = ctx().feed
+    q = feed.subscribe()
+    first = list(_statuses().values())
+
+    def gen() -> Iterator[str]:
+        try:
+            yield "retry: 2000\n\n"
+            for s in first:
+                yield f"event: wash:status\ndata: {json.dumps(s)}\n\n"
+            while True:
+                try:
+                    s = q.get(timeout=SSE_KEEPALIVE_SEC)
+                except queue.Empty:
+                    yield ": keepalive\n\n"
+                    continue
+                yield f"event: wash:status\ndata: {json.dumps(s)}\n\n"
+        finally:
+            feed.unsubscribe(q)
+
+    return Response(stream_with_context(gen()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
