@@ -75,6 +75,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(data_dir=args.data_dir)
 
 
+def cmd_simulate_plc(args: argparse.Namespace) -> int:
+    from plc.simulator import simulate_plc_main
+
+    return simulate_plc_main(args.sim_args)
+
+
 def cmd_init_secrets(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
@@ -146,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common], help="validate the configuration and secrets").set_defaults(
         fn=cmd_check_config)
     sub.add_parser("version", parents=[common], help="print the version").set_defaults(fn=cmd_version)
+    sim = sub.add_parser("simulate-plc", parents=[common], help="run the washbay-v1 PLC simulator (see --help after it)",
+                         add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim.set_defaults(fn=cmd_simulate_plc)
     s = sub.add_parser("init-secrets", parents=[common], help="write a new secrets file (0640)")
     s.add_argument("path")
     s.add_argument("--force", action="store_true")

@@ -88,7 +88,7 @@ def ensure_demo_user(config_file: Path) -> None:
 
 def run_demo(data_dir: str | None = None) -> int:
     owned = data_dir is None
-    root = Path(tempfile.mkdtemp(prefix="carwash-demo-")) if owned else Path(data_dir).resolve()
+    root = Path(tempfile.mkdtemp(prefix="carwash-demo-")) if data_dir is None else Path(data_dir).resolve()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

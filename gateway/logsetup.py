@@ -31,3 +31,5 @@ def setup_logging(level: str = "INFO", *, process: str = "core") -> None:
     # amqtt logs every connection and packet at INFO; its warnings are what an operator needs.
     logging.getLogger("amqtt").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    # pymodbus logs every timeout it sees; plc.bus reports bus and bay failures itself.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)

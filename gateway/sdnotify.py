@@ -11,7 +11,7 @@ import os
 import socket
 
 try:  # pragma: no branch - which path depends on the install
-    from systemd import daemon as _sd_daemon  # type: ignore[import-not-found]
+    from systemd import daemon as _sd_daemon  # type: ignore[import-not-found,attr-defined,unused-ignore]
 except ImportError:  # pragma: no cover
     _sd_daemon = None
 

@@ -58,6 +58,7 @@ def verify(db: SqliteDatabase, username: str, password: str) -> bool:
     """Constant work whether or not the user exists (no username probing by timing)."""
     user = TechnicianUser.get_or_none((TechnicianUser.username == username) & (TechnicianUser.disabled == False))  # noqa: E712
     stored = user.password_hash if user else _dummy_hash()
+    ok: bool
     try:
         ok = _hasher.verify(stored, password)
     except (VerificationError, InvalidHashError):

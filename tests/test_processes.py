@@ -8,9 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,18 +17,9 @@ from gateway.demo import WEB_CONNECTED
 from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
 from gateway.sdnotify import Notifier
 from web.context import STATUS_DISCONNECTED
-from tests.conftest import Proc, Site, make_site, start_process
+from tests.conftest import Proc, Site, start_process
+from tests.clients import http_json
 from tests.mqtt_probe import Probe
-
-
-def http_json(url: str, *, method: str = "GET", data: bytes | None = None,
-              headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_core_notify_ready_watchdog_stopping(site: Site) -> None:
@@ -83,7 +71,8 @@ def test_web_under_gunicorn_health_envelope_openapi(site: Site, web: Proc) -> No
     assert health == {"status": "ok", "mqtt": True, "plc": {}, "cloud": False, "db": True}
     status, body = http_json(site.web_url + "/api/nothing-here")
     assert status == 404 and body["errorCode"] == "NOT_FOUND" and body["path"] == "/api/nothing-here"
-    status, body = http_json(site.web_url + "/api/health", method="POST", data=b"{}")
+    status, body = http_json(site.web_url + "/api/health", method="POST", data=b"{}",
+                             headers={"Content-Type": "application/json"})
     assert status == 405 and body["errorCode"] == "METHOD_NOT_ALLOWED"
     status, body = http_json(site.web_url + "/api/health", method="POST", data=b"x" * 300_000)
     assert status in (405, 413) and body["success"] is False

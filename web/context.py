@@ -44,8 +44,8 @@ class WebContext:
             notifier = Notifier()
             self.bus = BusClient(host, self.config.mqtt.port, self.config.mqtt.internal_username,
                                  self.secrets.mqtt_internal_password, name="web",
-                                 on_connected=lambda: notifier.status(STATUS_CONNECTED),
-                                 on_disconnected=lambda: notifier.status(STATUS_DISCONNECTED))
+                                 on_connected=lambda: _status(notifier, STATUS_CONNECTED),
+                                 on_disconnected=lambda: _status(notifier, STATUS_DISCONNECTED))
             self.bus.on_message(WASH_STATUS_FILTER, self.feed.on_message)
             self.bus.start()
 
@@ -84,6 +84,10 @@ class WebContext:
         except Exception:
             return False
         return self.schema_current()
+
+
+def _status(notifier: Notifier, text: str) -> None:
+    notifier.status(text)
 
 
 def ctx(app: Flask | None = None) -> WebContext:

@@ -18,6 +18,7 @@ from gateway.bus.client import BusUnavailable, RpcTimeout
 from gateway.bus.rpc import RpcError
 from gateway.clock import iso_z
 from gateway.store.models import Bay, WashSession
+from web.auth import require_technician
 from web.body import read_json
 from web.context import ctx
 from web.errors import ApiError
@@ -94,6 +95,12 @@ def _ask_core(params: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(503, "SERVICE_UNAVAILABLE", f"the core did not answer: {exc}") from None
 
 
+def _authorize_write() -> None:
+    # The seed needs only LAN access; a site may require the technician token (web.wash_api_auth).
+    if ctx().config.web.wash_api_auth == "jwt":
+        require_technician()
+
+
 def _str_field(body: dict[str, Any], name: str, *, required: bool, max_len: int = 128) -> str | None:
     v = body.get(name)
     if v is None and not required:
@@ -117,8 +124,9 @@ def bays() -> Any:
 
 @bp.post("/api/wash/start")
 @doc("Start a wash (decided by the core; same rules as MQTT wash/{bayId}/cmd)", tags=("wash",), request=START_REQ,
-     response={"type": "object"}, errors=(400, 404, 409, 415, 503))
+     response={"type": "object"}, errors=(400, 401, 404, 409, 415, 503))
 def start() -> Any:
+    _authorize_write()
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
     course = _str_field(body, "course", required=True)
@@ -134,8 +142,9 @@ def start() -> Any:
 
 @bp.post("/api/wash/stop")
 @doc("Stop the running wash of a bay", tags=("wash",), request=STOP_REQ, response={"type": "object"},
-     errors=(400, 404, 409, 415, 503))
+     errors=(400, 401, 404, 409, 415, 503))
 def stop() -> Any:
+    _authorize_write()
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
     _known_bay(bay_id)  # type: ignore[arg-type]

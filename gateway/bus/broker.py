@@ -169,6 +169,10 @@ class LocalBus:
         self.dropped_handler_errors = 0
 
     @property
+    def started(self) -> bool:
+        return self._broker is not None
+
+    @property
     def broker(self) -> GatewayBroker:
         if self._broker is None:
             raise RuntimeError("bus not started")

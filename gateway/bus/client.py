@@ -124,7 +124,7 @@ class BusClient:
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
         if topic == self._reply_topic:
-            self._on_reply(msg.payload)
+            self._on_reply(bytes(msg.payload))
             return
         if topic in (HEALTH, STATUS):
             try:
@@ -139,7 +139,7 @@ class BusClient:
         for topic_filter, fn in self._callbacks:
             if matches(topic_filter, topic):
                 try:
-                    fn(topic, msg.payload)
+                    fn(topic, bytes(msg.payload))
                 except Exception:
                     log.exception("bus callback for %s failed", topic_filter)
 

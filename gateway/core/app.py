@@ -109,6 +109,9 @@ class CoreApp:
     async def _shutdown(self) -> None:
         if self.wash is not None:
             await self.wash.stop()
+        if self.bus is not None and self.bus.started:
+            offline = {"online": False, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
+            await self.bus.publish(STATUS, json.dumps(offline).encode(), retain=True)
         await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self.bus is not None:
             try:

@@ -1,0 +1,1 @@
+"""Benchmark suite of the carwash gateway: `python -m bench` (see bench/README.md)."""

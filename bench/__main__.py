@@ -1,0 +1,67 @@
+"""`python -m bench [--quick] [--only NAME] [--out PATH]`: run the benchmarks, print the table,
+write every result (with its samples) as JSON. Exit status 1 if any benchmark failed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import broker_throughput, core_start, memory
+from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json
+
+BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
+    core_start.NAME: core_start.run,
+    memory.NAME: memory.run,
+    broker_throughput.NAME: broker_throughput.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and messages (~1 min)")
+    ap.add_argument("--only", choices=sorted(BENCHMARKS), metavar="NAME",
+                    help=f"run one benchmark: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+
+    names = [args.only] if args.only else list(BENCHMARKS)
+    env = environment()
+    results: list[Result] = []
+    errors: dict[str, str] = {}
+    durations: dict[str, float] = {}
+    t_all = time.monotonic()
+    for name in names:
+        log(f"{name}: start{' (quick)' if args.quick else ''}")
+        t0 = time.monotonic()
+        try:
+            results += BENCHMARKS[name](args.quick)
+        except Exception as exc:  # one failing benchmark does not hide the others
+            errors[name] = "".join(traceback.format_exception(exc))
+            log(f"{name}: FAILED: {exc}")
+        durations[name] = round(time.monotonic() - t0, 2)
+        log(f"{name}: done in {durations[name]:.1f} s")
+    total = round(time.monotonic() - t_all, 2)
+
+    print(table(results))
+    for name, tb in errors.items():
+        print(f"\n{name} FAILED:\n{tb}", file=sys.stderr)
+    write_json(args.out, {
+        "mode": "quick" if args.quick else "full",
+        "benchmarks": names,
+        "environment": env,
+        "durations_s": durations,
+        "total_s": total,
+        "results": [r.as_dict() for r in results],
+        "errors": errors,
+    })
+    print(f"\n{len(results)} results in {total:.0f} s ({'quick' if args.quick else 'full'} mode); "
+          f"written to {args.out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Embedded broker throughput: the core's amqtt broker against Debian's mosquitto, same load.
+
+Load: one publisher process → one subscriber process (bench/mqtt_client.py, paho-mqtt 2.x),
+200-byte messages on one topic, QoS 0 and QoS 1 (publish and subscription at the same QoS).
+The publisher sends as fast as paho accepts; for QoS 1 it keeps at most INFLIGHT messages
+unacknowledged and finishes only when every PUBACK arrived.
+
+Measured at the subscriber: (received - 1) / (time of last message - time of first message),
+and lost = messages sent - distinct sequence numbers received.
+
+Clients and topic are the same for both brokers: the publisher connects anonymously and
+publishes `server/bench/streaming` (a device's path into the gateway: ACL-checked, handed to
+the core's LocalBus); the subscriber logs in as the gateway's internal user (the only one
+allowed to subscribe outside `device/#`). mosquitto runs with `allow_anonymous true` and no
+password file, so it accepts the same CONNECTs and does no ACL work.
+
+Targets: (a) the real core process started as in core_start (fresh data dir), (b)
+/usr/sbin/mosquitto with a minimal config on a free port. Repetitions alternate between the two
+brokers so that both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import Result, log, tail, temp_dir, wait_port
+from bench.core_start import run_core
+from gateway.config import load_config, load_secrets
+from gateway.demo import free_port
+
+NAME = "broker_throughput"
+MOSQUITTO = "/usr/sbin/mosquitto"
+CLIENT = Path(__file__).resolve().parent / "mqtt_client.py"
+TOPIC = "server/bench/streaming"
+SIZE = 200
+INFLIGHT = 20  # paho's default, set explicitly
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    username: str
+    password: str
+
+
+@contextmanager
+def run_mosquitto(d: Path) -> Iterator[int]:
+    port = free_port()
+    conf = d / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
+    logfile = d / "mosquitto.log"
+    with logfile.open("ab") as out:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_port("127.0.0.1", port, 10.0)
+        except TimeoutError as exc:
+            raise RuntimeError(f"mosquitto (exit code {proc.poll()}): {exc}\n{tail(logfile)}") from None
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _client(role: str, t: Target, qos: int, count: int, timeout: float, errlog: Path,
+            anonymous: bool) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, str(CLIENT), role, "--port", str(t.port), "--topic", TOPIC, "--qos", str(qos),
+            "--count", str(count), "--size", str(SIZE), "--inflight", str(INFLIGHT),
+            "--client-id", f"bench-{role}-{os.getpid()}", "--timeout", str(timeout)]
+    env = dict(os.environ)
+    if not anonymous:
+        argv += ["--username", t.username]
+        env["BENCH_MQTT_PASSWORD"] = t.password
+    with errlog.open("a") as err:
+        # Unbuffered pipes: select() on the descriptor then sees every line (no hidden buffer).
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=0,
+                                env=env)
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"no output within {timeout:g} s")
+    return proc.stdout.readline().decode()
+
+
+def _tell(proc: subprocess.Popen[bytes], line: str) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(line.encode() + b"\n")
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it died: its exit code says why
+
+
+def one_run(t: Target, qos: int, count: int, d: Path) -> dict[str, Any]:
+    timeout = 20.0 + count / 250.0  # far above any plausible duration: only a stuck run hits it
+    errlog = d / "clients.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sub = _client("sub", t, qos, count, timeout + 10, errlog, anonymous=False)
+        procs.append(sub)
+        line = _readline(sub, 15.0)
+        if line.strip() != "READY":
+            raise RuntimeError(f"subscriber did not start ({line!r}, exit {sub.poll()})\n{tail(errlog)}")
+        pub = _client("pub", t, qos, count, timeout, errlog, anonymous=True)
+        procs.append(pub)
+        try:
+            pub_out = _readline(pub, timeout + 5)  # all published (QoS 1: all PUBACKs in)
+        except TimeoutError:
+            raise RuntimeError(f"publisher stuck\n{tail(errlog)}") from None
+        if not pub_out:
+            raise RuntimeError(f"publisher failed ({pub.wait(5)})\n{tail(errlog)}")
+        # The publisher stays connected until the subscriber is done: see mqtt_client.publisher.
+        _tell(sub, "DONE")
+        try:
+            sub_out = _readline(sub, timeout + 15)
+        except TimeoutError:
+            raise RuntimeError(f"subscriber stuck\n{tail(errlog)}") from None
+        _tell(pub, "EXIT")
+        for proc, role in ((sub, "subscriber"), (pub, "publisher")):
+            try:
+                code = proc.wait(15)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{role} did not exit\n{tail(errlog)}") from None
+            if code != 0:
+                raise RuntimeError(f"{role} failed ({code})\n{tail(errlog)}")
+        p = json.loads(pub_out)
+        s = json.loads(sub_out)
+        if not s["rate"]:
+            raise RuntimeError(f"subscriber received {s['received']} messages: no rate\n{tail(errlog)}")
+        s["pub_rate"] = count / (p["t_done"] - p["t_start"])
+        s["end_to_end_s"] = s["t_last"] - p["t_start"]
+        return s
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for f in (proc.stdin, proc.stdout):
+                if f is not None and not f.closed:
+                    f.close()
+
+
+def run(quick: bool) -> list[Result]:
+    reps = 3 if quick else 5
+    counts = {0: 10_000, 1: 5_000} if quick else {0: 20_000, 1: 10_000}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with temp_dir() as d, ExitStack() as stack:
+        core = stack.enter_context(run_core(d))
+        cfg = load_config(core.config)
+        secrets = load_secrets(cfg)
+        amqtt = Target("amqtt (core)", core.mqtt_port, cfg.mqtt.internal_username, secrets.mqtt_internal_password)
+        mosq_dir = d / "mosquitto"
+        mosq_dir.mkdir()
+        mosq = Target("mosquitto", stack.enter_context(run_mosquitto(mosq_dir)), amqtt.username, amqtt.password)
+        for rep in range(reps):
+            for qos in (0, 1):
+                for t in (amqtt, mosq):
+                    r = one_run(t, qos, counts[qos], d)
+                    runs.setdefault((t.name, qos), []).append(r)
+                    log(f"{NAME}: rep {rep + 1}/{reps} {t.name} QoS{qos}: {r['rate']:,.0f} msg/s, "
+                        f"lost {r['lost']}/{counts[qos]}, dup {r['duplicates']}, "
+                        f"publisher {r['pub_rate']:,.0f} msg/s")
+        if core.proc.poll() is not None:
+            raise RuntimeError(f"core died during the benchmark\n{tail(core.log)}")
+
+    results: list[Result] = []
+    for qos in (0, 1):
+        n = counts[qos]
+        load = (f"{reps}×{n:,} msgs of {SIZE} B; anon pub → internal-user sub"
+                + (f"; inflight {INFLIGHT}" if qos else ""))
+        medians = {}
+        for t in (amqtt, mosq):
+            rs = runs[(t.name, qos)]
+            rates = [r["rate"] for r in rs]
+            lost = [float(r["lost"]) for r in rs]
+            dup = sum(r["duplicates"] for r in rs)
+            pub = sorted(r["pub_rate"] for r in rs)
+            res = Result(NAME, f"{t.name} QoS{qos}", "msgs/s", rates,
+                         f"{load}; rate at subscriber; lost {int(sum(lost))}/{reps * n}"
+                         + (f", dup {dup}" if dup else ""),
+                         extra={"runs": rs, "count": n, "size": SIZE})
+            medians[t.name] = res.median
+            results.append(res)
+            results.append(Result(NAME, f"{t.name} QoS{qos} lost", "msgs", lost,
+                                  f"per repetition of {n:,}; publisher side ran at "
+                                  f"{pub[len(pub) // 2]:,.0f} msg/s (median)"))
+        ratio = medians[amqtt.name] / medians[mosq.name]
+        results.append(Result(NAME, f"amqtt/mosquitto QoS{qos}", "ratio", [], "ratio of the medians",
+                              median=ratio))
+    return results

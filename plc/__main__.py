@@ -1,0 +1,3 @@
+from plc.simulator import simulate_plc_main
+
+raise SystemExit(simulate_plc_main())

@@ -1,0 +1,195 @@
+"""Wash bays end to end: REST or MQTT command → core → Modbus (PLC simulator on a socat pty pair
+and on TCP) → status on MQTT (retained), Socket.IO (npm socket.io-client) and SSE → history/stats.
+
+The simulator runs in the test's event loop so the test can inject faults; the core and the web
+are the real processes. Blocking clients run through asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.demo import WEB_CONNECTED, free_port
+from plc.pty import SocatPair
+from plc.simulator import PlcSimulator
+from tests.clients import SocketIoClient, SseReader, http_json
+from tests.conftest import Proc, Site, make_site, start_process
+from tests.mqtt_probe import Probe
+
+WASH_TIME = 1.2
+RTU_BAYS = ("bay1", "bay2", "bay3")
+TCP_BAYS = ("bay4",)
+
+
+@dataclass
+class WashSite:
+    site: Site
+    pty: SocatPair
+    rtu: PlcSimulator
+    tcp: PlcSimulator
+    core: Proc | None = None
+    web: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return self.site.web_url
+
+    def probe(self) -> Probe:
+        cfg = self.site.config
+        return Probe(self.site.mqtt_port, username=cfg.mqtt.internal_username,
+                     password=self.site.secrets.mqtt_internal_password)
+
+    async def start_core(self) -> None:
+        self.core = await asyncio.to_thread(start_process, self.site, "core")
+
+    async def stop_core(self) -> int:
+        assert self.core is not None
+        rc = await asyncio.to_thread(self.core.stop)
+        self.core = None
+        return rc
+
+    def sim_for(self, bay: str) -> PlcSimulator:
+        return self.tcp if bay in TCP_BAYS else self.rtu
+
+
+def wash_toml(rtu_path: str, tcp_port: int) -> str:
+    bays = "".join(
+        f'[[bays]]\nid = "{b}"\nname = "Bay {b[-1]}"\nbus = "rs485"\nunit = {i + 1}\n' for i, b in enumerate(RTU_BAYS))
+    bays += f'[[bays]]\nid = "{TCP_BAYS[0]}"\nbus = "lan"\nunit = 1\n'
+    return (
+        "[wash]\nstart_timeout_sec = 3.0\noffline_after = 3\npoll_period_ms = 100\noffline_backoff_max_sec = 1.0\n"
+        f'[[buses]]\nname = "rs485"\ntype = "rtu"\ndevice = "{rtu_path}"\nbaudrate = 115200\ntimeout_ms = 100\n'
+        f'[[buses]]\nname = "lan"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {tcp_port}\ntimeout_ms = 200\n'
+        + bays
+    )
+
+
+@contextlib.asynccontextmanager
+async def wash_site(tmp: Path, *, with_web: bool = True) -> AsyncIterator[WashSite]:
+    pty = SocatPair(tmp / "pty")
+    await asyncio.to_thread(pty.start)
+    tcp_port = free_port()
+    rtu = PlcSimulator.rtu(pty.plc_path, bays=[(b, i + 1, 0) for i, b in enumerate(RTU_BAYS)], wash_time=WASH_TIME)
+    tcp = PlcSimulator.tcp("127.0.0.1", tcp_port, bays=[(TCP_BAYS[0], 1, 0)], wash_time=WASH_TIME)
+    await rtu.start()
+    await tcp.start()
+    ws = WashSite(make_site(tmp / "site", wash_toml(pty.gateway_path, tcp_port)), pty, rtu, tcp)
+    try:
+        await ws.start_core()
+        if with_web:
+            ws.web = await asyncio.to_thread(start_process, ws.site, "web")
+            await asyncio.to_thread(ws.web.notify.wait_for, WEB_CONNECTED, 20)
+        yield ws
+    finally:
+        if ws.web is not None:
+            await asyncio.to_thread(ws.web.stop)
+        if ws.core is not None:
+            await asyncio.to_thread(ws.core.stop)
+        await rtu.stop()
+        await tcp.stop()
+        await asyncio.to_thread(pty.stop)
+
+
+def status_of(probe: Probe, bay: str, pred: Any, timeout: float = 15) -> list[dict[str, Any]]:
+    """Statuses of `bay` received until one satisfies `pred` (inclusive)."""
+    seen: list[dict[str, Any]] = []
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        m = probe.expect(f"wash/{bay}/status", max(0.01, deadline - time.monotonic()))
+        s = json.loads(m.payload)
+        seen.append(s)
+        if pred(s):
+            return seen
+
+
+async def test_full_wash_rest_to_plc_and_back_to_every_listener(tmp_path: Path) -> None:
+    async with wash_site(tmp_path) as ws:
+        sio = SocketIoClient(ws.url)
+        sse = await asyncio.to_thread(SseReader, ws.url + "/api/wash/events")
+        try:
+            await asyncio.to_thread(sio.wait_connected)
+            with ws.probe() as probe:
+                await asyncio.to_thread(probe.connect)
+                await asyncio.to_thread(probe.subscribe, "wash/bay1/status")
+                first = await asyncio.to_thread(status_of, probe, "bay1", lambda s: s["state"] == "IDLE")
+                assert first[-1]["bayId"] == "bay1"
+                code, body = await asyncio.to_thread(http_json, ws.url + "/api/wash/start", method="POST",
+                                                     body={"bayId": "bay1", "course": "BASIC", "requestId": "uuid-1"})
+                assert (code, body) == (200, {"success": True, "bayId": "bay1", "course": "BASIC",
+                                              "requestId": "uuid-1"})
+                # An idempotent retry, and a conflicting start.
+                code, body = await asyncio.to_thread(http_json, ws.url + "/api/wash/start", method="POST",
+                                                     body={"bayId": "bay1", "course": "BASIC", "requestId": "uuid-1"})
+                assert code == 200 and body["idempotent"] is True
+                code, body = await asyncio.to_thread(http_json, ws.url + "/api/wash/start", method="POST",
+                                                     body={"bayId": "bay1", "course": "BASIC", "requestId": "uuid-2"})
+                assert (code, body["errorCode"]) == (409, "BAY_BUSY")
+                seen = await asyncio.to_thread(status_of, probe, "bay1", lambda s: s["state"] == "IDLE")
+            states = [s["state"] for s in seen]
+            assert states[0] == "STARTING" and "WASHING" in states and "DONE" in states and states[-1] == "IDLE"
+            washing = [s["progress"] for s in seen if s["state"] == "WASHING"]
+            assert washing == sorted(washing) and any(0 < p < 100 for p in washing)
+            done = next(s for s in seen if s["state"] == "DONE")
+            assert done["progress"] == 100 and done["requestId"] == "uuid-1" and done["course"] == "BASIC"
+            assert done["sessionId"].endswith("-bay1-001")
+            # The same changes reached Socket.IO and SSE.
+            sio_seen = await asyncio.to_thread(sio.wait_for, lambda s: s.get("bayId") == "bay1" and s["state"] == "DONE")
+            assert {"STARTING", "DONE"} <= {s["state"] for s in sio_seen if s.get("bayId") == "bay1"}
+            sse_seen = await asyncio.to_thread(sse.wait_for, lambda s: s.get("bayId") == "bay1" and s["state"] == "DONE")
+            assert all(ev == "wash:status" for ev, _, _ in sse_seen)
+            # History and stats.
+            code, hist = await asyncio.to_thread(http_json, ws.url + "/api/wash/history?limit=5")
+            assert code == 200 and len(hist) == 1
+            h = hist[0]
+            assert (h["bayId"], h["state"], h["requestId"], h["course"], h["sessionId"]) == (
+                "bay1", "DONE", "uuid-1", "BASIC", done["sessionId"])
+            code, stats = await asyncio.to_thread(http_json, ws.url + "/api/wash/stats")
+            assert stats["summary"] == {"total": 1, "completed": 1, "canceled": 0, "error": 0}
+            assert stats["perBayAvg"][0]["bayId"] == "bay1"
+            # The retained status is there for a late subscriber.
+            with ws.probe() as late:
+                await asyncio.to_thread(late.connect)
+                await asyncio.to_thread(late.subscribe, "wash/bay1/status")
+                m = await asyncio.to_thread(late.expect, "wash/bay1/status")
+                assert m.retain and json.loads(m.payload)["state"] == "IDLE"
+        finally:
+            await asyncio.to_thread(sse.close)
+            await asyncio.to_thread(sio.close)
+
+
+async def test_mqtt_command_stop_and_rejections(tmp_path: Path) -> None:
+    async with wash_site(tmp_path, with_web=False) as ws:
+        with ws.probe() as p:
+            await asyncio.to_thread(p.connect)
+            await asyncio.to_thread(p.subscribe, "wash/bay4/#")
+            await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "IDLE")
+            cmd = {"bayId": "bay4", "action": "START", "course": "PREMIUM", "requestId": "m-1",
+                   "timestampUtc": "2026-01-14T08:00:00.000Z"}
+            await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps(cmd))
+            res = json.loads((await asyncio.to_thread(p.expect, "wash/bay4/cmd/result")).payload)
+            assert res["accepted"] is True and res["requestId"] == "m-1"
+            await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "WASHING")
+            await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps({"bayId": "bay4", "action": "STOP"}))
+            res = json.loads((await asyncio.to_thread(p.expect, "wash/bay4/cmd/result")).payload)
+            assert res["accepted"] is True and res["requestId"] not in (None, "m-1")
+            seen = await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "CANCELED")
+            assert seen[-1]["requestId"] == "m-1"
+            for bad, code in ((b"not json", "VALIDATION_FAILED"),
+                              (json.dumps({"bayId": "bay1", "action": "START", "course": "BASIC"}).encode(),
+                               "VALIDATION_FAILED"),
+                              (json.dumps({"bayId": "bay4", "action": "DANCE"}).encode(), "VALIDATION_FAILED")):
+                await asyncio.to_thread(p.publish, "wash/bay4/cmd", bad)
+                res = json.loads((await asyncio.to_thread(p.expect, "wash/bay4/cmd/result")).payload)
+                assert (res["accepted"], res["errorCode"]) == (False, code)
+            await asyncio.to_thread(p.subscribe, "wash/nobay/cmd/result")
+            await asyncio.to_thread(p.publish, "wash/nobay/cmd", json.dumps({"action": "START", "course": "BASIC"}))
+            res = json.loads((await asyncio.to_thread(p.expect, "wash/nobay/cmd/result")).payload)
+            assert (res["accepted"], res["statusCode"], res["errorCode"]) == (False, 404, "BAY_NOT_FOUND")

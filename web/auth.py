@@ -1,0 +1,74 @@
+"""Technician login and Bearer JWT checks (HS256, key from the secrets file).
+
+`POST /api/v1/auth/login {username, password}` → `data: {token, expires_at}`. `require_technician()`
+raises 401 UNAUTHORIZED (missing, malformed, expired or forged token, or a removed account).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import jwt
+from flask import Blueprint, jsonify, request
+
+from gateway import users
+from gateway.clock import iso_z
+from gateway.store.models import TechnicianUser
+from web.body import read_json
+from web.context import ctx
+from web.errors import ApiError
+from web.openapi import doc
+
+bp = Blueprint("auth", __name__)
+
+ALGORITHM = "HS256"
+ISSUER = "carwash-gateway"
+
+LOGIN_REQ = {"type": "object", "required": ["username", "password"],
+             "properties": {"username": {"type": "string"}, "password": {"type": "string"}}}
+
+
+def issue_token(username: str) -> tuple[str, dt.datetime]:
+    c = ctx()
+    now = dt.datetime.now(dt.timezone.utc)
+    exp = now + dt.timedelta(minutes=c.config.web.jwt_ttl_minutes)
+    claims = {"sub": username, "iat": now, "exp": exp, "iss": ISSUER, "site": c.config.site.id}
+    return jwt.encode(claims, c.secrets.jwt_secret, algorithm=ALGORITHM), exp
+
+
+def require_technician() -> str:
+    """The user name of a valid Bearer token, else 401 with the envelope."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "UNAUTHORIZED", "a technician token is required (Authorization: Bearer ...)",
+                       {"WWW-Authenticate": "Bearer"})
+    try:
+        claims = jwt.decode(token.strip(), ctx().secrets.jwt_secret, algorithms=[ALGORITHM], issuer=ISSUER,
+                            options={"require": ["exp", "sub", "iss"]})
+    except jwt.ExpiredSignatureError:
+        raise ApiError(401, "UNAUTHORIZED", "token expired", {"WWW-Authenticate": "Bearer"}) from None
+    except jwt.InvalidTokenError:
+        raise ApiError(401, "UNAUTHORIZED", "invalid token", {"WWW-Authenticate": "Bearer"}) from None
+    username = str(claims["sub"])
+    user = TechnicianUser.get_or_none(TechnicianUser.username == username)
+    if user is None or user.disabled:
+        raise ApiError(401, "UNAUTHORIZED", "account no longer exists", {"WWW-Authenticate": "Bearer"})
+    return username
+
+
+@bp.post("/api/v1/auth/login")
+@doc("Technician login: a Bearer token for the web API", tags=("auth",), request=LOGIN_REQ,
+     response={"type": "object"}, errors=(400, 401, 415))
+def login() -> Any:
+    body = read_json()
+    username, password = body.get("username"), body.get("password")
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise ApiError(400, "VALIDATION_FAILED", "username and password must be strings")
+    db = ctx().db
+    if db is None or not users.verify(db, username, password):
+        raise ApiError(401, "UNAUTHORIZED", "wrong user name or password")
+    token, exp = issue_token(username)
+    return jsonify({"success": True, "data": {"token": token, "token_type": "Bearer", "expires_at": iso_z(exp)},
+                    "message": "Logged in"})
