@@ -56,8 +56,8 @@ class SseReader:
                     data.append(line[5:].strip())
                 elif line.startswith("id:"):
                     ev_id = line[3:].strip()
-        except (OSError, ValueError):
-            pass  # closed by close()
+        except Exception:  # noqa: BLE001 - close() shuts the socket under the reader: any error ends it
+            pass
         self.events.put(("__closed__", "", None))
 
     def next(self, timeout: float = 10) -> tuple[str, str, Any]:

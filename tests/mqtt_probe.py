@@ -100,7 +100,11 @@ class Probe:
                 raise TimeoutError(f"no PUBACK for {topic}")
 
     def expect(self, topic: str | None = None, timeout: float = 5.0) -> Msg:
-        """The next message (on `topic` if given; others are kept in `skipped`)."""
+        """The next message (on `topic` if given; others are kept in `skipped` for later calls)."""
+        for i, m in enumerate(self.skipped):
+            if topic is None or m.topic == topic:
+                del self.skipped[i]
+                return m
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()

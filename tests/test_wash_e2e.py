@@ -50,8 +50,9 @@ class WashSite:
 
     async def stop_core(self) -> int:
         assert self.core is not None
-        rc = await asyncio.to_thread(self.core.stop)
-        self.core = None
+        core, self.core = self.core, None
+        rc = await asyncio.to_thread(core.stop)
+        assert rc == 0, f"core exited with {rc}:\n{core.log()[-4000:]}"
         return rc
 
     def sim_for(self, bay: str) -> PlcSimulator:
@@ -103,7 +104,10 @@ def status_of(probe: Probe, bay: str, pred: Any, timeout: float = 15) -> list[di
 
     deadline = time.monotonic() + timeout
     while True:
-        m = probe.expect(f"wash/{bay}/status", max(0.01, deadline - time.monotonic()))
+        try:
+            m = probe.expect(f"wash/{bay}/status", max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError(f"{bay}: no matching status within {timeout} s; saw {seen}") from None
         s = json.loads(m.payload)
         seen.append(s)
         if pred(s):
@@ -193,3 +197,108 @@ async def test_mqtt_command_stop_and_rejections(tmp_path: Path) -> None:
             await asyncio.to_thread(p.publish, "wash/nobay/cmd", json.dumps({"action": "START", "course": "BASIC"}))
             res = json.loads((await asyncio.to_thread(p.expect, "wash/nobay/cmd/result")).payload)
             assert (res["accepted"], res["statusCode"], res["errorCode"]) == (False, 404, "BAY_NOT_FOUND")
+
+
+async def test_faults_error_code_start_timeout_bad_registers(tmp_path: Path) -> None:
+    async with wash_site(tmp_path, with_web=False) as ws:
+        with ws.probe() as p:
+            await asyncio.to_thread(p.connect)
+            await asyncio.to_thread(p.subscribe, "wash/bay2/status")
+            await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE")
+            # A PLC error code: ERROR with its name; cleared: IDLE.
+            ws.rtu.set_error("bay2", 4)
+            s = (await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "ERROR"))[-1]
+            assert s["errorCode"] == "DOOR_OPEN"
+            ws.rtu.set_error("bay2", 77)
+            s = (await asyncio.to_thread(status_of, p, "bay2", lambda s: s["errorCode"] == "PLC_ERROR_77"))[-1]
+            assert s["state"] == "ERROR"
+            ws.rtu.set_error("bay2", 0)
+            await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE" and s["errorCode"] is None)
+            # Out-of-range registers: the bay keeps its last valid state (they count as failed polls).
+            ws.rtu.set_raw("bay2", 10, 9)  # state 9
+            ws.rtu.set_raw("bay2", 11, 250)  # progress 250
+            seen = await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "OFFLINE")
+            assert all(s["state"] in ("IDLE", "OFFLINE") for s in seen)
+            ws.rtu.set_raw("bay2", 10, -1)
+            ws.rtu.set_raw("bay2", 11, -1)
+            await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE")
+            # A START the PLC never takes: ERROR / START_TIMEOUT, the session closed as such.
+            ws.rtu.ignore_commands("bay2", True)
+            cmd = {"bayId": "bay2", "action": "START", "course": "BASIC", "requestId": "t-1"}
+            await asyncio.to_thread(p.publish, "wash/bay2/cmd", json.dumps(cmd))
+            seen = await asyncio.to_thread(status_of, p, "bay2", lambda s: s["errorCode"] == "START_TIMEOUT")
+            assert seen[0]["state"] == "STARTING" and seen[-1]["state"] == "ERROR"
+            await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE")
+        ws.rtu.ignore_commands("bay2", False)
+    sessions = await asyncio.to_thread(_sessions, ws.site)
+    assert [(s["state"], s["error_code"], s["request_id"]) for s in sessions] == [("ERROR", "START_TIMEOUT", "t-1")]
+
+
+def _sessions(site: Site) -> list[dict[str, Any]]:
+    from gateway.store import open_database
+    from gateway.store.models import WashSession
+
+    db = open_database(site.config.paths.database)
+    try:
+        return list(WashSession.select().order_by(WashSession.id).dicts())
+    finally:
+        db.close()
+
+
+async def test_socat_killed_bays_offline_then_recover_and_muted_plc_does_not_stall_others(tmp_path: Path) -> None:
+    async with wash_site(tmp_path, with_web=False) as ws:
+        with ws.probe() as p:
+            await asyncio.to_thread(p.connect)
+            await asyncio.to_thread(p.subscribe, "wash/+/status")
+            for bay in ("bay1", "bay4"):
+                await asyncio.to_thread(status_of, p, bay, lambda s: s["state"] == "IDLE")
+            # One muted PLC (bay3's unit) among several: it goes offline; bay1 keeps washing.
+            ws.rtu.mute("bay3", True)
+            await asyncio.to_thread(status_of, p, "bay3", lambda s: s["state"] == "OFFLINE", 10)
+            cmd = {"bayId": "bay1", "action": "START", "course": "STANDARD", "requestId": "k-1"}
+            await asyncio.to_thread(p.publish, "wash/bay1/cmd", json.dumps(cmd))
+            seen = await asyncio.to_thread(status_of, p, "bay1", lambda s: s["state"] == "DONE")
+            assert "WASHING" in [s["state"] for s in seen]
+            ws.rtu.mute("bay3", False)
+            await asyncio.to_thread(status_of, p, "bay3", lambda s: s["state"] == "IDLE", 10)
+            # The RS485 adapter vanishes: every bay on it goes OFFLINE / PLC_OFFLINE; TCP bay4 does not.
+            await asyncio.to_thread(ws.pty.kill)
+            for bay in RTU_BAYS:
+                s = (await asyncio.to_thread(status_of, p, bay, lambda s: s["state"] == "OFFLINE", 10))[-1]
+                assert s["errorCode"] == "PLC_OFFLINE"
+            # It comes back (same device path): the bays recover by themselves.
+            await asyncio.to_thread(ws.pty.start)
+            await ws.rtu.reopen()
+            for bay in RTU_BAYS:
+                await asyncio.to_thread(status_of, p, bay, lambda s: s["state"] in ("IDLE", "DONE"), 20)
+        code = ws.core.popen.poll() if ws.core else None
+        assert code is None  # the core never crashed
+
+
+async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> None:
+    async with wash_site(tmp_path, with_web=False) as ws:
+        with ws.probe() as p:
+            await asyncio.to_thread(p.connect)
+            await asyncio.to_thread(p.subscribe, "wash/bay4/status")
+            await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "IDLE")
+            # A coin box wired to the PLC starts a session: recorded with requestId null.
+            ws.tcp.local_start("bay4", 2)
+            seen = await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "DONE")
+            assert seen[-1]["requestId"] is None and seen[-1]["course"] == "STANDARD"
+            await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "IDLE")
+            # A wash started through the gateway; the core restarts in the middle of it.
+            ws.tcp.bays["bay4"].wash_time = 4.0
+            cmd = {"bayId": "bay4", "action": "START", "course": "BASIC", "requestId": "r-9"}
+            await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps(cmd))
+            washing = (await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "WASHING"))[-1]
+        assert await ws.stop_core() == 0
+        await ws.start_core()
+        with ws.probe() as p:
+            await asyncio.to_thread(p.connect)
+            await asyncio.to_thread(p.subscribe, "wash/bay4/status")
+            seen = await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "DONE", 15)
+            assert seen[-1]["sessionId"] == washing["sessionId"] and seen[-1]["requestId"] == "r-9"
+    sessions = await asyncio.to_thread(_sessions, ws.site)
+    assert [(s["request_id"], s["state"], s["course"]) for s in sessions] == [(None, "DONE", "STANDARD"),
+                                                                              ("r-9", "DONE", "BASIC")]
+    assert sessions[0]["session_id"].endswith("-bay4-001") and sessions[1]["session_id"].endswith("-bay4-002")

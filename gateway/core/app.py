@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BUDGET = 4.0
 
 
+def _log_stuck(what: str) -> None:
+    """Say which tasks hold up the shutdown (with their stacks), once."""
+    current = asyncio.current_task()
+    for t in asyncio.all_tasks():
+        if t is not current and not t.done():
+            frames = t.get_stack(limit=3)
+            where = " <- ".join(f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno}" for f in frames)
+            log.error("shutdown: %s: pending task %s at %s", what, t.get_name(), where or "?")
+
+
 class Health:
     """What the core knows of the parts it owns; published retained on `gateway/health`."""
 
@@ -100,7 +110,9 @@ class CoreApp:
             log.info("core stopping")
             for t in (task, stop_wait):
                 t.cancel()
-            await asyncio.gather(task, stop_wait, return_exceptions=True)
+            _, pending = await asyncio.wait({task, stop_wait}, timeout=SHUTDOWN_BUDGET / 2)
+            if pending:
+                _log_stuck("services did not stop")
             if task in done and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         finally:
@@ -108,7 +120,10 @@ class CoreApp:
 
     async def _shutdown(self) -> None:
         if self.wash is not None:
-            await self.wash.stop()
+            try:
+                await asyncio.wait_for(self.wash.stop(), SHUTDOWN_BUDGET / 2)
+            except TimeoutError:
+                _log_stuck("the wash service did not stop")
         if self.bus is not None and self.bus.started:
             offline = {"online": False, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
             await self.bus.publish(STATUS, json.dumps(offline).encode(), retain=True)

@@ -19,7 +19,7 @@ import uuid
 import zoneinfo
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peewee import SqliteDatabase
@@ -48,8 +48,16 @@ class _Bay:
     profile: Profile
     bus: str
     machine: BayMachine
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    logged: tuple[str, str | None] = ("", None)
     day: str = ""
     day_seq: int = 0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    fx: Effects
+    view: View
 
 
 def _dt(ts: float) -> dt.datetime:
@@ -90,10 +98,11 @@ class WashService:
             machine = BayMachine(b.id, frozenset(profile.courses.values()), start_timeout=cfg.wash.start_timeout_sec,
                                  offline_after=cfg.wash.offline_after, view=view,
                                  session_open=open_session is not None)
-            self.bays[b.id] = _Bay(b.id, b.name or b.id, profile, b.bus, machine, day, seq)
+            self.bays[b.id] = _Bay(id=b.id, name=b.name or b.id, profile=profile, bus=b.bus, machine=machine,
+                                   day=day, day_seq=seq)
         await self._in_db(self._ensure_rows)
         for bay in self.bays.values():
-            await self._publish(bay)
+            await self._publish(bay.id, bay.machine.view)
         for bus_cfg in cfg.buses:
             addrs = [BayAddress(b.id, b.unit, b.base, self.bays[b.id].profile,
                                 (b.poll_period_ms or cfg.wash.poll_period_ms) / 1000)
@@ -201,18 +210,31 @@ class WashService:
 
     # --- effects ----------------------------------------------------------------------------
 
-    async def _apply(self, bay: _Bay, fx: Effects) -> None:
+    def _prepare(self, bay: _Bay, fx: Effects) -> _Batch:
+        """Fix what the effects mean *now* (session ids, the view to persist and publish), so that
+        carrying them out later, after other effects of the same bay, stays in order and exact."""
+        for s in fx.sessions:
+            if isinstance(s, OpenSession):
+                bay.machine.view.session_id = self._next_session_id(bay, s.at)
+        return _Batch(fx, _copy_view(bay.machine.view))
+
+    async def _carry_out(self, bay: _Bay, batch: _Batch) -> None:
+        fx, view = batch.fx, batch.view
         for w in fx.writes:
             self._spawn(self._write(bay, w))
-        if fx.sessions or fx.persist:
-            for s in fx.sessions:
-                if isinstance(s, OpenSession):
-                    bay.machine.view.session_id = self._next_session_id(bay, s.at)
-            snapshot = _copy_view(bay.machine.view)
-            await self._in_db(self._persist, bay.id, bay.name, snapshot, fx.sessions)
-        if fx.publish or fx.sessions:
-            await self._publish(bay)
-            self._report_health()
+        async with bay.lock:  # FIFO: effects of one bay are stored and published in order
+            if fx.sessions or fx.persist:
+                await self._in_db(self._persist, bay.id, bay.name, view, fx.sessions)
+            if fx.publish or fx.sessions:
+                if (view.state, view.error_code) != bay.logged:
+                    log.info("%s: %s%s", bay.id, view.state, f" ({view.error_code})" if view.error_code else "")
+                    bay.logged = (view.state, view.error_code)
+                await self._publish(bay.id, view)
+                self._report_health()
+
+    def _apply(self, bay: _Bay, fx: Effects) -> Any:
+        """Prepare now; return the coroutine that carries the effects out."""
+        return self._carry_out(bay, self._prepare(bay, fx))
 
     async def _write(self, bay: _Bay, w: Write) -> None:
         scheduler = self.schedulers.get(bay.bus)
@@ -234,12 +256,11 @@ class WashService:
         bay.day_seq += 1
         return f"{local.strftime('%Y%m%d-%H%M%S')}-{bay.id}-{bay.day_seq:03d}"
 
-    async def _publish(self, bay: _Bay) -> None:
-        v = bay.machine.view
-        body = {"bayId": bay.id, "sessionId": v.session_id, "requestId": v.request_id, "state": v.state,
+    async def _publish(self, bay_id: str, v: View) -> None:
+        body = {"bayId": bay_id, "sessionId": v.session_id, "requestId": v.request_id, "state": v.state,
                 "progress": v.progress, "course": v.course, "errorCode": v.error_code,
                 "timestampUtc": iso_z(_dt(v.changed_at))}
-        await self.bus.publish(f"wash/{bay.id}/status", json.dumps(body).encode(), qos=1, retain=True)
+        await self.bus.publish(f"wash/{bay_id}/status", json.dumps(body).encode(), qos=1, retain=True)
 
     def _report_health(self) -> None:
         self.on_health({b.id: b.machine.view.state != "OFFLINE" for b in self.bays.values()})
@@ -247,7 +268,12 @@ class WashService:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("wash: carrying out effects failed", exc_info=task.exception())
 
     async def _in_db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)

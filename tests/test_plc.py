@@ -1,0 +1,163 @@
+"""plc/: the profile as data, the register codec, and the bus scheduler against the simulator
+over a real socat pty pair and over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.config import BusConfig
+from gateway.demo import free_port
+from plc.bus import BayAddress, BusScheduler, PlcWriteError, PollResult, inter_frame_gap
+from plc.profile import DecodeError, ProfileError, builtin_profiles, decode_status, encode_command, load_profile, \
+    load_profiles, next_seq
+from plc.pty import SocatPair
+from plc.simulator import PlcSimulator
+
+P = builtin_profiles()["washbay-v1"]
+
+
+def test_washbay_v1_is_the_spec_page() -> None:
+    assert (P.poll_offset, P.poll_count, P.command_offset, P.span) == (10, 8, 0, 18)
+    assert dict(P.registers) == {"cmd": 0, "cmd_course": 1, "cmd_seq": 2, "state": 10, "progress": 11, "ack_seq": 12,
+                                 "error_code": 13, "course": 14, "heartbeat": 15, "session_counter": 16}
+    assert dict(P.courses) == {1: "BASIC", 2: "STANDARD", 3: "PREMIUM"}
+    assert dict(P.commands) == {"START": 1, "STOP": 2, "RESET_ERROR": 3}
+    assert P.error_name(4) == "DOOR_OPEN" and P.error_name(0) is None and P.error_name(42) == "PLC_ERROR_42"
+    assert dict(P.states)[5] == "ERROR"
+
+
+def test_decode_and_encode() -> None:
+    s = decode_status(P, [2, 45, 7, 0, 3, 99, 1, 2])
+    assert (s.state, s.progress, s.ack_seq, s.course, s.heartbeat, s.session_counter) == (
+        "WASHING", 45, 7, "PREMIUM", 99, 65538)
+    with pytest.raises(DecodeError, match="state=9"):
+        decode_status(P, [9, 0, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(DecodeError, match="progress=250"):
+        decode_status(P, [2, 250, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(DecodeError, match="registers=7"):
+        decode_status(P, [0] * 7)
+    assert encode_command(P, "START", 2, 65535) == [1, 2, 65535]
+    assert encode_command(P, "STOP", 0, 1) == [2, 0, 1]
+    with pytest.raises(ValueError):
+        encode_command(P, "START", 1, 0)
+    assert next_seq(65535) == 1 and next_seq(1) == 2
+
+
+def test_site_profile_file_and_errors(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "plc" / "profiles" / "washbay-v1.toml").read_text()
+    site = tmp_path / "site.toml"
+    site.write_text(text.replace('name = "washbay-v1"', 'name = "acme-v2"').replace('4 = "DOOR_OPEN"', '4 = "HOOD_UP"'))
+    profiles = load_profiles([str(site)])
+    assert set(profiles) == {"washbay-v1", "acme-v2"} and profiles["acme-v2"].error_name(4) == "HOOD_UP"
+    with pytest.raises(ProfileError, match="already defined"):
+        load_profiles([str(site), str(site)])
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("progress = 11", "progress = 30"))
+    with pytest.raises(ProfileError, match=r"bad.toml: registers.progress"):
+        load_profile(bad)
+    bad.write_text(text.replace('5 = "ERROR"', '5 = "BROKEN"'))
+    with pytest.raises(ProfileError, match="states"):
+        load_profile(bad)
+
+
+def test_inter_frame_gap() -> None:
+    rtu = BusConfig(name="b", type="rtu", device="/dev/x", baudrate=9600)
+    assert inter_frame_gap(rtu) == pytest.approx(3.5 * 10 / 9600)
+    assert inter_frame_gap(BusConfig(name="b", type="rtu", device="/dev/x", baudrate=115200)) == 0.00175
+    assert inter_frame_gap(BusConfig(name="b", type="tcp", host="h")) == 0.0
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.results: list[PollResult] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, r: PollResult) -> None:
+        self.results.append(r)
+        self.changed.set()
+
+    async def wait(self, pred, timeout: float = 10) -> PollResult:  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(timeout):
+            while True:
+                for r in reversed(self.results):
+                    if pred(r):
+                        return r
+                self.changed.clear()
+                await self.changed.wait()
+
+    def count(self, bay: str, ok: bool | None = None) -> int:
+        return sum(1 for r in self.results if r.bay_id == bay and (ok is None or (r.error is None) == ok))
+
+
+async def test_scheduler_rtu_polls_writes_mute_unplug_and_garbage(tmp_path: Path) -> None:
+    pair = SocatPair(tmp_path / "pty")
+    await asyncio.to_thread(pair.start)
+    sim = PlcSimulator.rtu(pair.plc_path, bays=[("a", 1, 0), ("b", 2, 0), ("c", 3, 20)], wash_time=0.5)
+    await sim.start()
+    col = Collector()
+    cfg = BusConfig(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout_ms=100)
+    bays = [BayAddress("a", 1, 0, P, 0.05), BayAddress("b", 2, 0, P, 0.05), BayAddress("c", 3, 20, P, 0.05),
+            BayAddress("ghost", 9, 0, P, 0.05)]
+    bus = BusScheduler(cfg, bays, col, offline_after=3, backoff_max=1.0)
+    task = asyncio.create_task(bus.run())
+    try:
+        await col.wait(lambda r: r.bay_id == "c" and r.status is not None)
+        # A unit the PLC does not serve: a Modbus exception reply (4), a per-bay error, backed off.
+        await col.wait(lambda r: r.bay_id == "ghost" and r.error == "exception 4")
+        # A write goes ahead of polls and the PLC acts on it.
+        await bus.write("a", P.command_offset, encode_command(P, "START", 1, 11))
+        await col.wait(lambda r: r.bay_id == "a" and r.status is not None and r.status.state == "DONE")
+        assert sim.status("a")["ack_seq"] == 11
+        # A muted PLC: its polls fail, the others go on.
+        sim.mute("b", True)
+        await col.wait(lambda r: r.bay_id == "b" and r.error == "timeout")
+        a_before = col.count("a", ok=True)
+        await col.wait(lambda r: col.count("a", ok=True) >= a_before + 20)
+        assert bus.stats()["b"]["offline_backoff"] > 0
+        sim.mute("b", False)
+        await col.wait(lambda r: r.bay_id == "b" and r.status is not None)
+        # Garbage on the line: a few bad replies at worst, then polls go on.
+        with open(pair.plc_path, "wb", buffering=0) as line:
+            line.write(os.urandom(64))
+        ok_before = col.count("c", ok=True)
+        await col.wait(lambda r: col.count("c", ok=True) >= ok_before + 10)
+        # The adapter vanishes: every bay gets "disconnected"; it comes back by itself.
+        await asyncio.to_thread(pair.kill)
+        await col.wait(lambda r: r.error == "disconnected")
+        with pytest.raises(PlcWriteError):
+            await bus.write("a", P.command_offset, encode_command(P, "STOP", 0, 12))
+        await asyncio.to_thread(pair.start)
+        await sim.reopen()
+        n = len(col.results)
+        await col.wait(lambda r: col.results.index(r) >= n and r.bay_id == "a" and r.status is not None, 15)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sim.stop()
+        await asyncio.to_thread(pair.stop)
+
+
+async def test_scheduler_tcp_and_exception_replies(tmp_path: Path) -> None:
+    port = free_port()
+    sim = PlcSimulator.tcp("127.0.0.1", port, bays=[("t1", 1, 0)], wash_time=0.3)
+    await sim.start()
+    col = Collector()
+    cfg = BusConfig(name="lan", type="tcp", host="127.0.0.1", port=port, timeout_ms=200)
+    # Unit 1 at base 100 is outside what the simulated PLC serves: a Modbus exception reply.
+    bus = BusScheduler(cfg, [BayAddress("t1", 1, 0, P, 0.05), BayAddress("bad", 1, 100, P, 0.05)], col)
+    task = asyncio.create_task(bus.run())
+    try:
+        await col.wait(lambda r: r.bay_id == "t1" and r.status is not None)
+        r = await col.wait(lambda r: r.bay_id == "bad" and r.error is not None)
+        assert r.error == "exception 2"
+        sim.set_raw("t1", 11, 250)
+        r = await col.wait(lambda r: r.bay_id == "t1" and r.error is not None)
+        assert r.error == "decode: progress=250"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sim.stop()
