@@ -21,7 +21,10 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
+from typing import Any
+
 from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from plc.pty import SocatPair
 
 DEMO_USER = ("demo", "demo")
 READY_TIMEOUT = 60.0
@@ -86,16 +89,55 @@ def ensure_demo_user(config_file: Path) -> None:
         db.close()
 
 
+DEMO_WASH_TIME = 30.0
+
+
+def demo_plc_toml(rtu_path: str, tcp_port: int) -> str:
+    """Four bays on an RS485 (RTU) bus, two more on one TCP PLC at two base addresses."""
+    bays = "".join(f'[[bays]]\nid = "bay{i}"\nname = "Bay #{i}"\nbus = "rs485"\nunit = {i}\n' for i in range(1, 5))
+    bays += '[[bays]]\nid = "bay5"\nname = "Bay #5"\nbus = "lan"\nunit = 1\nbase = 0\n'
+    bays += '[[bays]]\nid = "bay6"\nname = "Bay #6"\nbus = "lan"\nunit = 1\nbase = 18\n'
+    return (f'[[buses]]\nname = "rs485"\ntype = "rtu"\ndevice = "{rtu_path}"\nbaudrate = 115200\n'
+            f'[[buses]]\nname = "lan"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {tcp_port}\n' + bays)
+
+
+def _start_simulator(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start `carwash-gateway simulate-plc ARGS` and wait for its ready line."""
+    proc = subprocess.Popen(gateway_command("simulate-plc", *args), env=env, stdout=subprocess.PIPE, text=True)
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("plc simulator:"):
+                ready.set()
+
+    threading.Thread(target=read, name="plc-sim-out", daemon=True).start()
+    if not ready.wait(READY_TIMEOUT):
+        stop_process(proc)  # type: ignore[arg-type]
+        raise TimeoutError("the PLC simulator did not start")
+    return proc
+
+
 def run_demo(data_dir: str | None = None) -> int:
     owned = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="carwash-demo-")) if data_dir is None else Path(data_dir).resolve()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    procs: list[tuple[str, subprocess.Popen[Any]]] = []
+    pty = SocatPair(root / "pty")
     try:
-        web_port, mqtt_port = free_port(), free_port()
-        cfg = write_demo_site(root, web_port=web_port, mqtt_port=mqtt_port)
+        web_port, mqtt_port, plc_port = free_port(), free_port(), free_port()
+        pty.start()
+        sim_env = child_env()
+        procs.append(("plc-rtu", _start_simulator(
+            ["--rtu", pty.plc_path, "--bays", "4", "--wash-time", str(DEMO_WASH_TIME)], sim_env)))
+        procs.append(("plc-tcp", _start_simulator(
+            ["--tcp", f"127.0.0.1:{plc_port}", "--bay", "bay5:1:0", "--bay", "bay6:1:18",
+             "--wash-time", str(DEMO_WASH_TIME)], sim_env)))
+        cfg = write_demo_site(root, web_port=web_port, mqtt_port=mqtt_port,
+                              extra_toml=demo_plc_toml(pty.gateway_path, plc_port))
         ensure_demo_user(cfg)
         for name in ("core", "web"):
             with NotifySocket(root / f"{name}.notify") as notify:
@@ -112,6 +154,7 @@ def run_demo(data_dir: str | None = None) -> int:
         print("carwash-gateway demo site is running", flush=True)
         print(f"web: http://127.0.0.1:{web_port}/")
         print(f"mqtt: mqtt://127.0.0.1:{mqtt_port}")
+        print(f"plc: RTU on {pty.gateway_path} (bay1-bay4), TCP 127.0.0.1:{plc_port} (bay5, bay6)")
         print(f"login: {DEMO_USER[0]} / {DEMO_USER[1]}")
         print(f"data: {root}")
         print(f"health: {json.dumps(health)}")
@@ -126,6 +169,7 @@ def run_demo(data_dir: str | None = None) -> int:
     finally:
         for _name, proc in reversed(procs):
             stop_process(proc)
+        pty.stop()
         if owned:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 
 class NotifySocket:
@@ -57,7 +58,7 @@ class NotifySocket:
             self.messages.append((time.monotonic(), data.decode(errors="replace")))
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
     """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
