@@ -105,6 +105,7 @@ class BusScheduler:
         self.transactions = 0
         self.reconnects = 0
         self._down_reason: str | None = None
+        self._quiet_until = 0.0
 
     # --- public -------------------------------------------------------------------------------
 
@@ -229,6 +230,11 @@ class BusScheduler:
     async def _transaction(self, request: Callable[[], Any]) -> Any:
         if self._client is None or not self._client.connected:
             raise _BusDown("connection lost")
+        # The line must stay silent for `gap` after the last frame; decoding and reporting the
+        # previous answer happened meanwhile, so only what is left of the gap is waited here.
+        quiet = self._quiet_until - time.monotonic()
+        if quiet > 0:
+            await asyncio.sleep(quiet)
         try:
             return await request()
         except ConnectionException as exc:
@@ -237,8 +243,7 @@ class BusScheduler:
             raise _BusDown(f"io: {exc}") from None
         finally:
             self.transactions += 1
-            if self.gap:
-                await asyncio.sleep(self.gap)
+            self._quiet_until = time.monotonic() + self.gap
 
     async def _do_poll(self, b: _BayState) -> None:
         p = b.addr.profile

@@ -64,6 +64,8 @@ class PlcSimulator:
         self.tcp_addr = tcp
         self.all_muted = False
         self.requests = 0
+        # (bay, cmd, time.monotonic()) of every command block written: for benchmarks and tests.
+        self.command_log: list[tuple[str, int, float]] = []
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -229,6 +231,7 @@ class PlcSimulator:
                     block = values[cmd_off - address:cmd_off - address + 3]
                     r = self.profile.registers
                     c = self.profile.command_offset
+                    self.command_log.append((b.bay_id, block[r["cmd"] - c], now))
                     self._command(b, block[r["cmd"] - c], block[r["cmd_course"] - c], block[r["cmd_seq"] - c], now)
                     # The PLC clears cmd once taken: the write lands, then we render over it.
             # Let pymodbus store the written values, then restore the model's view.
