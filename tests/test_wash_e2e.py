@@ -97,6 +97,17 @@ async def wash_site(tmp: Path, *, with_web: bool = True) -> AsyncIterator[WashSi
         await asyncio.to_thread(pty.stop)
 
 
+@contextlib.asynccontextmanager
+async def watching(ws: WashSite, topic: str, idle: tuple[str, ...] = ()) -> AsyncIterator[Probe]:
+    """A connected internal client subscribed to `topic`, once the bays in `idle` show IDLE."""
+    with ws.probe() as p:
+        await asyncio.to_thread(p.connect)
+        await asyncio.to_thread(p.subscribe, topic)
+        for bay in idle:
+            await asyncio.to_thread(status_of, p, bay, lambda s: s["state"] == "IDLE")
+        yield p
+
+
 def status_of(probe: Probe, bay: str, pred: Any, timeout: float = 15) -> list[dict[str, Any]]:
     """Statuses of `bay` received until one satisfies `pred` (inclusive)."""
     seen: list[dict[str, Any]] = []
@@ -171,10 +182,7 @@ async def test_full_wash_rest_to_plc_and_back_to_every_listener(tmp_path: Path) 
 
 async def test_mqtt_command_stop_and_rejections(tmp_path: Path) -> None:
     async with wash_site(tmp_path, with_web=False) as ws:
-        with ws.probe() as p:
-            await asyncio.to_thread(p.connect)
-            await asyncio.to_thread(p.subscribe, "wash/bay4/#")
-            await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "IDLE")
+        async with watching(ws, "wash/bay4/#", ("bay4",)) as p:
             cmd = {"bayId": "bay4", "action": "START", "course": "PREMIUM", "requestId": "m-1",
                    "timestampUtc": "2026-01-14T08:00:00.000Z"}
             await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps(cmd))
@@ -201,10 +209,7 @@ async def test_mqtt_command_stop_and_rejections(tmp_path: Path) -> None:
 
 async def test_faults_error_code_start_timeout_bad_registers(tmp_path: Path) -> None:
     async with wash_site(tmp_path, with_web=False) as ws:
-        with ws.probe() as p:
-            await asyncio.to_thread(p.connect)
-            await asyncio.to_thread(p.subscribe, "wash/bay2/status")
-            await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE")
+        async with watching(ws, "wash/bay2/status", ("bay2",)) as p:
             # A PLC error code: ERROR with its name; cleared: IDLE.
             ws.rtu.set_error("bay2", 4)
             s = (await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "ERROR"))[-1]
@@ -247,11 +252,7 @@ def _sessions(site: Site) -> list[dict[str, Any]]:
 
 async def test_socat_killed_bays_offline_then_recover_and_muted_plc_does_not_stall_others(tmp_path: Path) -> None:
     async with wash_site(tmp_path, with_web=False) as ws:
-        with ws.probe() as p:
-            await asyncio.to_thread(p.connect)
-            await asyncio.to_thread(p.subscribe, "wash/+/status")
-            for bay in ("bay1", "bay4"):
-                await asyncio.to_thread(status_of, p, bay, lambda s: s["state"] == "IDLE")
+        async with watching(ws, "wash/+/status", ("bay1", "bay4")) as p:
             # One muted PLC (bay3's unit) among several: it goes offline; bay1 keeps washing.
             ws.rtu.mute("bay3", True)
             await asyncio.to_thread(status_of, p, "bay3", lambda s: s["state"] == "OFFLINE", 10)
@@ -277,10 +278,7 @@ async def test_socat_killed_bays_offline_then_recover_and_muted_plc_does_not_sta
 
 async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> None:
     async with wash_site(tmp_path, with_web=False) as ws:
-        with ws.probe() as p:
-            await asyncio.to_thread(p.connect)
-            await asyncio.to_thread(p.subscribe, "wash/bay4/status")
-            await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "IDLE")
+        async with watching(ws, "wash/bay4/status", ("bay4",)) as p:
             # A coin box wired to the PLC starts a session: recorded with requestId null.
             ws.tcp.local_start("bay4", 2)
             seen = await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "DONE")
@@ -293,9 +291,7 @@ async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> No
             washing = (await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "WASHING"))[-1]
         assert await ws.stop_core() == 0
         await ws.start_core()
-        with ws.probe() as p:
-            await asyncio.to_thread(p.connect)
-            await asyncio.to_thread(p.subscribe, "wash/bay4/status")
+        async with watching(ws, "wash/bay4/status") as p:
             seen = await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "DONE", 15)
             assert seen[-1]["sessionId"] == washing["sessionId"] and seen[-1]["requestId"] == "r-9"
     sessions = await asyncio.to_thread(_sessions, ws.site)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+
+from plc.profile import PlcStatus
 
 ACTIVE = frozenset({"STARTING", "WASHING"})
 FINAL = frozenset({"DONE", "CANCELED", "ERROR"})
@@ -19,19 +20,6 @@ START_TIMEOUT = "START_TIMEOUT"
 PLC_OFFLINE = "PLC_OFFLINE"
 # The PLC increments its heartbeat every second (plc-register-map.md).
 HEARTBEAT_PERIOD = 1.0
-
-
-class Reading(Protocol):
-    """What the machine needs of a decoded poll (plc.profile.PlcStatus)."""
-
-    state: str
-    progress: int
-    ack_seq: int
-    error_code: int
-    error_name: str | None
-    course: str | None
-    heartbeat: int
-    session_counter: int
 
 
 class Verdict(enum.Enum):
@@ -174,7 +162,7 @@ class BayMachine:
             return self._go_offline(now)
         return Effects()
 
-    def on_poll(self, r: Reading, now: float) -> Effects:
+    def on_poll(self, r: PlcStatus, now: float) -> Effects:
         self.failures = 0
         if self.last_heartbeat is not None and r.heartbeat == self.last_heartbeat:
             # Polls are faster than the 1 Hz heartbeat: frozen means unchanged for
@@ -237,7 +225,7 @@ class BayMachine:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _follow(self, r: Reading, plc_state: str, now: float) -> Effects:
+    def _follow(self, r: PlcStatus, plc_state: str, now: float) -> Effects:
         fx = Effects()
         v = self.view
         if plc_state == "ERROR":
@@ -283,7 +271,7 @@ class BayMachine:
             return Effects(publish=True)
         return Effects()
 
-    def _recover(self, r: Reading, now: float) -> Effects:
+    def _recover(self, r: PlcStatus, now: float) -> Effects:
         """First valid answer after start or after OFFLINE: the PLC's state wins."""
         fx = Effects(publish=True, persist=True)
         plc_state = "ERROR" if r.error_code else r.state
