@@ -6,7 +6,7 @@ from flask import Flask, request
 from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
-from web import auth, errors, meta, wash
+from web import auth, device_api, errors, meta, wash
 from web.context import WebContext, ctx
 from web.errors import ApiError
 
@@ -37,6 +37,7 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.register_blueprint(meta.bp)
     app.register_blueprint(wash.bp)
     app.register_blueprint(auth.bp)
+    app.register_blueprint(device_api.bp)
     # Socket.IO for clients of the seed's `wash:status` event; threading mode under gthread.
     socketio = SocketIO(app, async_mode="threading", cors_allowed_origins="*", path=SOCKETIO_PATH)
     ctx(app).feed.add_listener(lambda status: socketio.emit("wash:status", status))

@@ -1,0 +1,125 @@
+"""Device facts in the store: registration with PIN, reported configs, lifecycle, event logs.
+
+Every function is one IMMEDIATE transaction that also writes the outbox event of its fact, so
+the cloud learns exactly what was stored. They run in the web process (the owner of these writes)
+and return only after the commit: a 2xx is sent for data that is on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import SqliteDatabase
+
+from gateway.clock import iso_z, utc_now
+from gateway.devices.validate import Lifecycle, LogItem, Registration, device_id_for, device_type
+from gateway.outbox import add_event
+from gateway.store import write_tx
+from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem
+
+
+class DeviceNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Registered:
+    device_id: str
+    pin: str
+    new: bool
+
+
+def register(db: SqliteDatabase, reg: Registration, *, pin_ttl_sec: int, site_id: str) -> Registered:
+    """Each press of Pairing Mode: the chip's stable id and a fresh 4-digit PIN."""
+    dev_id = device_id_for(reg.chip_id)
+    pin = f"{secrets.randbelow(10_000):04d}"
+    now = utc_now()
+    expires = now + dt.timedelta(seconds=pin_ttl_sec)
+    kind = device_type(reg.firmware_version)
+    with write_tx(db):
+        row = Device.get_or_none(Device.device_id == dev_id)
+        new = row is None
+        if new:
+            Device.create(device_id=dev_id, chip_id=reg.chip_id, mac_address=reg.mac_address, device_type=kind,
+                          firmware_version=reg.firmware_version, pairing_pin=pin, pin_expires_at=expires,
+                          registered_at=now)
+        else:
+            (Device.update(mac_address=reg.mac_address, device_type=kind, firmware_version=reg.firmware_version,
+                           pairing_pin=pin, pin_expires_at=expires, rejected=False)
+             .where(Device.device_id == dev_id).execute())
+        DeviceLifecycleEvent.create(device=dev_id, kind="registered", at=now,
+                                    detail=json.dumps({"firmware_version": reg.firmware_version, "new": new}))
+        add_event("device.registered", {"device_id": dev_id, "chip_id": reg.chip_id, "mac_address": reg.mac_address,
+                                        "firmware_version": reg.firmware_version, "device_type": kind,
+                                        "registered_at": iso_z(now)},
+                  site_id=site_id, partition=dev_id)
+    return Registered(dev_id, pin, new)
+
+
+def report_configs(db: SqliteDatabase, dev_id: str, configs: dict[str, Any], *, site_id: str,
+                   lifecycle: Lifecycle | None = None) -> None:
+    """Store configs as reported (bare sync, or the startup/shutdown document)."""
+    now = utc_now()
+    source = lifecycle.topic if lifecycle else "sync"
+    with write_tx(db):
+        if not Device.select().where(Device.device_id == dev_id).exists():
+            raise DeviceNotFound(dev_id)
+        DeviceConfig.create(device=dev_id, configs=json.dumps(configs, ensure_ascii=False), source=source,
+                            reported_at=now)
+        changes: dict[str, Any] = {"last_seen_at": now}
+        if lifecycle is not None:
+            if lifecycle.device_status:
+                changes["status"] = lifecycle.device_status
+            changes["online"] = lifecycle.topic == "startup"
+            DeviceLifecycleEvent.create(device=dev_id, kind=lifecycle.topic, at=now,
+                                        detail=json.dumps({"device_status": lifecycle.device_status,
+                                                           "timestamp": lifecycle.timestamp}))
+            add_event("device.lifecycle", {"device_id": dev_id, "event": lifecycle.topic,
+                                           "device_status": lifecycle.device_status,
+                                           "device_timestamp": lifecycle.timestamp, "at": iso_z(now)},
+                      site_id=site_id, partition=dev_id)
+        Device.update(**changes).where(Device.device_id == dev_id).execute()
+        add_event("device.configs_reported", {"device_id": dev_id, "source": source, "configs": configs,
+                                              "at": iso_z(now)}, site_id=site_id, partition=dev_id)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    length: int
+    stored: int
+    mismatches: int
+
+
+def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_id: str) -> Uploaded:
+    """Store every new item in one transaction; a re-uploaded item stores nothing but counts."""
+    now = utc_now()
+    stored: list[dict[str, Any]] = []
+    mismatches = 0
+    with write_tx(db):
+        if not Device.select().where(Device.device_id == dev_id).exists():
+            raise DeviceNotFound(dev_id)
+        for it in items:
+            key = it.dedup_key(dev_id)
+            if EventLogItem.select().where(EventLogItem.dedup_key == key).exists():
+                continue
+            mismatch = it.mismatch
+            mismatches += mismatch
+            EventLogItem.create(device=dev_id, dedup_key=key, type=it.type, status=it.status,
+                                timestamp_ms=it.timestamp_ms, total_amount=it.total_amount,
+                                qr_charge_id=it.qr_charge_id, qr_net_amount=it.qr_net_amount,
+                                bank=json.dumps(it.bank) if it.bank else None,
+                                coin=json.dumps(it.coin) if it.coin else None,
+                                amount_mismatch=mismatch, received_at=now)
+            stored.append({"type": it.type, "status": it.status, "timestamp": it.timestamp_ms,
+                           "total_amount": it.total_amount, "qr": {"chargeId": it.qr_charge_id,
+                                                                   "net_amount": it.qr_net_amount},
+                           "bank": it.bank, "coin": it.coin, "amount_mismatch": mismatch, "dedup_key": key})
+        if stored:
+            add_event("device.event_logs", {"device_id": dev_id, "items": stored, "received_at": iso_z(now)},
+                      site_id=site_id, partition=dev_id)
+        Device.update(last_seen_at=now).where(Device.device_id == dev_id).execute()
+    return Uploaded(len(items), len(stored), mismatches)

@@ -1,0 +1,154 @@
+"""The device HTTP API through the real gunicorn: pairing, config sync, event logs, signatures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib import resources
+
+import pytest
+
+from gateway.signing import http_signature
+from gateway.store import open_database
+from gateway.store.models import Device, DeviceConfig, EventLogItem, OutboxEvent
+from tests.clients import http_json
+from tests.conftest import Proc, Site
+from web.context import STATUS_CONNECTED
+
+V = json.loads(resources.files("gateway").joinpath("data/spec-vectors.json").read_text())
+KEY = V["secret_key"]
+REGISTER_BODY = V["http_sha256_suffix"]["body"].encode()
+DEVICE = "device-24ab3c91"
+
+# The seed's own examples (shared/spec/seeds/device-communication.md), device id adapted.
+STARTUP = {"topic_request": "startup", "device_id": DEVICE, "device_status": "NORMAL",
+           "payload": {"configs": {"machine": {"ACTIVE": True, "BANKNOTE": True, "COIN": True, "QR": True,
+                                               "ON_TIME": "8:00", "OFF_TIME": "16:00", "SAVE_STATE": True},
+                                   "function": {"sec_per_baht": {"HP_WATER": 10, "FOAM": 10, "AIR": 10, "WATER": 10,
+                                                                 "VACUUM": 10, "BLACK_TIRE": 10, "WAX": 10,
+                                                                 "AIR_FRESHENER": 0, "PARKING_FEE": 600}}}},
+           "timestamp": 1758358335794}
+LOG_ITEM = {"qr": {"chargeId": "ACB-1152-1152", "net_amount": 0},
+            "bank": {"20": 0, "50": 0, "100": 0, "500": 0, "1000": 0},
+            "coin": {"1": 5, "2": 0, "5": 0, "10": 0}, "type": "PAYMENT", "status": "SUCCEEDED",
+            "timestamp": 1760634265248, "total_amount": 5}
+
+
+@pytest.fixture
+def api(site: Site, web: Proc) -> Iterator[str]:
+    web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+    yield site.web_url
+
+
+def post(url: str, raw: bytes, *, sign: bool = True, sig: str | None = None,
+         content_type: str = "application/json") -> tuple[int, dict]:
+    headers = {"Content-Type": content_type}
+    if sign:
+        headers["x-signature"] = sig or http_signature(raw, KEY)
+    return http_json(url, method="POST", data=raw, headers=headers)
+
+
+def counts(site: Site) -> dict[str, int]:
+    db = open_database(site.config.paths.database)
+    try:
+        return {"devices": Device.select().count(), "configs": DeviceConfig.select().count(),
+                "logs": EventLogItem.select().count(), "outbox": OutboxEvent.select().count()}
+    finally:
+        db.close()
+
+
+def test_pairing_with_the_spec_vector_and_listing(api: str, site: Site) -> None:
+    code, body = post(api + "/api/v1/devices/need-register", REGISTER_BODY, sig=V["http_sha256_suffix"]["x-signature"])
+    assert code == 200 and body["success"] is True and body["message"] == "Device registered successfully"
+    assert body["data"]["device_id"] == DEVICE and len(body["data"]["pin"]) == 4 and body["data"]["pin"].isdigit()
+    # Pressing Pairing Mode again: the same id, a fresh PIN; nothing duplicated.
+    code, again = post(api + "/api/v1/devices/need-register", REGISTER_BODY)
+    assert code == 200 and again["data"]["device_id"] == DEVICE
+    code, listing = http_json(api + "/api/v1/devices?status=pending")
+    [dev] = listing["data"]
+    assert (dev["device_id"], dev["device_type"], dev["pending"], dev["pin"]) == (
+        DEVICE, "CAR_WASH", True, again["data"]["pin"])
+    assert counts(site)["devices"] == 1
+    assert http_json(api + "/api/v1/devices?type=HELMET_DRYER")[1]["data"] == []
+
+
+def test_signature_failures_store_nothing(api: str, site: Site) -> None:
+    before = counts(site)
+    code, body = post(api + "/api/v1/devices/need-register", REGISTER_BODY, sign=False)
+    assert (code, body["errorCode"]) == (401, "MISSING_SIGNATURE")
+    code, body = post(api + "/api/v1/devices/need-register", REGISTER_BODY + b" ",
+                      sig=V["http_sha256_suffix"]["x-signature"])
+    assert (code, body["errorCode"]) == (401, "INVALID_SIGNATURE")
+    code, body = post(api + "/api/v1/device-event-logs/uploads", b'{"device_id":"x","items":[]}', sig="0" * 64)
+    assert (code, body["errorCode"]) == (401, "INVALID_SIGNATURE")
+    assert counts(site) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "words"),
+    [
+        (b'{"chip_id":"24AB3C91","mac_address":"24:6F:28:AB:3C:91"', 400, "INVALID_JSON", ""),
+        (b'[1]', 400, "VALIDATION_FAILED", "object"),
+        (b'{"chip_id":"XYZ","mac_address":"24:6F:28:AB:3C:91","firmware_version":"car_wash_v1"}', 400,
+         "VALIDATION_FAILED", "chip_id"),
+        (b'{"chip_id":"24AB3C91","mac_address":"24-6F","firmware_version":"car_wash_v1"}', 400,
+         "VALIDATION_FAILED", "mac_address"),
+        (b'{"chip_id":"24AB3C91","mac_address":"24:6F:28:AB:3C:91","firmware_version":5}', 400,
+         "VALIDATION_FAILED", "firmware_version"),
+    ],
+)
+def test_registration_bad_input(api: str, site: Site, body: bytes, status: int, code: str, words: str) -> None:
+    got, resp = post(api + "/api/v1/devices/need-register", body)
+    assert (got, resp["errorCode"]) == (status, code) and words in resp["message"]
+    assert counts(site)["devices"] == 0
+
+
+def test_wrong_content_type_is_415(api: str) -> None:
+    code, body = post(api + "/api/v1/devices/need-register", REGISTER_BODY, content_type="text/plain")
+    assert (code, body["errorCode"]) == (415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+def test_config_sync_both_forms(api: str, site: Site) -> None:
+    raw = json.dumps({"machine": {"ACTIVE": False}}).encode()
+    code, body = post(api + f"/api/v1/device/sync-configs/{DEVICE}", raw)
+    assert (code, body["errorCode"]) == (404, "DEVICE_NOT_FOUND")
+    post(api + "/api/v1/devices/need-register", REGISTER_BODY)
+    code, body = post(api + f"/api/v1/device/sync-configs/{DEVICE}", raw)
+    assert (code, body) == (200, {"success": True, "message": "Device configs synced successfully"})
+    startup = json.dumps(STARTUP, indent=2).encode()
+    assert post(api + "/api/v1/devices/sync", startup)[0] == 200
+    assert post(api + f"/api/v1/device/sync-configs/{DEVICE}", startup)[0] == 200
+    other = json.dumps({**STARTUP, "device_id": "device-other"}).encode()
+    code, body = post(api + f"/api/v1/device/sync-configs/{DEVICE}", other)
+    assert (code, body["errorCode"]) == (400, "VALIDATION_FAILED") and "device_id" in body["message"]
+    code, dev = http_json(api + f"/api/v1/devices/{DEVICE}")
+    assert dev["data"]["configs"] == STARTUP["payload"]["configs"] and dev["data"]["status"] == "NORMAL"
+    assert [e["kind"] for e in dev["data"]["events"]][:2] == ["startup", "startup"]
+    assert counts(site)["configs"] == 3
+
+
+def test_event_log_upload_dedup_mismatch_limits(api: str, site: Site) -> None:
+    post(api + "/api/v1/devices/need-register", REGISTER_BODY)
+    url = api + "/api/v1/device-event-logs/uploads"
+    raw = json.dumps({"device_id": DEVICE, "items": [LOG_ITEM]}).encode()
+    assert post(url, raw) == (201, {"success": True, "data": {"length": 1}, "message": "Logs uploaded successfully"})
+    # The same item again: counted, not stored twice.
+    wrong_total = {**LOG_ITEM, "timestamp": LOG_ITEM["timestamp"] + 1, "total_amount": 7}
+    raw2 = json.dumps({"device_id": DEVICE, "items": [LOG_ITEM, wrong_total]}).encode()
+    assert post(url, raw2)[1]["data"] == {"length": 2}
+    db = open_database(site.config.paths.database)
+    try:
+        rows = list(EventLogItem.select().order_by(EventLogItem.timestamp_ms))
+        assert [(r.total_amount, r.amount_mismatch) for r in rows] == [(5, False), (7, True)]
+        assert OutboxEvent.select().where(OutboxEvent.type == "device.event_logs").count() == 2
+    finally:
+        db.close()
+    for body, field in ((json.dumps({"device_id": DEVICE, "items": []}), "items"),
+                        (json.dumps({"device_id": DEVICE, "items": [LOG_ITEM] * 1001}), "items"),
+                        (json.dumps({"device_id": DEVICE, "items": [{**LOG_ITEM, "status": "PAID"}]}), "items[0].status"),
+                        (json.dumps({"device_id": DEVICE, "items": [{**LOG_ITEM, "coin": {"3": 1}}]}), "items[0].coin.3")):
+        code, resp = post(url, body.encode())
+        assert (code, resp["errorCode"]) == (400, "VALIDATION_FAILED") and field in resp["message"]
+    code, resp = post(url, json.dumps({"device_id": "device-unknown", "items": [LOG_ITEM]}).encode())
+    assert (code, resp["errorCode"]) == (404, "DEVICE_NOT_FOUND")
+    assert counts(site)["logs"] == 2

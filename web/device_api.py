@@ -1,0 +1,192 @@
+"""The HTTP API devices call (device-api.md §3, all signed per §2) and the device listing.
+
+Order of checks: body size (413, before reading) → signature on the raw bytes (401, nothing
+stored) → content type (415) → JSON (400 INVALID_JSON) → fields (400 VALIDATION_FAILED naming
+the field) → device known (404 DEVICE_NOT_FOUND) → stored in one IMMEDIATE transaction → 2xx.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from gateway.clock import iso_z, utc_now
+from gateway.devices import validate
+from gateway.devices.registry import DeviceNotFound, register, report_configs, upload_logs
+from gateway.signing import Verdict, verify_http
+from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
+from web.body import raw_body, read_json
+from web.context import ctx
+from web.errors import ApiError
+from web.openapi import doc
+
+bp = Blueprint("device_api", __name__)
+
+SIGNED_ERRORS = (400, 401, 404, 413, 415)
+REGISTER_REQ = {"type": "object", "required": ["chip_id", "mac_address", "firmware_version"],
+                "properties": {"chip_id": {"type": "string", "pattern": "^[0-9A-Fa-f]{6,16}$"},
+                               "mac_address": {"type": "string"}, "firmware_version": {"type": "string"}}}
+LIFECYCLE_REQ = {"type": "object", "required": ["topic_request", "device_id"],
+                 "properties": {"topic_request": {"enum": ["startup", "shutdown"]}, "device_id": {"type": "string"},
+                                "device_status": {"enum": list(validate.DEVICE_STATUSES)},
+                                "payload": {"type": "object"}, "timestamp": {"type": "integer"}}}
+LOGS_REQ = {"type": "object", "required": ["device_id", "items"],
+            "properties": {"device_id": {"type": "string"},
+                           "items": {"type": "array", "minItems": 1, "maxItems": validate.MAX_ITEMS}}}
+
+
+def verify_signature() -> None:
+    """401 MISSING_SIGNATURE / INVALID_SIGNATURE unless `x-signature` matches the raw request."""
+    c = ctx()
+    path = request.full_path.rstrip("?") if request.query_string else request.path
+    verdict = verify_http(request.headers.get("x-signature"), body=raw_body(), path_with_query=path,
+                          key=c.secrets.device_signing_key, schemes=c.config.signatures.http_schemes,
+                          legacy_empty_body=c.config.signatures.legacy_empty_body_signature)
+    if verdict is Verdict.MISSING:
+        raise ApiError(401, "MISSING_SIGNATURE", "x-signature header is required")
+    if verdict is Verdict.INVALID:
+        raise ApiError(401, "INVALID_SIGNATURE", "x-signature does not match the request")
+
+
+def _body() -> dict[str, Any]:
+    verify_signature()
+    return read_json()  # type: ignore[no-any-return]
+
+
+def _invalid(exc: validate.Invalid) -> ApiError:
+    return ApiError(400, "VALIDATION_FAILED", str(exc))
+
+
+def _db() -> Any:
+    db = ctx().db
+    if db is None:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", "database not open")
+    return db
+
+
+@bp.post("/api/v1/devices/need-register")
+@doc("Pairing: the device's id and a fresh 4-digit PIN (valid devices.pin_ttl_sec)", tags=("device",),
+     request=REGISTER_REQ, response={"type": "object"}, errors=SIGNED_ERRORS, security="device-signature")
+def need_register() -> Any:
+    body = _body()
+    try:
+        reg = validate.registration(body)
+    except validate.Invalid as exc:
+        raise _invalid(exc) from None
+    c = ctx()
+    r = register(_db(), reg, pin_ttl_sec=c.config.devices.pin_ttl_sec, site_id=c.config.site.id)
+    return jsonify({"success": True, "data": {"pin": r.pin, "device_id": r.device_id},
+                    "message": "Device registered successfully"})
+
+
+def _lifecycle_or_none(body: dict[str, Any], path_id: str | None) -> validate.Lifecycle | None:
+    if "topic_request" not in body:
+        return None
+    try:
+        doc_ = validate.lifecycle(body)
+    except validate.Invalid as exc:
+        raise _invalid(exc) from None
+    if path_id is not None and doc_.device_id != path_id:
+        raise ApiError(400, "VALIDATION_FAILED", "device_id: differs from the one in the path")
+    return doc_
+
+
+@bp.post("/api/v1/device/sync-configs/<device_id>")
+@doc("A device reports its configs (any object), or its startup/shutdown document", tags=("device",),
+     request={"type": "object"}, response={"type": "object"}, errors=SIGNED_ERRORS, security="device-signature")
+def sync_configs(device_id: str) -> Any:
+    body = _body()
+    life = _lifecycle_or_none(body, device_id)
+    configs = life.configs if life else body
+    c = ctx()
+    try:
+        report_configs(_db(), device_id, configs, site_id=c.config.site.id, lifecycle=life)
+    except DeviceNotFound:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}; register it first") from None
+    return jsonify({"success": True, "message": "Device configs synced successfully"})
+
+
+@bp.post("/api/v1/devices/sync")
+@doc("The startup/shutdown document of a device", tags=("device",), request=LIFECYCLE_REQ,
+     response={"type": "object"}, errors=SIGNED_ERRORS, security="device-signature")
+def devices_sync() -> Any:
+    body = _body()
+    life = _lifecycle_or_none(body, None)
+    if life is None:
+        raise ApiError(400, "VALIDATION_FAILED", "topic_request: startup or shutdown")
+    c = ctx()
+    try:
+        report_configs(_db(), life.device_id, life.configs, site_id=c.config.site.id, lifecycle=life)
+    except DeviceNotFound:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {life.device_id!r}; register it first") from None
+    return jsonify({"success": True, "message": "Device configs synced successfully"})
+
+
+@bp.post("/api/v1/device-event-logs/uploads")
+@doc("Upload buffered event logs (1-1000 items); stored before the 201", tags=("device",), request=LOGS_REQ,
+     response={"type": "object"}, status=201, errors=SIGNED_ERRORS, security="device-signature")
+def logs_upload() -> Any:
+    body = _body()
+    try:
+        dev, items = validate.log_upload(body)
+    except validate.Invalid as exc:
+        raise _invalid(exc) from None
+    try:
+        r = upload_logs(_db(), dev, items, site_id=ctx().config.site.id)
+    except DeviceNotFound:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {dev!r}; register it first") from None
+    resp = jsonify({"success": True, "data": {"length": r.length}, "message": "Logs uploaded successfully"})
+    resp.status_code = 201
+    return resp
+
+
+def _device_view(d: Device) -> dict[str, Any]:
+    pending = not d.claimed
+    pin_valid = pending and d.pin_expires_at is not None and d.pin_expires_at > utc_now()
+    return {"device_id": d.device_id, "device_type": d.device_type, "firmware_version": d.firmware_version,
+            "name": d.name, "claimed": d.claimed, "pending": pending and not d.rejected,
+            "pin": d.pairing_pin if pin_valid else None,
+            "pin_expires_at": iso_z(d.pin_expires_at) if pin_valid and d.pin_expires_at else None,
+            "status": d.status, "online": d.online, "rssi": d.rssi,
+            "last_seen_at": iso_z(d.last_seen_at) if d.last_seen_at else None,
+            "mac_address": d.mac_address, "chip_id": d.chip_id}
+
+
+@bp.get("/api/v1/devices")
+@doc("Devices with status and pairing PIN while pending; filters type and status", tags=("device",),
+     response={"type": "object"}, params={"type": {"enum": ["CAR_WASH", "HELMET_DRYER", "UNKNOWN"]},
+                                          "status": {"type": "string"}}, errors=(400,))
+def list_devices() -> Any:
+    q = Device.select().order_by(Device.registered_at)
+    if (kind := request.args.get("type")) is not None:
+        q = q.where(Device.device_type == kind)
+    if (status := request.args.get("status")) is not None:
+        if status == "pending":
+            q = q.where((Device.claimed == False) & (Device.rejected == False))  # noqa: E712
+        elif status in ("online", "offline"):
+            q = q.where(Device.online == (status == "online"))
+        elif status in validate.DEVICE_STATUSES:
+            q = q.where(Device.status == status)
+        else:
+            raise ApiError(400, "VALIDATION_FAILED", "status: pending, online, offline, NORMAL, ERROR or OFFLINE")
+    return jsonify({"success": True, "data": [_device_view(d) for d in q]})
+
+
+@bp.get("/api/v1/devices/<device_id>")
+@doc("One device with its reported configs and recent events", tags=("device",), response={"type": "object"},
+     errors=(404,))
+def get_device(device_id: str) -> Any:
+    d = Device.get_or_none(Device.device_id == device_id)
+    if d is None:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
+    cfg = DeviceConfig.select().where(DeviceConfig.device == device_id).order_by(DeviceConfig.id.desc()).first()
+    events = (DeviceLifecycleEvent.select().where(DeviceLifecycleEvent.device == device_id)
+              .order_by(DeviceLifecycleEvent.id.desc()).limit(20))
+    view = _device_view(d)
+    view["configs"] = json.loads(cfg.configs) if cfg else None
+    view["configs_reported_at"] = iso_z(cfg.reported_at) if cfg else None
+    view["events"] = [{"kind": e.kind, "at": iso_z(e.at), "detail": json.loads(e.detail) if e.detail else None}
+                      for e in events]
+    return jsonify({"success": True, "data": view})
