@@ -152,3 +152,42 @@ def test_event_log_upload_dedup_mismatch_limits(api: str, site: Site) -> None:
     code, resp = post(url, json.dumps({"device_id": "device-unknown", "items": [LOG_ITEM]}).encode())
     assert (code, resp["errorCode"]) == (404, "DEVICE_NOT_FOUND")
     assert counts(site)["logs"] == 2
+
+
+def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.signing import sign_mqtt
+    from tests.conftest import make_site, start_process
+    from tests.mqtt_probe import Probe
+
+    site = make_site(tmp_path / "site", "[devices]\nstreaming_interval_sec = 1.0\noffline_after_intervals = 2\n")
+    core = start_process(site, "core")
+    web = start_process(site, "web")
+    try:
+        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        post(site.web_url + "/api/v1/devices/need-register", REGISTER_BODY)
+        with Probe(site.mqtt_port) as device, Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+                                                    password=site.secrets.mqtt_internal_password) as watch:
+            watch.connect()
+            watch.subscribe("server/#")
+            watch.subscribe(f"gateway/presence/{DEVICE}")
+            device.connect()
+            good = sign_mqtt({"rssi": -76, "status": "NORMAL", "uptime": 39623, "timestamp": 1758358335794}, KEY)
+            bad_sig = good.replace(b"-76", b"-77")
+            for payload in (b"not json", bad_sig, sign_mqtt({"rssi": "loud"}, KEY), good):
+                device.publish(f"server/{DEVICE}/streaming", payload)
+            device.publish("server/device-unknown/streaming", good)
+            watch.until("server/device-unknown/streaming")
+            # Online now; silent for 2 intervals: offline.
+            online = json.loads(watch.expect(f"gateway/presence/{DEVICE}").payload)
+            offline = json.loads(watch.expect(f"gateway/presence/{DEVICE}", 15).payload)
+        assert (online["online"], online["rssi"], offline["online"]) == (True, -76, False)
+        code, dev = http_json(site.web_url + f"/api/v1/devices/{DEVICE}")
+        assert dev["data"]["online"] is False and dev["data"]["rssi"] == -76 and dev["data"]["status"] == "NORMAL"
+        assert [e["kind"] for e in dev["data"]["events"]][:2] == ["offline", "online"]
+        log = core.log()
+        for reason in ("not_json", "bad_signature", "invalid", "unknown_device"):
+            assert f": {reason}: " in log, reason
+    finally:
+        web.stop()
+        assert core.stop() == 0
+

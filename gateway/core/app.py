@@ -25,6 +25,7 @@ from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
+from gateway.devices.presence import PresenceService
 from gateway.wash.service import WashService
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class CoreApp:
         self.rpc: RpcServer | None = None
         self.ready = asyncio.Event()
         self.wash: WashService | None = None
+        self.presence: PresenceService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -94,8 +96,10 @@ class CoreApp:
             await self._publish_retained()
             self.wash = WashService(cfg, self.db, self.bus, self._on_plc_health)
             await self.wash.start(self.rpc)
+            self.presence = PresenceService(cfg, self.secrets, self.db, self.bus)
+            await self.presence.start()
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
-            services += [Service(name, run) for name, run in self.wash.services()]
+            services += [Service(name, run) for name, run in self.wash.services() + self.presence.services()]
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
             supervisor = Supervisor(services)
@@ -119,6 +123,8 @@ class CoreApp:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        if self.presence is not None:
+            await self.presence.stop()
         if self.wash is not None:
             try:
                 await asyncio.wait_for(self.wash.stop(), SHUTDOWN_BUDGET / 2)

@@ -1,0 +1,195 @@
+"""Device presence from `server/{device_id}/streaming` (device-api.md §4), owned by the core.
+
+Each message is verified (`sha256`, unless `signatures.mqtt = "off"`), then updates the device's
+last seen, rssi, status and uptime in memory. The store is written in batches: at most one
+transaction every `FLUSH_SEC` for the devices that streamed, plus one at once for each online /
+offline transition (with its lifecycle row and a coalesced `device.status` outbox event). A device
+silent for `offline_after_intervals` streaming intervals is offline; its next message brings it
+back. History is one `device_status_sample` row per device per `BUCKET_MIN` minutes (min/max/last
+rssi), kept `HISTORY_DAYS` days. Dropped messages are counted per reason and logged at most once
+a minute per reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import SqliteDatabase
+
+from gateway.bus.broker import LocalBus
+from gateway.clock import iso_z, utc_now
+from gateway.config import Config, Secrets
+from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
+from gateway.outbox import add_event
+from gateway.signing import SignatureError, parse_signed_mqtt
+from gateway.store import write_tx
+from gateway.store.models import Device, DeviceLifecycleEvent, DeviceStatusSample
+
+log = logging.getLogger(__name__)
+
+STREAMING_FILTER = "server/+/streaming"
+PRESENCE_TOPIC = "gateway/presence/{device_id}"
+FLUSH_SEC = 10.0
+CHECK_SEC = 1.0
+BUCKET_MIN = 15
+HISTORY_DAYS = 7
+LOG_EVERY_SEC = 60.0
+
+
+@dataclass
+class _Seen:
+    at: float  # time.monotonic() of the last message
+    wall: dt.datetime
+    rssi: int | None
+    status: str | None
+    uptime: int | None
+    online: bool
+    dirty: bool = True
+
+
+class PresenceService:
+    def __init__(self, config: Config, secrets: Secrets, db: SqliteDatabase, bus: LocalBus) -> None:
+        self.config = config
+        self.key = secrets.device_signing_key
+        self.db = db
+        self.bus = bus
+        self.timeout = config.devices.streaming_interval_sec * config.devices.offline_after_intervals
+        self.seen: dict[str, _Seen] = {}
+        self.known: set[str] = set()
+        self.dropped: Counter[str] = Counter()
+        self.accepted = 0
+        self._last_log: dict[str, float] = {}
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presence-db")
+
+    async def start(self) -> None:
+        self.known = set(await self._in_db(lambda: [d.device_id for d in Device.select(Device.device_id)]))
+        self.bus.subscribe(STREAMING_FILTER, self._on_streaming)
+
+    def services(self) -> list[tuple[str, Any]]:
+        return [("device-presence", self._run)]
+
+    async def stop(self) -> None:
+        await self._in_db(self._flush, self._take_dirty())
+        self._db_thread.shutdown(wait=True)
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def _drop(self, reason: str, topic: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        now = time.monotonic()
+        if now - self._last_log.get(reason, -LOG_EVERY_SEC) >= LOG_EVERY_SEC:
+            self._last_log[reason] = now
+            log.warning("dropped a message on %s: %s: %s (%d dropped for this reason so far)",
+                        topic, reason, detail, self.dropped[reason])
+
+    async def _on_streaming(self, topic: str, data: bytes, client_id: str | None) -> None:
+        dev = topic.split("/")[1]
+        try:
+            msg = parse_signed_mqtt(data, self.key, require=self.config.signatures.mqtt == "require")
+        except SignatureError as exc:
+            self._drop(exc.reason, topic, str(exc))
+            return
+        if "device_id" in msg and msg["device_id"] != dev:
+            self._drop("device_mismatch", topic, f"device_id {msg['device_id']!r} is not the topic's")
+            return
+        rssi, status, uptime = msg.get("rssi"), msg.get("status"), msg.get("uptime")
+        if rssi is not None and (isinstance(rssi, bool) or not isinstance(rssi, int) or not -150 <= rssi <= 50):
+            self._drop("invalid", topic, "rssi must be an integer dBm")
+            return
+        if status is not None and status not in DEVICE_STATUSES:
+            self._drop("invalid", topic, "status must be NORMAL, ERROR or OFFLINE")
+            return
+        if uptime is not None and (isinstance(uptime, bool) or not isinstance(uptime, int) or not 0 <= uptime <= MAX_INT):
+            self._drop("invalid", topic, "uptime must be minutes")
+            return
+        if dev not in self.known:
+            # A device that streams before registering (or after a rejected one): kept out.
+            self.known = self.known | set(await self._in_db(lambda: [
+                d.device_id for d in Device.select(Device.device_id).where(Device.device_id == dev)]))
+            if dev not in self.known:
+                self._drop("unknown_device", topic, "not registered")
+                return
+        self.accepted += 1
+        prev = self.seen.get(dev)
+        was_online = prev.online if prev else False
+        self.seen[dev] = _Seen(time.monotonic(), utc_now(), rssi, status, uptime, True)
+        if not was_online:
+            await self._in_db(self._transition, dev, True, self.seen[dev])
+            await self._publish(dev, self.seen[dev])
+
+    # --- time ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            await asyncio.sleep(CHECK_SEC)
+            now = time.monotonic()
+            for dev, s in list(self.seen.items()):
+                if s.online and now - s.at > self.timeout:
+                    s.online = False
+                    await self._in_db(self._transition, dev, False, s)
+                    await self._publish(dev, s)
+            if now - last_flush >= FLUSH_SEC:
+                last_flush = now
+                await self._in_db(self._flush, self._take_dirty())
+
+    async def _publish(self, dev: str, s: _Seen) -> None:
+        """Online/offline transitions, retained on `gateway/presence/{device_id}` (internal users)."""
+        body = {"device_id": dev, "online": s.online, "rssi": s.rssi, "status": s.status, "uptime": s.uptime,
+                "last_seen_at": iso_z(s.wall)}
+        await self.bus.publish(PRESENCE_TOPIC.format(device_id=dev), json.dumps(body).encode(), qos=1, retain=True)
+
+    def _take_dirty(self) -> dict[str, _Seen]:
+        out = {}
+        for dev, s in self.seen.items():
+            if s.dirty:
+                out[dev] = _Seen(s.at, s.wall, s.rssi, s.status, s.uptime, s.online, True)
+                s.dirty = False
+        return out
+
+    async def _in_db(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+
+    # --- database thread -----------------------------------------------------------------------
+
+    def _transition(self, dev: str, online: bool, s: _Seen) -> None:
+        now = utc_now()
+        with write_tx(self.db):
+            Device.update(online=online, last_seen_at=s.wall, rssi=s.rssi, status=s.status,
+                          uptime_min=s.uptime).where(Device.device_id == dev).execute()
+            DeviceLifecycleEvent.create(device=dev, kind="online" if online else "offline", at=now,
+                                        detail=json.dumps({"rssi": s.rssi, "status": s.status}))
+            add_event("device.status", {"device_id": dev, "online": online, "rssi": s.rssi, "status": s.status,
+                                        "uptime": s.uptime, "last_seen_at": iso_z(s.wall)},
+                      site_id=self.config.site.id, partition=dev, coalesce_key=f"device.status:{dev}")
+        log.info("device %s %s", dev, "online" if online else "offline")
+
+    def _flush(self, batch: dict[str, _Seen]) -> None:
+        if not batch:
+            return
+        with write_tx(self.db):
+            for dev, s in batch.items():
+                Device.update(last_seen_at=s.wall, rssi=s.rssi, status=s.status, uptime_min=s.uptime).where(
+                    Device.device_id == dev).execute()
+                bucket = s.wall.replace(minute=s.wall.minute - s.wall.minute % BUCKET_MIN, second=0, microsecond=0)
+                row = DeviceStatusSample.get_or_none((DeviceStatusSample.device == dev)
+                                                     & (DeviceStatusSample.bucket == bucket))
+                if row is None:
+                    DeviceStatusSample.create(device=dev, bucket=bucket, rssi_min=s.rssi, rssi_max=s.rssi,
+                                              rssi_last=s.rssi, status=s.status, samples=1)
+                else:
+                    if s.rssi is not None:
+                        row.rssi_min = s.rssi if row.rssi_min is None else min(row.rssi_min, s.rssi)
+                        row.rssi_max = s.rssi if row.rssi_max is None else max(row.rssi_max, s.rssi)
+                    row.rssi_last, row.status, row.samples = s.rssi, s.status, row.samples + 1
+                    row.save()
+            cutoff = utc_now() - dt.timedelta(days=HISTORY_DAYS)
+            DeviceStatusSample.delete().where(DeviceStatusSample.bucket < cutoff).execute()
