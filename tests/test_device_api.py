@@ -191,3 +191,76 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
         web.stop()
         assert core.stop() == 0
 
+
+
+def login(api: str) -> dict[str, str]:
+    code, body = http_json(api + "/api/v1/auth/login", method="POST", body={"username": "demo", "password": "demo"})
+    assert code == 200, body
+    return {"Authorization": "Bearer " + body["data"]["token"]}
+
+
+def test_claim_and_reject_need_a_technician(api: str, site: Site) -> None:
+    from gateway.demo import ensure_demo_user
+
+    ensure_demo_user(site.config_path)
+    pin = post(api + "/api/v1/devices/need-register", REGISTER_BODY)[1]["data"]["pin"]
+    url = api + f"/api/v1/devices/{DEVICE}/claim"
+    code, body = http_json(url, method="POST", body={"name": "Box 1"})
+    assert (code, body["errorCode"]) == (401, "UNAUTHORIZED")
+    code, body = http_json(url, method="POST", body={"name": "Box 1"}, headers={"Authorization": "Bearer forged.x.y"})
+    assert (code, body["errorCode"]) == (401, "UNAUTHORIZED")
+    code, body = http_json(api + "/api/v1/auth/login", method="POST", body={"username": "demo", "password": "nope"})
+    assert (code, body["errorCode"]) == (401, "UNAUTHORIZED")
+    auth = login(api)
+    wrong = "0000" if pin != "0000" else "1111"
+    code, body = http_json(url, method="POST", body={"name": "Box 1", "pin": wrong}, headers=auth)
+    assert (code, body["errorCode"]) == (409, "CONFLICT")
+    assert http_json(url, method="POST", body={"name": "Box 1", "pin": pin}, headers=auth)[0] == 200
+    dev = http_json(api + f"/api/v1/devices/{DEVICE}")[1]["data"]
+    assert (dev["claimed"], dev["pending"], dev["name"], dev["pin"]) == (True, False, "Box 1", None)
+    assert http_json(api + "/api/v1/devices?status=pending")[1]["data"] == []
+    code, body = http_json(api + "/api/v1/devices/nobody/reject", method="POST", headers=auth)
+    assert (code, body["errorCode"]) == (404, "DEVICE_NOT_FOUND")
+
+
+def test_pin_expires(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import make_site, start_process
+
+    site = make_site(tmp_path / "site", "[devices]\npin_ttl_sec = 30\n")
+    core, web = start_process(site, "core"), None
+    try:
+        web = start_process(site, "web")
+        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        post(site.web_url + "/api/v1/devices/need-register", REGISTER_BODY)
+        # Age the PIN in the store instead of waiting: the listing must stop showing it.
+        db = open_database(site.config.paths.database)
+        try:
+            from gateway.clock import utc_now
+
+            Device.update(pin_expires_at=utc_now()).where(Device.device_id == DEVICE).execute()
+        finally:
+            db.close()
+        dev = http_json(site.web_url + "/api/v1/devices")[1]["data"][0]
+        assert (dev["pending"], dev["pin"]) == (True, None)
+    finally:
+        if web is not None:
+            web.stop()
+        core.stop()
+
+
+def test_upload_is_on_disk_when_the_201_arrives(api: str, site: Site, web: Proc) -> None:
+    import signal
+
+    post(api + "/api/v1/devices/need-register", REGISTER_BODY)
+    items = [{**LOG_ITEM, "timestamp": LOG_ITEM["timestamp"] + i} for i in range(500)]
+    code, _ = post(api + "/api/v1/device-event-logs/uploads", json.dumps({"device_id": DEVICE, "items": items}).encode())
+    assert code == 201
+    import psutil
+
+    # SIGKILL the worker that answered and its arbiter at once: nothing gets to flush anything.
+    procs = [psutil.Process(web.popen.pid), *psutil.Process(web.popen.pid).children(recursive=True)]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+    web.popen.wait(10)
+    assert counts(site)["logs"] == 500

@@ -14,9 +14,10 @@ from flask import Blueprint, jsonify, request
 
 from gateway.clock import iso_z, utc_now
 from gateway.devices import validate
-from gateway.devices.registry import DeviceNotFound, register, report_configs, upload_logs
+from gateway.devices.registry import ClaimRefused, DeviceNotFound, claim, register, reject, report_configs, upload_logs
 from gateway.signing import Verdict, verify_http
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
+from web.auth import require_technician
 from web.body import raw_body, read_json
 from web.context import ctx
 from web.errors import ApiError
@@ -190,3 +191,40 @@ def get_device(device_id: str) -> Any:
     view["events"] = [{"kind": e.kind, "at": iso_z(e.at), "detail": json.loads(e.detail) if e.detail else None}
                       for e in events]
     return jsonify({"success": True, "data": view})
+
+
+CLAIM_REQ = {"type": "object", "required": ["name"],
+             "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 64},
+                            "pin": {"type": "string", "pattern": "^[0-9]{4}$"}}}
+
+
+@bp.post("/api/v1/devices/<device_id>/claim")
+@doc("Claim a pending device under a name (optionally checking the PIN it shows)", tags=("device",),
+     request=CLAIM_REQ, response={"type": "object"}, errors=(400, 401, 404, 409, 415), security="bearer")
+def claim_device(device_id: str) -> Any:
+    user = require_technician()
+    body = read_json()
+    name, pin = body.get("name"), body.get("pin")
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
+        raise ApiError(400, "VALIDATION_FAILED", "name: 1 to 64 characters")
+    if pin is not None and (not isinstance(pin, str) or len(pin) != 4 or not pin.isdigit()):
+        raise ApiError(400, "VALIDATION_FAILED", "pin: 4 digits")
+    try:
+        claim(_db(), device_id, name.strip(), pin=pin, site_id=ctx().config.site.id, by=user)
+    except DeviceNotFound:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None
+    except ClaimRefused as exc:
+        raise ApiError(409, "CONFLICT", str(exc)) from None
+    return jsonify({"success": True, "message": "Device claimed"})
+
+
+@bp.post("/api/v1/devices/<device_id>/reject")
+@doc("Reject a pending device", tags=("device",), response={"type": "object"}, errors=(401, 404),
+     security="bearer")
+def reject_device(device_id: str) -> Any:
+    user = require_technician()
+    try:
+        reject(_db(), device_id, by=user)
+    except DeviceNotFound:
+        raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None
+    return jsonify({"success": True, "message": "Device rejected"})

@@ -123,3 +123,34 @@ def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_i
                       site_id=site_id, partition=dev_id)
         Device.update(last_seen_at=now).where(Device.device_id == dev_id).execute()
     return Uploaded(len(items), len(stored), mismatches)
+
+
+class ClaimRefused(Exception):
+    """The PIN given does not match the device's current one (or it expired)."""
+
+
+def claim(db: SqliteDatabase, dev_id: str, name: str, *, pin: str | None, site_id: str, by: str | None) -> None:
+    """A technician takes a pending device into the site under a name."""
+    now = utc_now()
+    with write_tx(db):
+        d = Device.get_or_none(Device.device_id == dev_id)
+        if d is None:
+            raise DeviceNotFound(dev_id)
+        if pin is not None and (d.pairing_pin != pin or d.pin_expires_at is None or d.pin_expires_at <= now):
+            raise ClaimRefused("the PIN does not match the device's current PIN, or it expired")
+        (Device.update(claimed=True, rejected=False, name=name, claimed_at=now, pairing_pin=None, pin_expires_at=None)
+         .where(Device.device_id == dev_id).execute())
+        DeviceLifecycleEvent.create(device=dev_id, kind="claimed", at=now, detail=json.dumps({"name": name, "by": by}))
+        add_event("device.claimed", {"device_id": dev_id, "name": name, "claimed_at": iso_z(now)},
+                  site_id=site_id, partition=dev_id)
+
+
+def reject(db: SqliteDatabase, dev_id: str, *, by: str | None) -> None:
+    """A pending device is not ours: hidden from the pending list until it registers again."""
+    now = utc_now()
+    with write_tx(db):
+        n = (Device.update(rejected=True, claimed=False, pairing_pin=None, pin_expires_at=None)
+             .where(Device.device_id == dev_id).execute())
+        if n == 0:
+            raise DeviceNotFound(dev_id)
+        DeviceLifecycleEvent.create(device=dev_id, kind="rejected", at=now, detail=json.dumps({"by": by}))
