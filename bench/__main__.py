@@ -10,13 +10,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import broker_throughput, core_start, memory
+from bench import broker_throughput, core_start, memory, wash_bays
 from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     core_start.NAME: core_start.run,
     memory.NAME: memory.run,
     broker_throughput.NAME: broker_throughput.run,
+    wash_bays.NAME: wash_bays.run,
 }
 
 

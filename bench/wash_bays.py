@@ -1,0 +1,225 @@
+"""Wash-bay figures (issue: wash bays), 16 bays on one RTU bus over a socat pty pair.
+
+1. Gateway overhead per Modbus transaction: the bus scheduler polling 16 bays back to back; the
+   time between consecutive poll results, minus the inter-frame gap the scheduler must keep,
+   minus the median bare pymodbus round trip measured on the same line in the same run.
+2. Status latency: a register change on the simulator (an error code set) → the status on MQTT
+   at a paho subscriber, through the real core process polling every 200 ms.
+3. Command latency: `wash/<bay>/cmd` published → the command block written on the simulator.
+4. Core CPU % with 16 bays polled at 5 Hz, and bytes the core writes to disk per hour at steady
+   state with no washes (from /proc/<pid>/io).
+All clocks are time.monotonic() of this one process (the simulator and the MQTT client live here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import random
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.common import Result
+from gateway.config import BusConfig
+from gateway.demo import free_port, write_demo_site
+from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from plc.bus import BayAddress, BusScheduler, PollResult, inter_frame_gap
+from plc.profile import builtin_profiles
+from plc.pty import SocatPair
+from plc.simulator import PlcSimulator
+
+NAME = "wash_bays"
+BAYS = 16
+P = builtin_profiles()["washbay-v1"]
+
+
+def _bays() -> list[tuple[str, int, int]]:
+    return [(f"bay{i}", i, 0) for i in range(1, BAYS + 1)]
+
+
+async def _bare_round_trips(path: str, n: int) -> list[float]:
+    from pymodbus.client import AsyncModbusSerialClient  # the bare library, for the baseline only
+
+    client = AsyncModbusSerialClient(path, baudrate=115200, timeout=0.5, retries=0, reconnect_delay=0)
+    await client.connect()
+    gap = inter_frame_gap(BusConfig(name="b", type="rtu", device=path, baudrate=115200))
+    out = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            rr = await client.read_holding_registers(10, count=8, device_id=1 + i % BAYS)
+            out.append(time.perf_counter() - t0)
+            assert not rr.isError()
+            await asyncio.sleep(gap)
+    finally:
+        client.close()
+    return out
+
+
+async def _overhead(tmp: Path, quick: bool) -> list[Result]:
+    pair = SocatPair(tmp / "pty-a")
+    await asyncio.to_thread(pair.start)
+    sim = PlcSimulator.rtu(pair.plc_path, bays=_bays())
+    await sim.start()
+    try:
+        bare = await _bare_round_trips(pair.gateway_path, 300 if quick else 1500)
+        stamps: list[float] = []
+        cfg = BusConfig(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout_ms=200)
+        addrs = [BayAddress(b, u, base, P, 0.0005) for b, u, base in _bays()]  # always due: saturated
+        done = asyncio.Event()
+        target = 300 if quick else 1500
+
+        def on_poll(r: PollResult) -> None:
+            stamps.append(time.perf_counter())
+            if len(stamps) >= target:
+                done.set()
+
+        bus = BusScheduler(cfg, addrs, on_poll)
+        task = asyncio.create_task(bus.run())
+        await asyncio.wait_for(done.wait(), 120)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await sim.stop()
+        await asyncio.to_thread(pair.stop)
+    gap = inter_frame_gap(cfg)
+    bare_med = sorted(bare)[len(bare) // 2]
+    cycles = [b - a for a, b in zip(stamps[10:], stamps[11:], strict=False)]
+    overhead = [max(0.0, c - gap - bare_med) * 1000 for c in cycles]
+    return [
+        Result(NAME, "bare pymodbus round trip (8 regs, pty)", "ms", [x * 1000 for x in bare]),
+        Result(NAME, "scheduler cycle per transaction", "ms", [c * 1000 for c in cycles],
+               notes=f"includes the {gap * 1000:.2f} ms inter-frame gap"),
+        Result(NAME, "gateway overhead per transaction", "ms", overhead,
+               notes="cycle - gap - bare median; goal <= 0.2 ms"),
+    ]
+
+
+class _Subscriber:
+    def __init__(self, port: int, user: str, password: str) -> None:
+        self.q: queue.Queue[tuple[float, str, dict]] = queue.Queue()
+        self.connected = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:6]}")
+        self.c.username_pw_set(user, password)
+        self.c.on_connect = lambda c, u, f, rc, p: (c.subscribe("wash/+/status", 1), self.connected.set())
+        self.c.on_message = lambda c, u, m: self.q.put((time.monotonic(), m.topic, json.loads(m.payload)))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def wait(self, bay: str, pred, timeout: float = 10.0) -> float:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while True:
+            at, topic, body = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            if topic == f"wash/{bay}/status" and pred(body):
+                return at
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+async def _through_core(tmp: Path, quick: bool) -> list[Result]:
+    pair = SocatPair(tmp / "pty-b")
+    await asyncio.to_thread(pair.start)
+    sim = PlcSimulator.rtu(pair.plc_path, bays=_bays())
+    await sim.start()
+    bays = "".join(f'[[bays]]\nid = "bay{i}"\nbus = "rs485"\nunit = {i}\n' for i in range(1, BAYS + 1))
+    extra = ("[wash]\nstart_timeout_sec = 0.5\npoll_period_ms = 200\n"
+             f'[[buses]]\nname = "rs485"\ntype = "rtu"\ndevice = "{pair.gateway_path}"\nbaudrate = 115200\n' + bays)
+    web_port, mqtt_port = free_port(), free_port()
+    cfg_path = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port, extra_toml=extra)
+    from gateway.config import load_config, load_secrets
+
+    cfg = load_config(cfg_path)
+    sec = load_secrets(cfg)
+    notify = NotifySocket(tmp / "core.notify")
+    log = (tmp / "core.log").open("wb")
+    core = psutil.Popen(gateway_command("core", "--config", str(cfg_path)), env=child_env(notify),
+                        stdout=log, stderr=log)
+    results: list[Result] = []
+    sub = None
+    try:
+        await asyncio.to_thread(notify.wait_for, "READY=1", 30)
+        sub = _Subscriber(mqtt_port, cfg.mqtt.internal_username, sec.mqtt_internal_password)
+        assert await asyncio.to_thread(sub.connected.wait, 10)
+        for i in range(1, BAYS + 1):
+            await asyncio.to_thread(sub.wait, f"bay{i}", lambda s: s["state"] == "IDLE")
+        # Steady state, no washes: CPU and disk writes of the core.
+        window = 10.0 if quick else 30.0
+        io0 = core.io_counters().write_bytes
+        core.cpu_percent(None)
+        await asyncio.sleep(window)
+        cpu = core.cpu_percent(None)
+        io1 = core.io_counters().write_bytes
+        results.append(Result(NAME, f"core CPU, {BAYS} bays x 5 Hz", "%", [cpu], notes=f"over {window:.0f} s"))
+        results.append(Result(NAME, "core disk writes at steady state", "bytes/h",
+                              [(io1 - io0) * 3600 / window], notes=f"/proc/pid/io over {window:.0f} s; goal ~0"))
+        # Status latency: error code set on the PLC -> status on MQTT.
+        lat = []
+        for k in range(10 if quick else 40):
+            bay = f"bay{1 + k % BAYS}"
+            # A change lands anywhere in the poll cycle, as in life (else it would always follow a poll).
+            await asyncio.sleep(random.uniform(0, 0.2))
+            t0 = time.monotonic()
+            sim.set_error(bay, 4)
+            t1 = await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "ERROR")
+            lat.append((t1 - t0) * 1000)
+            sim.set_error(bay, 0)
+            await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "IDLE")
+        results.append(Result(NAME, "status latency PLC register -> MQTT", "ms", lat,
+                              notes="poll period 200 ms; goal p99 <= 205 ms"))
+        # Command latency: publish wash/<bay>/cmd -> command block written on the simulator.
+        for b in sim.bays:
+            sim.ignore_commands(b, True)
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        pub.username_pw_set(cfg.mqtt.internal_username, sec.mqtt_internal_password)
+        pub.connect("127.0.0.1", mqtt_port)
+        pub.loop_start()
+        cmd_lat = []
+        try:
+            for k in range(BAYS if quick else 3 * BAYS):
+                bay = f"bay{1 + k % BAYS}"
+                if k >= BAYS:  # the previous START of this bay has timed out (ignored by the PLC)
+                    await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "IDLE")
+                n = len(sim.command_log)
+                t0 = time.monotonic()
+                pub.publish(f"wash/{bay}/cmd", json.dumps({"bayId": bay, "action": "START", "course": "BASIC",
+                                                          "requestId": f"bench-{k}"}), qos=1)
+                async with asyncio.timeout(10):
+                    while len(sim.command_log) == n:
+                        await asyncio.sleep(0.0005)
+                cmd_lat.append((sim.command_log[n][2] - t0) * 1000)
+        finally:
+            pub.disconnect()
+            pub.loop_stop()
+        results.append(Result(NAME, "command latency MQTT cmd -> register written", "ms", cmd_lat,
+                              notes="while polling 16 bays; goal p99 <= 15 ms"))
+    finally:
+        if sub is not None:
+            sub.close()
+        stop_process(core)  # type: ignore[arg-type]
+        log.close()
+        notify.close()
+        await sim.stop()
+        await asyncio.to_thread(pair.stop)
+    return results
+
+
+def run(quick: bool) -> list[Result]:
+    with tempfile.TemporaryDirectory(prefix="bench-wash-") as d:
+        tmp = Path(d)
+        return asyncio.run(_overhead(tmp, quick)) + asyncio.run(_through_core(tmp, quick))
+
+
+if __name__ == "__main__":
+    from bench.common import table
+
+    print(table(run(quick=True)))
