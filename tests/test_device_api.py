@@ -264,3 +264,40 @@ def test_upload_is_on_disk_when_the_201_arrives(api: str, site: Site, web: Proc)
     psutil.wait_procs(procs, timeout=10)
     web.popen.wait(10)
     assert counts(site)["logs"] == 500
+
+
+def test_pairing_window_when_required(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.demo import ensure_demo_user
+    from tests.conftest import make_site, start_process
+    from tests.mqtt_probe import Probe
+
+    site = make_site(tmp_path / "site", "[devices]\npairing_requires_button = true\npairing_window_sec = 10\n")
+    ensure_demo_user(site.config_path)
+    core = start_process(site, "core")
+    web = start_process(site, "web")
+    try:
+        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        url = site.web_url
+        code, body = post(url + "/api/v1/devices/need-register", REGISTER_BODY)
+        assert (code, body["errorCode"]) == (403, "FORBIDDEN")
+        assert counts(site)["devices"] == 0
+        auth = login(url)
+        assert http_json(url + "/api/v1/pairing/open", method="POST")[0] == 401
+        with Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+                   password=site.secrets.mqtt_internal_password) as watch:
+            watch.connect()
+            watch.subscribe("gateway/pairing")
+            assert json.loads(watch.expect("gateway/pairing").payload)["open"] is False
+            code, body = http_json(url + "/api/v1/pairing/open", method="POST", body={"seconds": 1}, headers=auth)
+            assert code == 200 and body["data"]["open"] is True
+            assert json.loads(watch.expect("gateway/pairing").payload)["open"] is True
+            assert post(url + "/api/v1/devices/need-register", REGISTER_BODY)[0] == 200
+            # It closes by itself.
+            assert json.loads(watch.expect("gateway/pairing", 10).payload)["open"] is False
+        code, body = post(url + "/api/v1/devices/need-register", REGISTER_BODY)
+        assert (code, body["errorCode"]) == (403, "FORBIDDEN")
+        code, body = http_json(url + "/api/v1/pairing/open", method="POST", body={"seconds": 0}, headers=auth)
+        assert (code, body["errorCode"]) == (400, "VALIDATION_FAILED")
+    finally:
+        web.stop()
+        assert core.stop() == 0

@@ -6,15 +6,19 @@ is called once per worker after fork (gunicorn's post_worker_init), or by tests.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from typing import Any
 
 from flask import Flask, current_app
 from peewee import SqliteDatabase
 
 from gateway.bus.client import BusClient
+from gateway.clock import iso_z
 from gateway.config import Config, Secrets
+from gateway.devices.pairing import PAIRING_TOPIC
 from gateway.sdnotify import Notifier
 from web.live import WASH_STATUS_FILTER, WashFeed
 from gateway.store import open_database, schema_status
@@ -34,6 +38,7 @@ class WebContext:
         self.db: SqliteDatabase | None = None
         self.bus: BusClient | None = None
         self.feed = WashFeed()
+        self.pairing: dict[str, Any] = {"open": False, "until": None}
         self._schema_ok_until = 0.0
         self._lock = threading.Lock()
 
@@ -47,7 +52,20 @@ class WebContext:
                                  on_connected=lambda: _status(notifier, STATUS_CONNECTED),
                                  on_disconnected=lambda: _status(notifier, STATUS_DISCONNECTED))
             self.bus.on_message(WASH_STATUS_FILTER, self.feed.on_message)
+            self.bus.on_message(PAIRING_TOPIC, self._on_pairing)
             self.bus.start()
+
+    def _on_pairing(self, _topic: str, payload: bytes) -> None:
+        try:
+            value = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(value, dict):
+            self.pairing = value
+
+    def pairing_open(self) -> bool:
+        until = self.pairing.get("until")
+        return bool(self.pairing.get("open")) and isinstance(until, str) and until > iso_z()
 
     def stop(self) -> None:
         if self.bus is not None:

@@ -12,6 +12,8 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from gateway.bus.client import BusUnavailable, RpcTimeout
+from gateway.bus.rpc import RpcError
 from gateway.clock import iso_z, utc_now
 from gateway.devices import validate
 from gateway.devices.registry import ClaimRefused, DeviceNotFound, claim, register, reject, report_configs, upload_logs
@@ -69,7 +71,7 @@ def _db() -> Any:
 
 @bp.post("/api/v1/devices/need-register")
 @doc("Pairing: the device's id and a fresh 4-digit PIN (valid devices.pin_ttl_sec)", tags=("device",),
-     request=REGISTER_REQ, response={"type": "object"}, errors=SIGNED_ERRORS, security="device-signature")
+     request=REGISTER_REQ, response={"type": "object"}, errors=(*SIGNED_ERRORS, 403), security="device-signature")
 def need_register() -> Any:
     body = _body()
     try:
@@ -77,6 +79,9 @@ def need_register() -> Any:
     except validate.Invalid as exc:
         raise _invalid(exc) from None
     c = ctx()
+    if c.config.devices.pairing_requires_button and not c.pairing_open():
+        raise ApiError(403, "FORBIDDEN", "the pairing window is closed: press the gateway's service button "
+                                         "or open it on the technician page")
     r = register(_db(), reg, pin_ttl_sec=c.config.devices.pin_ttl_sec, site_id=c.config.site.id)
     return jsonify({"success": True, "data": {"pin": r.pin, "device_id": r.device_id},
                     "message": "Device registered successfully"})
@@ -228,3 +233,37 @@ def reject_device(device_id: str) -> Any:
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None
     return jsonify({"success": True, "message": "Device rejected"})
+
+
+@bp.get("/api/v1/pairing")
+@doc("The pairing window: open, and until when", tags=("device",), response={"type": "object"})
+def pairing_state() -> Any:
+    c = ctx()
+    return jsonify({"success": True, "data": {"open": c.pairing_open(), "until": c.pairing.get("until"),
+                                              "required": c.config.devices.pairing_requires_button}})
+
+
+@bp.post("/api/v1/pairing/<action>")
+@doc("Open (optionally {seconds}) or close the pairing window; decided by the core", tags=("device",),
+     response={"type": "object"}, params={"action": {"enum": ["open", "close"]}}, errors=(400, 401, 404, 503),
+     security="bearer")
+def pairing_action(action: str) -> Any:
+    user = require_technician()
+    if action not in ("open", "close"):
+        raise ApiError(404, "NOT_FOUND", "action must be open or close")
+    params: dict[str, Any] = {"by": user}
+    if action == "open" and request.content_length:
+        body = read_json()
+        if "seconds" in body:
+            params["seconds"] = body["seconds"]
+    c = ctx()
+    if c.bus is None:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", "not connected to the core")
+    try:
+        state = c.bus.call(f"pairing.{action}", params, timeout=c.config.mqtt.rpc_timeout_sec)
+    except RpcError as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+    except (BusUnavailable, RpcTimeout) as exc:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", f"the core did not answer: {exc}") from None
+    c.pairing = state  # the retained update follows; answer with the core's word now
+    return jsonify({"success": True, "data": state})

@@ -25,6 +25,7 @@ from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
+from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
 from gateway.wash.service import WashService
 
@@ -68,6 +69,7 @@ class CoreApp:
         self.ready = asyncio.Event()
         self.wash: WashService | None = None
         self.presence: PresenceService | None = None
+        self.pairing: PairingWindow | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -98,8 +100,11 @@ class CoreApp:
             await self.wash.start(self.rpc)
             self.presence = PresenceService(cfg, self.secrets, self.db, self.bus)
             await self.presence.start()
+            self.pairing = PairingWindow(self.bus, cfg.devices.pairing_window_sec)
+            await self.pairing.start(self.rpc)
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
-            services += [Service(name, run) for name, run in self.wash.services() + self.presence.services()]
+            services += [Service(name, run) for name, run in self.wash.services() + self.presence.services()
+                                                           + self.pairing.services()]
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
             supervisor = Supervisor(services)
