@@ -81,6 +81,13 @@ def cmd_simulate_plc(args: argparse.Namespace) -> int:
     return simulate_plc_main(args.sim_args)
 
 
+def cmd_simulate_devices(args: argparse.Namespace) -> int:
+    from gateway.fleet import simulate_devices_main
+
+    extra = ["--config", args.config] if args.config else []
+    return simulate_devices_main(extra + args.sim_args)
+
+
 def cmd_init_secrets(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
@@ -156,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                          add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
     sim.set_defaults(fn=cmd_simulate_plc)
+    dev = sub.add_parser("simulate-devices", parents=[common], add_help=False,
+                         help="run a fleet of simulated devices against this gateway (see --help after it)")
+    dev.add_argument("sim_args", nargs=argparse.REMAINDER)
+    dev.set_defaults(fn=cmd_simulate_devices)
     s = sub.add_parser("init-secrets", parents=[common], help="write a new secrets file (0640)")
     s.add_argument("path")
     s.add_argument("--force", action="store_true")
@@ -171,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "simulate-plc":
+    if args.command in ("simulate-plc", "simulate-devices"):
         args.sim_args = extra + list(args.sim_args)  # its options are the simulator's own
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -90,6 +90,7 @@ def ensure_demo_user(config_file: Path) -> None:
 
 
 DEMO_WASH_TIME = 30.0
+DEMO_DEVICES = 20
 
 
 def demo_plc_toml(rtu_path: str, tcp_port: int) -> str:
@@ -101,21 +102,22 @@ def demo_plc_toml(rtu_path: str, tcp_port: int) -> str:
             f'[[buses]]\nname = "lan"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {tcp_port}\n' + bays)
 
 
-def _start_simulator(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    """Start `carwash-gateway simulate-plc ARGS` and wait for its ready line."""
-    proc = subprocess.Popen(gateway_command("simulate-plc", *args), env=env, stdout=subprocess.PIPE, text=True)
+def _start_simulator(args: list[str], env: dict[str, str], *, kind: str = "simulate-plc",
+                     ready_line: str = "plc simulator:") -> subprocess.Popen[str]:
+    """Start `carwash-gateway simulate-plc|simulate-devices ARGS` and wait for its ready line."""
+    proc = subprocess.Popen(gateway_command(kind, *args), env=env, stdout=subprocess.PIPE, text=True)
     ready = threading.Event()
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if line.startswith("plc simulator:"):
+            if line.startswith(ready_line):
                 ready.set()
 
     threading.Thread(target=read, name="plc-sim-out", daemon=True).start()
     if not ready.wait(READY_TIMEOUT):
         stop_process(proc)  # type: ignore[arg-type]
-        raise TimeoutError("the PLC simulator did not start")
+        raise TimeoutError(f"{kind} did not start")
     return proc
 
 
@@ -150,11 +152,16 @@ def run_demo(data_dir: str | None = None) -> int:
                 except TimeoutError:
                     print(f"demo: {name} did not become ready (exit code {proc.poll()})", file=sys.stderr)
                     return 1
+        procs.append(("devices", _start_simulator(
+            ["--config", str(cfg), "--count", str(DEMO_DEVICES), "--interval", "60", "--log-every", "300",
+             "--behaviour", "success", "--behaviour", "success", "--behaviour", "failure"], sim_env,
+            kind="simulate-devices", ready_line="device fleet:")))
         health = _get_json(f"http://127.0.0.1:{web_port}/api/health")
         print("carwash-gateway demo site is running", flush=True)
         print(f"web: http://127.0.0.1:{web_port}/")
         print(f"mqtt: mqtt://127.0.0.1:{mqtt_port}")
         print(f"plc: RTU on {pty.gateway_path} (bay1-bay4), TCP 127.0.0.1:{plc_port} (bay5, bay6)")
+        print(f"devices: {DEMO_DEVICES} simulated (car wash and helmet dryers), pending until claimed")
         print(f"login: {DEMO_USER[0]} / {DEMO_USER[1]}")
         print(f"data: {root}")
         print(f"health: {json.dumps(health)}")

@@ -1,0 +1,256 @@
+"""A fleet of simulated ESP32 devices (car-wash boxes and helmet dryers) for tests, the demo and
+benchmarks; never used by the production services.
+
+Each device is what firmware does: pairs over HTTP (`need-register`, signed), sends its startup
+document, keeps its own MQTT session (client id = device id) streaming signed state every
+`interval` seconds, uploads event logs, and answers `device/{id}/command` with a configurable
+behaviour (success, failure, silence, slow, firmware progress). Everything runs on one asyncio
+loop (aiomqtt); HTTP calls go through a small thread pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from gateway.signing import SignatureError, http_signature, parse_signed_mqtt, sign_mqtt
+
+log = logging.getLogger(__name__)
+
+BEHAVIOURS = ("success", "failure", "silent", "slow", "progress")
+
+CAR_WASH_CONFIGS = {
+    "machine": {"ACTIVE": True, "BANKNOTE": True, "COIN": True, "QR": True, "ON_TIME": "8:00", "OFF_TIME": "16:00",
+                "SAVE_STATE": True},
+    "function": {"sec_per_baht": {"HP_WATER": 10, "FOAM": 10, "AIR": 10, "WATER": 10, "VACUUM": 10,
+                                  "BLACK_TIRE": 10, "WAX": 10, "AIR_FRESHENER": 0, "PARKING_FEE": 600}},
+}
+HELMET_CONFIGS = {
+    "machine": dict(CAR_WASH_CONFIGS["machine"]),
+    "pricing": {"BASE_FEE": 30, "PROMOTION": 0, "WORK_PERIOD": 600},
+    "function_start": {"DUST_BLOW": 0, "SANITIZE": 50, "UV": 100, "OZONE": 200, "DRY_BLOW": 300, "PERFUME": 400},
+    "function_end": {"DUST_BLOW": 50, "SANITIZE": 100, "UV": 200, "OZONE": 300, "DRY_BLOW": 400, "PERFUME": 600},
+}
+
+
+@dataclass
+class SimDevice:
+    chip_id: str
+    kind: str  # car_wash | helmet_dryer
+    behaviour: str = "success"
+    device_id: str = ""
+    pin: str = ""
+    streams: int = 0
+    acks: int = 0
+    commands: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def firmware(self) -> str:
+        return f"{self.kind}_v1.00"
+
+    @property
+    def mac(self) -> str:
+        h = self.chip_id[-12:].rjust(12, "0")
+        return ":".join(h[i:i + 2] for i in range(0, 12, 2)).upper()
+
+
+class Fleet:
+    """`Fleet(...).run(stop)`: pair, start up and live until `stop` is set. No I/O in __init__."""
+
+    def __init__(self, *, base_url: str, mqtt_host: str, mqtt_port: int, key: str, count: int,
+                 interval: float = 60.0, helmet_share: float = 0.3, behaviours: Sequence[str] = ("success",),
+                 log_every: float = 0.0, seed: int = 1, slow_sec: float = 5.0) -> None:
+        rnd = random.Random(seed)
+        self.base_url = base_url.rstrip("/")
+        self.mqtt_host, self.mqtt_port = mqtt_host, mqtt_port
+        self.key = key
+        self.interval = interval
+        self.log_every = log_every
+        self.slow_sec = slow_sec
+        self.devices = [
+            SimDevice(chip_id=f"{0xE5000000 + seed * 100_000 + i:08X}",
+                      kind="helmet_dryer" if rnd.random() < helmet_share else "car_wash",
+                      behaviour=behaviours[i % len(behaviours)])
+            for i in range(count)
+        ]
+        self.ready = asyncio.Event()
+        self.connected = 0
+        self._answers: set[asyncio.Task[None]] = set()
+        self._http = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fleet-http")
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        req = urllib.request.Request(self.base_url + path, data=raw, method="POST", headers={
+            "Content-Type": "application/json", "x-signature": http_signature(raw, self.key)})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read())  # type: ignore[no-any-return]
+
+    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._http, self._post, path, body)
+
+    # --- one device ---------------------------------------------------------------------------
+
+    async def _pair(self, d: SimDevice) -> None:
+        r = await self._call("/api/v1/devices/need-register",
+                             {"chip_id": d.chip_id, "mac_address": d.mac, "firmware_version": d.firmware})
+        if not r.get("success"):
+            raise RuntimeError(f"pairing of {d.chip_id} refused: {r}")
+        d.device_id, d.pin = r["data"]["device_id"], r["data"]["pin"]
+        configs = CAR_WASH_CONFIGS if d.kind == "car_wash" else HELMET_CONFIGS
+        await self._call("/api/v1/devices/sync", {"topic_request": "startup", "device_id": d.device_id,
+                                                  "device_status": "NORMAL", "payload": {"configs": configs},
+                                                  "timestamp": int(time.time() * 1000)})
+
+    async def upload_logs(self, d: SimDevice, n: int = 10) -> dict[str, Any]:
+        now = int(time.time() * 1000)
+        items = [{"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": now + i, "total_amount": 20,
+                  "bank": {"20": 1, "50": 0, "100": 0, "500": 0, "1000": 0},
+                  "coin": {"1": 0, "2": 0, "5": 0, "10": 0}, "qr": {"chargeId": None, "net_amount": 0}}
+                 for i in range(n)]
+        return await self._call("/api/v1/device-event-logs/uploads", {"device_id": d.device_id, "items": items})
+
+    async def _live(self, d: SimDevice, stop: asyncio.Event) -> None:
+        started = time.monotonic()
+        async with aiomqtt.Client(self.mqtt_host, self.mqtt_port, identifier=d.device_id, keepalive=60) as client:
+            await client.subscribe(f"device/{d.device_id}/command", qos=1)
+            self.connected += 1
+            if self.connected == len(self.devices):
+                self.ready.set()
+            tasks = [asyncio.create_task(self._stream(d, client, stop, started)),
+                     asyncio.create_task(self._commands(d, client))]
+            if self.log_every > 0:
+                tasks.append(asyncio.create_task(self._logs(d, stop)))
+            try:
+                await stop.wait()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, d: SimDevice, client: aiomqtt.Client, stop: asyncio.Event, started: float) -> None:
+        # Spread the fleet over the interval, as devices that booted at different times would.
+        await asyncio.sleep(random.uniform(0, min(self.interval, 5.0)))
+        while not stop.is_set():
+            msg = {"rssi": random.randint(-90, -50), "status": "NORMAL",
+                   "uptime": int((time.monotonic() - started) // 60), "timestamp": int(time.time() * 1000)}
+            await client.publish(f"server/{d.device_id}/streaming", sign_mqtt(msg, self.key), qos=0)
+            d.streams += 1
+            await asyncio.sleep(self.interval)
+
+    async def _logs(self, d: SimDevice, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.log_every * random.uniform(0.5, 1.5))
+            await self.upload_logs(d)
+
+    async def _commands(self, d: SimDevice, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                cmd = parse_signed_mqtt(bytes(message.payload), self.key)  # type: ignore[arg-type]
+            except SignatureError as exc:
+                log.warning("%s: ignored a command: %s", d.device_id, exc)
+                continue
+            d.commands.append(cmd)
+            if not cmd.get("require_ack"):
+                continue
+            task = asyncio.get_running_loop().create_task(self._answer(d, client, cmd))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
+
+    async def _answer(self, d: SimDevice, client: aiomqtt.Client, cmd: dict[str, Any]) -> None:
+        b = d.behaviour
+        if b == "silent":
+            return
+        if b == "slow":
+            await asyncio.sleep(self.slow_sec)
+
+        async def ack(status: str, **extra: Any) -> None:
+            body = {"command_id": cmd.get("command_id"), "device_id": d.device_id, "command": cmd.get("command"),
+                    "status": status, **extra, "timestamp": int(time.time() * 1000)}
+            await client.publish(f"server/{d.device_id}/ack", sign_mqtt(body, self.key), qos=1)
+            d.acks += 1
+
+        if b == "progress" and cmd.get("command") == "UPDATE_FIRMWARE":
+            for pct in (25, 50, 75):
+                await ack("PROGRESS", progress=pct)
+                await asyncio.sleep(0.1)
+            await ack("SUCCESS", new_version=(cmd.get("payload") or {}).get("version"))
+        elif b == "failure":
+            await ack("FAILED", error="simulated failure")
+        else:
+            await ack("SUCCESS")
+
+    # --- the fleet ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            sem = asyncio.Semaphore(16)
+
+            async def pair(d: SimDevice) -> None:
+                async with sem:
+                    await self._pair(d)
+
+            await asyncio.gather(*(pair(d) for d in self.devices))
+            async with asyncio.TaskGroup() as tg:
+                for d in self.devices:
+                    tg.create_task(self._live(d, stop))
+        finally:
+            for t in list(self._answers):
+                t.cancel()
+            await asyncio.gather(*self._answers, return_exceptions=True)
+            self._http.shutdown(wait=True)
+
+
+def simulate_devices_main(argv: Sequence[str] | None = None) -> int:
+    from gateway.config import config_path, load_config, load_secrets
+
+    ap = argparse.ArgumentParser(prog="carwash-gateway simulate-devices", description="a fleet of simulated devices")
+    ap.add_argument("--config", help="the gateway's config (for its URL, MQTT port and signing key)")
+    ap.add_argument("--count", type=int, default=20)
+    ap.add_argument("--interval", type=float, default=60.0, help="streaming interval, seconds")
+    ap.add_argument("--log-every", type=float, default=0.0, help="upload 10 log items about this often (0: never)")
+    ap.add_argument("--behaviour", action="append", choices=BEHAVIOURS,
+                    help="command answers, cycled over the fleet (default: success)")
+    args = ap.parse_args(argv)
+    cfg = load_config(config_path(args.config))
+    key = load_secrets(cfg).device_signing_key
+    host = "127.0.0.1" if cfg.web.bind in ("0.0.0.0", "::") else cfg.web.bind
+    mqtt_host = "127.0.0.1" if cfg.mqtt.bind in ("0.0.0.0", "::") else cfg.mqtt.bind
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        fleet = Fleet(base_url=f"http://{host}:{cfg.web.port}", mqtt_host=mqtt_host, mqtt_port=cfg.mqtt.port, key=key,
+                      count=args.count, interval=args.interval, log_every=args.log_every,
+                      behaviours=args.behaviour or ("success",))
+        runner = asyncio.create_task(fleet.run(stop))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({runner, asyncio.create_task(fleet.ready.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+        if fleet.ready.is_set():
+            print(f"device fleet: {args.count} devices paired and connected", flush=True)
+        await runner
+
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(main())
+    return 0

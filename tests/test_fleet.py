@@ -1,0 +1,67 @@
+"""The device fleet simulator against the real core and gunicorn: pairing, startup, streaming
+presence for every device, and command answers by behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from gateway.fleet import Fleet
+from gateway.signing import parse_signed_mqtt, sign_mqtt
+from tests.clients import http_json
+from tests.conftest import make_site, start_process
+from tests.mqtt_probe import Probe
+from web.context import STATUS_CONNECTED
+
+COUNT = 40
+
+
+async def test_fleet_pairs_streams_and_answers(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site", "[devices]\nstreaming_interval_sec = 2.0\n")
+    core = await asyncio.to_thread(start_process, site, "core")
+    web = await asyncio.to_thread(start_process, site, "web")
+    key = site.secrets.device_signing_key
+    stop = asyncio.Event()
+    fleet = Fleet(base_url=site.web_url, mqtt_host="127.0.0.1", mqtt_port=site.mqtt_port, key=key, count=COUNT,
+                  interval=1.0, behaviours=("success", "failure", "silent"))
+    runner = None
+    try:
+        await asyncio.to_thread(web.notify.wait_for, "STATUS=" + STATUS_CONNECTED, 20)
+        with Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+                   password=site.secrets.mqtt_internal_password) as gw:
+            await asyncio.to_thread(gw.connect)
+            await asyncio.to_thread(gw.subscribe, "gateway/presence/+")
+            await asyncio.to_thread(gw.subscribe, "server/+/ack")
+            runner = asyncio.create_task(fleet.run(stop))
+            await asyncio.wait_for(fleet.ready.wait(), 60)
+            online: set[str] = set()
+            while len(online) < COUNT:
+                m = await asyncio.to_thread(gw.expect, None, 20)
+                if m.topic.startswith("gateway/presence/") and json.loads(m.payload)["online"]:
+                    online.add(m.topic.rsplit("/", 1)[1])
+            assert online == {d.device_id for d in fleet.devices}
+            # Commands (published here as the dispatcher of the commands issue will): answers by behaviour.
+            answers = {}
+            for d in fleet.devices[:3]:
+                cmd = {"command_id": f"cmd-{d.device_id}", "command": "RESTART", "require_ack": True,
+                       "payload": {"delay_seconds": 0}, "timestamp": 1}
+                await asyncio.to_thread(gw.publish, f"device/{d.device_id}/command", sign_mqtt(cmd, key))
+            while len(answers) < 2:
+                m = await asyncio.to_thread(gw.expect, None, 10)
+                if m.topic.endswith("/ack"):
+                    ack = parse_signed_mqtt(m.payload, key)
+                    answers[ack["device_id"]] = ack["status"]
+        assert answers == {fleet.devices[0].device_id: "SUCCESS", fleet.devices[1].device_id: "FAILED"}
+        code, listing = await asyncio.to_thread(http_json, site.web_url + "/api/v1/devices?status=online")
+        assert code == 200 and len(listing["data"]) == COUNT
+        kinds = {d["device_type"] for d in listing["data"]}
+        assert kinds == {"CAR_WASH", "HELMET_DRYER"}
+        code, one = await asyncio.to_thread(http_json, site.web_url + f"/api/v1/devices/{fleet.devices[0].device_id}")
+        assert one["data"]["configs"]["machine"]["ACTIVE"] is True
+    finally:
+        stop.set()
+        if runner is not None:
+            await asyncio.wait_for(runner, 30)
+        await asyncio.to_thread(web.stop)
+        assert await asyncio.to_thread(core.stop) == 0
