@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import broker_throughput, core_start, memory, wash_bays
+from bench import broker_throughput, core_start, devices, memory, wash_bays
 from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     memory.NAME: memory.run,
     broker_throughput.NAME: broker_throughput.run,
     wash_bays.NAME: wash_bays.run,
+    devices.NAME: devices.run,
 }
 
 

@@ -21,6 +21,7 @@ from gateway.config import Config, Secrets
 from gateway.devices.pairing import PAIRING_TOPIC
 from gateway.sdnotify import Notifier
 from web.live import WASH_STATUS_FILTER, WashFeed
+from web.writer import GroupWriter
 from gateway.store import open_database, schema_status
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class WebContext:
         self.config = config
         self.secrets = secrets
         self.db: SqliteDatabase | None = None
+        self.writer: GroupWriter | None = None
         self.bus: BusClient | None = None
         self.feed = WashFeed()
         self.pairing: dict[str, Any] = {"open": False, "until": None}
@@ -44,6 +46,8 @@ class WebContext:
 
     def start(self, *, connect_bus: bool = True) -> None:
         self.db = open_database(self.config.paths.database)
+        self.writer = GroupWriter(self.db)
+        self.writer.start()
         if connect_bus:
             host = self.config.mqtt.bind if self.config.mqtt.bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
             notifier = Notifier()
@@ -68,6 +72,9 @@ class WebContext:
         return bool(self.pairing.get("open")) and isinstance(until, str) and until > iso_z()
 
     def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
         if self.bus is not None:
             self.bus.stop()
             self.bus = None

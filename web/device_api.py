@@ -69,6 +69,14 @@ def _db() -> Any:
     return db
 
 
+def _write(fn: Any) -> Any:
+    """Run a store write through the group-commit writer (returns after the commit)."""
+    writer = ctx().writer
+    if writer is None:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", "database not open")
+    return writer.run(fn)
+
+
 @bp.post("/api/v1/devices/need-register")
 @doc("Pairing: the device's id and a fresh 4-digit PIN (valid devices.pin_ttl_sec)", tags=("device",),
      request=REGISTER_REQ, response={"type": "object"}, errors=(*SIGNED_ERRORS, 403), security="device-signature")
@@ -82,7 +90,8 @@ def need_register() -> Any:
     if c.config.devices.pairing_requires_button and not c.pairing_open():
         raise ApiError(403, "FORBIDDEN", "the pairing window is closed: press the gateway's service button "
                                          "or open it on the technician page")
-    r = register(_db(), reg, pin_ttl_sec=c.config.devices.pin_ttl_sec, site_id=c.config.site.id)
+    db = _db()
+    r = _write(lambda: register(db, reg, pin_ttl_sec=c.config.devices.pin_ttl_sec, site_id=c.config.site.id))
     return jsonify({"success": True, "data": {"pin": r.pin, "device_id": r.device_id},
                     "message": "Device registered successfully"})
 
@@ -108,7 +117,8 @@ def sync_configs(device_id: str) -> Any:
     configs = life.configs if life else body
     c = ctx()
     try:
-        report_configs(_db(), device_id, configs, site_id=c.config.site.id, lifecycle=life)
+        db = _db()
+        _write(lambda: report_configs(db, device_id, configs, site_id=c.config.site.id, lifecycle=life))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}; register it first") from None
     return jsonify({"success": True, "message": "Device configs synced successfully"})
@@ -124,7 +134,8 @@ def devices_sync() -> Any:
         raise ApiError(400, "VALIDATION_FAILED", "topic_request: startup or shutdown")
     c = ctx()
     try:
-        report_configs(_db(), life.device_id, life.configs, site_id=c.config.site.id, lifecycle=life)
+        db = _db()
+        _write(lambda: report_configs(db, life.device_id, life.configs, site_id=c.config.site.id, lifecycle=life))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {life.device_id!r}; register it first") from None
     return jsonify({"success": True, "message": "Device configs synced successfully"})
@@ -140,7 +151,8 @@ def logs_upload() -> Any:
     except validate.Invalid as exc:
         raise _invalid(exc) from None
     try:
-        r = upload_logs(_db(), dev, items, site_id=ctx().config.site.id)
+        db, site_id = _db(), ctx().config.site.id
+        r = _write(lambda: upload_logs(db, dev, items, site_id=site_id))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {dev!r}; register it first") from None
     resp = jsonify({"success": True, "data": {"length": r.length}, "message": "Logs uploaded successfully"})
@@ -215,7 +227,8 @@ def claim_device(device_id: str) -> Any:
     if pin is not None and (not isinstance(pin, str) or len(pin) != 4 or not pin.isdigit()):
         raise ApiError(400, "VALIDATION_FAILED", "pin: 4 digits")
     try:
-        claim(_db(), device_id, name.strip(), pin=pin, site_id=ctx().config.site.id, by=user)
+        db, site_id = _db(), ctx().config.site.id
+        _write(lambda: claim(db, device_id, name.strip(), pin=pin, site_id=site_id, by=user))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None
     except ClaimRefused as exc:
@@ -229,7 +242,8 @@ def claim_device(device_id: str) -> Any:
 def reject_device(device_id: str) -> Any:
     user = require_technician()
     try:
-        reject(_db(), device_id, by=user)
+        db = _db()
+        _write(lambda: reject(db, device_id, by=user))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None
     return jsonify({"success": True, "message": "Device rejected"})

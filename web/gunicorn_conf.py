@@ -34,10 +34,12 @@ loglevel = _cfg.logging.level.lower()
 
 def post_worker_init(worker: Any) -> None:
     setup_logging(_cfg.logging.level, process="web")
-    worker.wsgi.extensions["carwash"].start()
+    web_ctx = getattr(worker.wsgi, "extensions", {}).get("carwash")
+    if web_ctx is not None:  # absent for bench/bare_app.py, the benchmark's baseline
+        web_ctx.start()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    app = getattr(worker, "wsgi", None)
-    if app is not None:
-        app.extensions["carwash"].stop()
+    web_ctx = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("carwash")
+    if web_ctx is not None:
+        web_ctx.stop()

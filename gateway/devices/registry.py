@@ -99,26 +99,32 @@ def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_i
     now = utc_now()
     stored: list[dict[str, Any]] = []
     mismatches = 0
+    keyed = [(it.dedup_key(dev_id), it) for it in items]
     with write_tx(db):
         if not Device.select().where(Device.device_id == dev_id).exists():
             raise DeviceNotFound(dev_id)
-        for it in items:
-            key = it.dedup_key(dev_id)
-            if EventLogItem.select().where(EventLogItem.dedup_key == key).exists():
+        # Two statements for the whole upload: which items are known already, then the new rows.
+        known = {k for (k,) in EventLogItem.select(EventLogItem.dedup_key)
+                 .where(EventLogItem.dedup_key.in_([k for k, _ in keyed])).tuples()}
+        rows = []
+        for key, it in keyed:
+            if key in known:
                 continue
+            known.add(key)  # the same item twice in one upload counts once too
             mismatch = it.mismatch
             mismatches += mismatch
-            EventLogItem.create(device=dev_id, dedup_key=key, type=it.type, status=it.status,
-                                timestamp_ms=it.timestamp_ms, total_amount=it.total_amount,
-                                qr_charge_id=it.qr_charge_id, qr_net_amount=it.qr_net_amount,
-                                bank=json.dumps(it.bank) if it.bank else None,
-                                coin=json.dumps(it.coin) if it.coin else None,
-                                amount_mismatch=mismatch, received_at=now)
+            rows.append({"device": dev_id, "dedup_key": key, "type": it.type, "status": it.status,
+                         "timestamp_ms": it.timestamp_ms, "total_amount": it.total_amount,
+                         "qr_charge_id": it.qr_charge_id, "qr_net_amount": it.qr_net_amount,
+                         "bank": json.dumps(it.bank) if it.bank else None,
+                         "coin": json.dumps(it.coin) if it.coin else None,
+                         "amount_mismatch": mismatch, "received_at": now})
             stored.append({"type": it.type, "status": it.status, "timestamp": it.timestamp_ms,
                            "total_amount": it.total_amount, "qr": {"chargeId": it.qr_charge_id,
                                                                    "net_amount": it.qr_net_amount},
                            "bank": it.bank, "coin": it.coin, "amount_mismatch": mismatch, "dedup_key": key})
-        if stored:
+        if rows:
+            EventLogItem.insert_many(rows).execute()
             add_event("device.event_logs", {"device_id": dev_id, "items": stored, "received_at": iso_z(now)},
                       site_id=site_id, partition=dev_id)
         Device.update(last_seen_at=now).where(Device.device_id == dev_id).execute()
