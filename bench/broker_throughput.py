@@ -15,7 +15,7 @@ allowed to subscribe outside `device/#`). mosquitto runs with `allow_anonymous t
 password file, so it accepts the same CONNECTs and does no ACL work.
 
 Targets: (a) the real core process started as in core_start (fresh data dir), (b)
-/usr/sbin/mosquitto with a minimal config on a free port. Repetitions alternate between the two
+/usr/sbin/mosquitto with a minimal config on a free port (queue unlimited, as amqtt's). Repetitions alternate between the two
 brokers so that both see the same machine state.
 """
 
@@ -26,7 +26,6 @@ import os
 import selectors
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -58,7 +57,11 @@ class Target:
 def run_mosquitto(d: Path) -> Iterator[int]:
     port = free_port()
     conf = d / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
+    # max_queued_messages 0: no limit, as amqtt. mosquitto's default (1000 QoS 1 messages queued
+    # per client beyond the in-flight ones) drops QoS 1 messages whenever the subscriber falls
+    # behind the publisher by more than that, which measures the limit instead of the broker.
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 0\nlog_dest stderr\n")
     logfile = d / "mosquitto.log"
     with logfile.open("ab") as out:
         proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out,

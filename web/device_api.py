@@ -12,8 +12,6 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from gateway.bus.client import BusUnavailable, RpcTimeout
-from gateway.bus.rpc import RpcError
 from gateway.clock import iso_z, utc_now
 from gateway.devices import validate
 from gateway.devices.registry import ClaimRefused, DeviceNotFound, claim, register, reject, report_configs, upload_logs
@@ -21,7 +19,7 @@ from gateway.signing import Verdict, verify_http
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
 from web.auth import require_technician
 from web.body import raw_body, read_json
-from web.context import ctx
+from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.openapi import doc
 
@@ -270,14 +268,6 @@ def pairing_action(action: str) -> Any:
         body = read_json()
         if "seconds" in body:
             params["seconds"] = body["seconds"]
-    c = ctx()
-    if c.bus is None:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", "not connected to the core")
-    try:
-        state = c.bus.call(f"pairing.{action}", params, timeout=c.config.mqtt.rpc_timeout_sec)
-    except RpcError as exc:
-        raise ApiError(exc.status, exc.code, str(exc)) from None
-    except (BusUnavailable, RpcTimeout) as exc:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", f"the core did not answer: {exc}") from None
-    c.pairing = state  # the retained update follows; answer with the core's word now
+    state = ask_core(f"pairing.{action}", params)
+    ctx().pairing = state  # the retained update follows; answer with the core's word now
     return jsonify({"success": True, "data": state})

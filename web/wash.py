@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
-from gateway.bus.client import BusUnavailable, RpcTimeout
-from gateway.bus.rpc import RpcError
 from gateway.clock import iso_z
 from gateway.store.models import Bay, WashSession
 from web.auth import require_technician
 from web.body import read_json
-from web.context import ctx
+from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.openapi import doc
 
@@ -84,15 +82,7 @@ def _known_bay(bay_id: str) -> None:
 
 
 def _ask_core(params: dict[str, Any]) -> dict[str, Any]:
-    c = ctx()
-    if c.bus is None:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", "not connected to the core")
-    try:
-        return c.bus.call("wash.command", params, timeout=c.config.mqtt.rpc_timeout_sec)  # type: ignore[no-any-return]
-    except RpcError as exc:
-        raise ApiError(exc.status, exc.code, str(exc)) from None
-    except (BusUnavailable, RpcTimeout) as exc:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", f"the core did not answer: {exc}") from None
+    return ask_core("wash.command", params)  # type: ignore[no-any-return]
 
 
 def _authorize_write() -> None:

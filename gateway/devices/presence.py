@@ -42,6 +42,7 @@ CHECK_SEC = 1.0
 BUCKET_MIN = 15
 HISTORY_DAYS = 7
 LOG_EVERY_SEC = 60.0
+UNKNOWN_RECHECK_SEC = 5.0
 
 
 @dataclass
@@ -67,6 +68,7 @@ class PresenceService:
         self.dropped: Counter[str] = Counter()
         self.accepted = 0
         self._last_log: dict[str, float] = {}
+        self._unknown_checked: dict[str, float] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presence-db")
 
     async def start(self) -> None:
@@ -111,9 +113,16 @@ class PresenceService:
             self._drop("invalid", topic, "uptime must be minutes")
             return
         if dev not in self.known:
-            # A device that streams before registering (or after a rejected one): kept out.
-            self.known = self.known | set(await self._in_db(lambda: [
-                d.device_id for d in Device.select(Device.device_id).where(Device.device_id == dev)]))
+            # Registered since we last looked? Ask the store, at most once per UNKNOWN_RECHECK_SEC per id, so
+            # a flood of messages from unknown ids costs no database work.
+            now = time.monotonic()
+            if now - self._unknown_checked.get(dev, -UNKNOWN_RECHECK_SEC) >= UNKNOWN_RECHECK_SEC:
+                self._unknown_checked[dev] = now
+                if len(self._unknown_checked) > 10_000:
+                    self._unknown_checked.clear()
+                found = await self._in_db(lambda: Device.select().where(Device.device_id == dev).exists())
+                if found:
+                    self.known.add(dev)
             if dev not in self.known:
                 self._drop("unknown_device", topic, "not registered")
                 return

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from plc.profile import PlcStatus
 
 ACTIVE = frozenset({"STARTING", "WASHING"})
-FINAL = frozenset({"DONE", "CANCELED", "ERROR"})
 START_TIMEOUT = "START_TIMEOUT"
 PLC_OFFLINE = "PLC_OFFLINE"
 # The PLC increments its heartbeat every second (plc-register-map.md).
