@@ -106,6 +106,7 @@ async def _overhead(tmp: Path, quick: bool) -> list[Result]:
 class _Subscriber:
     def __init__(self, port: int, user: str, password: str) -> None:
         self.q: queue.Queue[tuple[float, str, dict]] = queue.Queue()
+        self.latest: dict[str, dict] = {}
         self.connected = threading.Event()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:6]}")
         self.c.username_pw_set(user, password)
@@ -115,11 +116,25 @@ class _Subscriber:
         self.c.loop_start()
 
     def wait(self, bay: str, pred, timeout: float = 10.0) -> float:  # type: ignore[no-untyped-def]
+        """Arrival time of the next status of `bay` that satisfies `pred` (others are remembered)."""
         deadline = time.monotonic() + timeout
         while True:
             at, topic, body = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            self.latest[topic.split("/")[1]] = body
             if topic == f"wash/{bay}/status" and pred(body):
                 return at
+
+    def wait_state(self, bay: str, pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+        """Until the latest known status of `bay` satisfies `pred` (it may have arrived already)."""
+        while True:  # take in everything already received first
+            try:
+                _at, topic, body = self.q.get_nowait()
+            except queue.Empty:
+                break
+            self.latest[topic.split("/")[1]] = body
+        if bay in self.latest and pred(self.latest[bay]):
+            return
+        self.wait(bay, pred, timeout)
 
     def close(self) -> None:
         self.c.disconnect()
@@ -188,7 +203,7 @@ async def _through_core(tmp: Path, quick: bool) -> list[Result]:
             for k in range(BAYS if quick else 3 * BAYS):
                 bay = f"bay{1 + k % BAYS}"
                 if k >= BAYS:  # the previous START of this bay has timed out (ignored by the PLC)
-                    await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "IDLE")
+                    await asyncio.to_thread(sub.wait_state, bay, lambda s: s["state"] == "IDLE")
                 n = len(sim.command_log)
                 t0 = time.monotonic()
                 pub.publish(f"wash/{bay}/cmd", json.dumps({"bayId": bay, "action": "START", "course": "BASIC",
