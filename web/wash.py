@@ -81,10 +81,6 @@ def _known_bay(bay_id: str) -> None:
         raise ApiError(404, "BAY_NOT_FOUND", f"no bay {bay_id!r}")
 
 
-def _ask_core(params: dict[str, Any]) -> dict[str, Any]:
-    return ask_core("wash.command", params)  # type: ignore[no-any-return]
-
-
 def _authorize_write() -> None:
     # The seed needs only LAN access; a site may require the technician token (web.wash_api_auth).
     if ctx().config.web.wash_api_auth == "jwt":
@@ -122,7 +118,7 @@ def start() -> Any:
     course = _str_field(body, "course", required=True)
     request_id = _str_field(body, "requestId", required=False)
     _known_bay(bay_id)  # type: ignore[arg-type]
-    r = _ask_core({"bayId": bay_id, "action": "START", "course": course, "requestId": request_id})
+    r = ask_core("wash.command", {"bayId": bay_id, "action": "START", "course": course, "requestId": request_id})
     out: dict[str, Any] = {"success": True, "bayId": bay_id, "course": r.get("course") or course,
                            "requestId": r["requestId"]}
     if r.get("idempotent"):
@@ -138,7 +134,7 @@ def stop() -> Any:
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
     _known_bay(bay_id)  # type: ignore[arg-type]
-    r = _ask_core({"bayId": bay_id, "action": "STOP"})
+    r = ask_core("wash.command", {"bayId": bay_id, "action": "STOP"})
     return jsonify({"success": True, "bayId": bay_id, "requestId": r["requestId"]})
 
 

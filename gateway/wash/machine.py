@@ -181,9 +181,8 @@ class BayMachine:
         first_poll = self.session_counter is None
         self.session_counter = r.session_counter
         p = self.pending
-        if p is not None and r.ack_seq == p.seq:
-            if p.action == "STOP":
-                self.pending = None
+        if p is not None and p.action == "STOP" and r.ack_seq == p.seq:
+            self.pending = None  # the PLC took the STOP; CANCELED follows from its state
         if self.recovering:
             self.recovering = False
             fx.merge(self._recover(r, now))
