@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import broker_throughput, core_start, devices, memory, wash_bays
+from bench import broker_throughput, commands, core_start, devices, memory, wash_bays
 from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     broker_throughput.NAME: broker_throughput.run,
     wash_bays.NAME: wash_bays.run,
     devices.NAME: devices.run,
+    commands.NAME: commands.run,
 }
 
 

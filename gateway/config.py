@@ -68,6 +68,9 @@ class WebConfig:
     body_limit_bytes: int = _f(262144, min=1024, max=64 * 1024 * 1024)
     wash_api_auth: Literal["none", "jwt"] = _f("none")
     jwt_ttl_minutes: int = _f(720, min=1, max=60 * 24 * 30)
+    firmware_max_bytes: int = _f(8 * 1024 * 1024, min=64 * 1024, max=64 * 1024 * 1024)
+    device_base_url: str = _f("", doc="how devices reach this web server; empty: the URL of the request",
+                              pattern=r"^(|https?://\S+)$")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -57,10 +59,14 @@ class SimDevice:
     streams: int = 0
     acks: int = 0
     commands: list[dict[str, Any]] = field(default_factory=list)
+    configs: dict[str, Any] | None = None
+    firmware_version: str = ""
+    received_at: dict[str, float] = field(default_factory=dict)  # command_id -> time.monotonic()
+    acked_at: dict[str, float] = field(default_factory=dict)  # command_id -> last ACK sent
 
     @property
     def firmware(self) -> str:
-        return f"{self.kind}_v1.00"
+        return self.firmware_version or f"{self.kind}_v1.00"
 
     @property
     def mac(self) -> str:
@@ -169,6 +175,7 @@ class Fleet:
                 log.warning("%s: ignored a command: %s", d.device_id, exc)
                 continue
             d.commands.append(cmd)
+            d.received_at[str(cmd.get("command_id"))] = time.monotonic()
             if not cmd.get("require_ack"):
                 continue
             task = asyncio.get_running_loop().create_task(self._answer(d, client, cmd))
@@ -187,16 +194,40 @@ class Fleet:
                     "status": status, **extra, "timestamp": int(time.time() * 1000)}
             await client.publish(f"server/{d.device_id}/ack", sign_mqtt(body, self.key), qos=1)
             d.acks += 1
+            d.acked_at[str(cmd.get("command_id"))] = time.monotonic()
 
-        if b == "progress" and cmd.get("command") == "UPDATE_FIRMWARE":
-            for pct in (25, 50, 75):
-                await ack("PROGRESS", progress=pct)
-                await asyncio.sleep(0.1)
-            await ack("SUCCESS", new_version=(cmd.get("payload") or {}).get("version"))
-        elif b == "failure":
+        if b == "failure":
             await ack("FAILED", error="simulated failure")
+        elif cmd.get("command") == "UPDATE_FIRMWARE":
+            await self._flash(d, cmd.get("payload") or {}, ack, report_progress=b == "progress")
         else:
+            if cmd.get("command") == "APPLY_CONFIG":
+                d.configs = (cmd.get("payload") or {}).get("configs")
             await ack("SUCCESS")
+
+    async def _flash(self, d: SimDevice, payload: dict[str, Any], ack: Any, *, report_progress: bool) -> None:
+        """What the firmware does: download the image, check size and sha256, then report."""
+        url, version = str(payload.get("url", "")), str(payload.get("version", ""))
+
+        def download() -> bytes:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.read()  # type: ignore[no-any-return]
+
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(self._http, download)
+        except (OSError, ValueError) as exc:
+            await ack("ERROR", error=f"download failed: {exc}")
+            return
+        if report_progress:
+            for pct in (25, 50, 75):
+                await ack("PROGRESS", progress=pct, bytes=len(image) * pct // 100)
+        if payload.get("size") not in (None, len(image)):
+            await ack("ERROR", error=f"size {len(image)} differs from {payload.get('size')}")
+        elif hashlib.sha256(image).hexdigest() != str(payload.get("sha256", "")).lower():
+            await ack("ERROR", error="sha256 mismatch")
+        else:
+            d.firmware_version = version
+            await ack("SUCCESS", new_version=version)
 
     # --- the fleet ----------------------------------------------------------------------------
 
@@ -217,6 +248,51 @@ class Fleet:
                 t.cancel()
             await asyncio.gather(*self._answers, return_exceptions=True)
             self._http.shutdown(wait=True)
+
+
+class FleetThread:
+    """A fleet on its own event loop in a thread, for synchronous callers (tests, benchmarks).
+    `start()` returns once every device is paired and connected; `stop()` joins the thread."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            runner = asyncio.create_task(self.fleet.run(self._stop))
+            ready = asyncio.create_task(self.fleet.ready.wait())
+            await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+            self._ready.set()
+            ready.cancel()
+            await runner
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._error = exc
+            self._ready.set()
+        finally:
+            self._loop.close()
+
+    def start(self, timeout: float = 60) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the fleet did not connect")
+        if self._error is not None:
+            raise RuntimeError(f"the fleet failed: {self._error!r}")
+        if not self.fleet.ready.is_set():
+            raise RuntimeError("the fleet stopped before it was connected")
+
+    def stop(self) -> None:
+        if self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
 
 
 def simulate_devices_main(argv: Sequence[str] | None = None) -> int:

@@ -11,10 +11,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
+
+from peewee import SqliteDatabase
 
 from gateway.clock import iso_z
 from gateway.store.models import OutboxEvent
+
+_INSERT = ('INSERT INTO "outbox_event" ("event_id", "type", "partition", "occurred_at", "payload", "size", "state", '
+           '"attempts") VALUES (?, ?, ?, ?, ?, ?, \'pending\', 0)')
 
 
 def new_event_id() -> str:
@@ -39,3 +45,18 @@ def add_event(event_type: str, payload: dict[str, Any], *, site_id: str, partiti
     OutboxEvent.create(event_id=event_id, type=event_type, partition=partition, occurred_at=body["occurred_at"],
                        payload=text, size=len(text.encode()), coalesce_key=coalesce_key)
     return event_id
+
+
+def add_events(db: SqliteDatabase, events: Iterable[tuple[str, dict[str, Any], str | None]], *, site_id: str) -> int:
+    """Insert many non-coalescing events `(type, payload, partition)` with one statement (inside the
+    caller's IMMEDIATE transaction, in order); returns how many. For bulk facts (command results)."""
+    occurred = iso_z()
+    rows = []
+    for event_type, payload, partition in events:
+        event_id = new_event_id()
+        body = {"id": event_id, "type": event_type, "occurred_at": occurred, "site_id": site_id, "payload": payload}
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        rows.append((event_id, event_type, partition, occurred, text, len(text.encode())))
+    if rows:
+        db.cursor().executemany(_INSERT, rows)
+    return len(rows)

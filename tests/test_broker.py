@@ -183,3 +183,36 @@ async def test_malformed_rpc_requests_are_counted_not_fatal() -> None:
             reply = await asyncio.to_thread(web.expect, "gateway/reply/t")
         assert json.loads(reply.payload) == {"id": "ok", "ok": True, "result": {"v": 1}}
         assert rpc.bad_requests == 4
+
+
+async def test_routing_exact_and_wildcard_filters_and_departed_subscribers() -> None:
+    """The broker's indexed routing (GatewayBroker._routes) delivers what amqtt's full scan would."""
+    async with running_bus() as bus:
+        exact, wild, deep = Probe(port_of(bus)), Probe(port_of(bus)), internal(bus)
+        try:
+            for p, f in ((exact, "device/a/command"), (wild, "device/+/command"), (deep, "device/#")):
+                await asyncio.to_thread(p.connect)
+                assert await asyncio.to_thread(p.subscribe, f) == [1]
+            await bus.wait_subscribers(["device/a/command", "device/b/command", "device/b/x/y"], 5)
+            assert not bus.has_subscriber("server/a/ack")
+            await bus.publish("device/a/command", b"1")
+            await bus.publish("device/b/command", b"2")
+            await bus.publish("device/b/x/y", b"3")
+            await bus.publish("device/a/command", b"end")
+            got = {}
+            for name, p in (("exact", exact), ("wild", wild), ("deep", deep)):
+                got[name] = [m.payload for m in await asyncio.to_thread(p.until, "device/a/command", 5)]
+            # `until` stops at the first message on the marker topic: drain to the real marker.
+            for name, p in (("exact", exact), ("wild", wild), ("deep", deep)):
+                while not got[name] or got[name][-1] != b"end":
+                    m = await asyncio.to_thread(p.expect, None, 5)
+                    got[name].append(m.payload)
+            assert got["exact"] == [b"end"]  # b"1" was the first marker; the exact filter sees only topic a
+            assert got["wild"] == [b"2", b"end"] and got["deep"] == [b"2", b"3", b"end"]
+            wild.close()
+            await bus.wait_clients(lambda c: len(c) == 2, 5)
+            await bus.publish("device/b/command", b"4")
+            assert (await asyncio.to_thread(deep.expect, "device/b/command", 5)).payload == b"4"
+        finally:
+            for p in (exact, wild, deep):
+                p.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -85,7 +86,7 @@ def test_every_error_uses_the_envelope(app: Flask) -> None:
 def test_openapi_lists_every_route_documented(app: Flask) -> None:
     spec = app.test_client().get("/api/openapi.json").get_json()
     assert spec["openapi"].startswith("3.1")
-    routes = {r.rule.replace("<", "{").replace(">", "}") for r in app.url_map.iter_rules() if r.endpoint != "static"}
+    routes = {re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", r.rule) for r in app.url_map.iter_rules() if r.endpoint != "static"}
     assert routes == set(spec["paths"])
     for path, ops in spec["paths"].items():
         for method, op in ops.items():

@@ -6,7 +6,7 @@ from flask import Flask, request
 from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
-from web import auth, device_api, errors, meta, wash
+from web import auth, commands, device_api, errors, firmware, meta, wash
 from web.context import WebContext, ctx
 from web.errors import ApiError
 
@@ -27,6 +27,9 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     @app.before_request
     def _guards() -> None:
         limit = app.config["MAX_CONTENT_LENGTH"]
+        if request.path == firmware.UPLOAD_PATH and request.method == "POST":
+            limit = config.web.firmware_max_bytes
+            request.max_content_length = limit  # also bounds a chunked upload while it is read
         if request.content_length is not None and request.content_length > limit:
             # Refuse before reading a byte of the body.
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes")
@@ -38,6 +41,8 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.register_blueprint(wash.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(device_api.bp)
+    app.register_blueprint(commands.bp)
+    app.register_blueprint(firmware.bp)
     # Socket.IO for clients of the seed's `wash:status` event; threading mode under gthread.
     socketio = SocketIO(app, async_mode="threading", cors_allowed_origins="*", path=SOCKETIO_PATH)
     ctx(app).feed.add_listener(lambda status: socketio.emit("wash:status", status))

@@ -37,10 +37,16 @@ def issue_token(username: str) -> tuple[str, dt.datetime]:
     return jwt.encode(claims, c.secrets.jwt_secret, algorithm=ALGORITHM), exp
 
 
-def require_technician() -> str:
-    """The user name of a valid Bearer token, else 401 with the envelope."""
+def require_technician(*, allow_query: bool = False) -> str:
+    """The user name of a valid Bearer token, else 401 with the envelope.
+
+    With `allow_query` (SSE streams: a browser's EventSource cannot send headers) the token may
+    also come as `?access_token=`.
+    """
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    if not header and allow_query and request.args.get("access_token"):
+        scheme, token = "bearer", request.args["access_token"]
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "a technician token is required (Authorization: Bearer ...)",
                        {"WWW-Authenticate": "Bearer"})

@@ -16,13 +16,14 @@ from flask import Flask, current_app
 from peewee import SqliteDatabase
 
 from gateway.bus.client import BusClient
+from gateway.bus.topics import COMMAND_EVENTS_FILTER
 from gateway.clock import iso_z
 from gateway.config import Config, Secrets
 from gateway.devices.pairing import PAIRING_TOPIC
 from gateway.sdnotify import Notifier
-from web.live import WASH_STATUS_FILTER, WashFeed
-from web.writer import GroupWriter
 from gateway.store import open_database, schema_status
+from web.live import WASH_STATUS_FILTER, CommandFeed, WashFeed
+from web.writer import GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class WebContext:
         self.writer: GroupWriter | None = None
         self.bus: BusClient | None = None
         self.feed = WashFeed()
+        self.commands = CommandFeed()
         self.pairing: dict[str, Any] = {"open": False, "until": None}
         self._schema_ok_until = 0.0
         self._lock = threading.Lock()
@@ -53,11 +55,16 @@ class WebContext:
             notifier = Notifier()
             self.bus = BusClient(host, self.config.mqtt.port, self.config.mqtt.internal_username,
                                  self.secrets.mqtt_internal_password, name="web",
-                                 on_connected=lambda: _status(notifier, STATUS_CONNECTED),
+                                 on_connected=lambda: self._connected(notifier),
                                  on_disconnected=lambda: _status(notifier, STATUS_DISCONNECTED))
             self.bus.on_message(WASH_STATUS_FILTER, self.feed.on_message)
             self.bus.on_message(PAIRING_TOPIC, self._on_pairing)
+            self.bus.on_message(COMMAND_EVENTS_FILTER, self.commands.on_message)
             self.bus.start()
+
+    def _connected(self, notifier: Notifier) -> None:
+        self.commands.wake_all()
+        _status(notifier, STATUS_CONNECTED)
 
     def _on_pairing(self, _topic: str, payload: bytes) -> None:
         try:

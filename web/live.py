@@ -71,3 +71,45 @@ class WashFeed:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return dict(self.latest)
+
+
+class CommandFeed:
+    """Wakes SSE streams of a command when the core announces new events on
+    `gateway/commands/{command_id}/events`; the streams read the events from the store, so a
+    missed announcement only delays them to the next keepalive, never loses them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watchers: dict[str, set[threading.Event]] = {}
+        self.announcements = 0
+
+    def on_message(self, topic: str, _payload: bytes) -> None:
+        parts = topic.split("/")
+        if len(parts) != 4:
+            return
+        self.announcements += 1
+        with self._lock:
+            watchers = list(self._watchers.get(parts[2], ()))
+        for ev in watchers:
+            ev.set()
+
+    def wake_all(self) -> None:
+        """After a reconnect to the broker: announcements may have been missed, every stream re-reads."""
+        with self._lock:
+            watchers = [ev for evs in self._watchers.values() for ev in evs]
+        for ev in watchers:
+            ev.set()
+
+    def watch(self, command_id: str) -> threading.Event:
+        ev = threading.Event()
+        with self._lock:
+            self._watchers.setdefault(command_id, set()).add(ev)
+        return ev
+
+    def unwatch(self, command_id: str, ev: threading.Event) -> None:
+        with self._lock:
+            s = self._watchers.get(command_id)
+            if s is not None:
+                s.discard(ev)
+                if not s:
+                    del self._watchers[command_id]

@@ -42,6 +42,7 @@ def doc(
     security: str | None = None,
     params: dict[str, dict[str, Any]] | None = None,
     content_type: str = "application/json",
+    request_content_type: str = "application/json",
 ) -> Callable[[F], F]:
     """Attach OpenAPI metadata to a view. `security`: "device-signature" or "bearer"."""
 
@@ -56,6 +57,7 @@ def doc(
             "security": security,
             "params": params or {},
             "content_type": content_type,
+            "request_content_type": request_content_type,
         }
         return fn
 
@@ -116,7 +118,8 @@ def _operation(meta: dict[str, Any], path_params: list[str]) -> dict[str, Any]:
     if parameters:
         op["parameters"] = parameters
     if meta["request"] is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": meta["request"]}}}
+        op["requestBody"] = {"required": True,
+                             "content": {meta["request_content_type"]: {"schema": meta["request"]}}}
     ok: dict[str, Any] = {"description": "success"}
     if meta["response"] is not None:
         ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}

@@ -36,6 +36,15 @@ class RpcError(Exception):
         return {"code": self.code, "message": str(self), "status": self.status}
 
 
+class AfterReply:
+    """A handler's result plus work to start once the reply is on its way (e.g. publishing a bulk
+    command: started earlier, its thousand messages would queue in front of the reply)."""
+
+    def __init__(self, result: Any, then: Callable[[], None]) -> None:
+        self.result = result
+        self.then = then
+
+
 class RpcServer:
     def __init__(self, bus: LocalBus) -> None:
         self._bus = bus
@@ -63,14 +72,20 @@ class RpcServer:
             return
         handler = self._methods.get(method)
         reply: dict[str, Any]
+        after: Callable[[], None] | None = None
         if handler is None:
             reply = {"id": req_id, "ok": False, "error": RpcError("NOT_FOUND", f"no rpc method {method}", 404).to_wire()}
         else:
             try:
-                reply = {"id": req_id, "ok": True, "result": await handler(params)}
+                result = await handler(params)
+                if isinstance(result, AfterReply):
+                    result, after = result.result, result.then
+                reply = {"id": req_id, "ok": True, "result": result}
             except RpcError as exc:
                 reply = {"id": req_id, "ok": False, "error": exc.to_wire()}
             except Exception:
                 log.exception("rpc: method %s failed", method)
                 reply = {"id": req_id, "ok": False, "error": RpcError("INTERNAL_ERROR", "internal error", 500).to_wire()}
         await self._bus.publish(reply_to, json.dumps(reply).encode(), qos=1)
+        if after is not None:
+            after()

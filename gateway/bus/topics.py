@@ -5,6 +5,7 @@
 - `gateway/reply/{client_id}`: core -> caller replies (`{"id", "ok", "result" | "error"}`)
 - `gateway/status`: retained availability of the core (`{"online", "version", "since"}`)
 - `gateway/health`: retained health of the parts the core owns (plc buses, cloud link)
+- `gateway/commands/{command_id}/events`: new SSE events of a device command (core -> web)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ RPC_REQUEST_FILTER = "gateway/rpc/+"
 RPC_REPLY = "gateway/reply/{client_id}"
 STATUS = "gateway/status"
 HEALTH = "gateway/health"
+COMMAND_EVENTS = "gateway/commands/{command_id}/events"
+COMMAND_EVENTS_FILTER = "gateway/commands/+/events"
 
 DEVICE_COMMAND = "device/{device_id}/command"
 DEVICE_ACK = "server/{device_id}/ack"

@@ -21,12 +21,13 @@ from gateway.bus.broker import BrokerSettings, LocalBus
 from gateway.bus.rpc import RpcServer
 from gateway.bus.topics import HEALTH, STATUS
 from gateway.clock import iso_z
+from gateway.commands.service import CommandService
 from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
-from gateway.sdnotify import Notifier
-from gateway.store import migrate, open_database
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
+from gateway.sdnotify import Notifier
+from gateway.store import migrate, open_database
 from gateway.wash.service import WashService
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class CoreApp:
         self.wash: WashService | None = None
         self.presence: PresenceService | None = None
         self.pairing: PairingWindow | None = None
+        self.commands: CommandService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,9 +104,12 @@ class CoreApp:
             await self.presence.start()
             self.pairing = PairingWindow(self.bus, cfg.devices.pairing_window_sec)
             await self.pairing.start(self.rpc)
+            self.commands = CommandService(cfg, self.secrets, self.db, self.bus)
+            await self.commands.start(self.rpc)
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
-            services += [Service(name, run) for name, run in self.wash.services() + self.presence.services()
-                                                           + self.pairing.services()]
+            parts = (self.wash.services() + self.presence.services() + self.pairing.services()
+                     + self.commands.services())
+            services += [Service(name, run) for name, run in parts]
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
             supervisor = Supervisor(services)
@@ -130,6 +135,8 @@ class CoreApp:
     async def _shutdown(self) -> None:
         if self.presence is not None:
             await self.presence.stop()
+        if self.commands is not None:
+            await self.commands.stop()
         if self.wash is not None:
             try:
                 await asyncio.wait_for(self.wash.stop(), SHUTDOWN_BUDGET / 2)

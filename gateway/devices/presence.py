@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import logging
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from gateway.bus.broker import LocalBus
 from gateway.clock import iso_z, utc_now
 from gateway.config import Config, Secrets
 from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
+from gateway.droplog import Drops
 from gateway.outbox import add_event
 from gateway.signing import SignatureError, parse_signed_mqtt
 from gateway.store import write_tx
@@ -65,9 +65,9 @@ class PresenceService:
         self.timeout = config.devices.streaming_interval_sec * config.devices.offline_after_intervals
         self.seen: dict[str, _Seen] = {}
         self.known: set[str] = set()
-        self.dropped: Counter[str] = Counter()
+        self._drops = Drops(log, LOG_EVERY_SEC)
+        self.dropped = self._drops.counts
         self.accepted = 0
-        self._last_log: dict[str, float] = {}
         self._unknown_checked: dict[str, float] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presence-db")
 
@@ -85,12 +85,7 @@ class PresenceService:
     # --- messages ------------------------------------------------------------------------------
 
     def _drop(self, reason: str, topic: str, detail: str) -> None:
-        self.dropped[reason] += 1
-        now = time.monotonic()
-        if now - self._last_log.get(reason, -LOG_EVERY_SEC) >= LOG_EVERY_SEC:
-            self._last_log[reason] = now
-            log.warning("dropped a message on %s: %s: %s (%d dropped for this reason so far)",
-                        topic, reason, detail, self.dropped[reason])
+        self._drops.drop(reason, topic, detail)
 
     async def _on_streaming(self, topic: str, data: bytes, client_id: str | None) -> None:
         dev = topic.split("/")[1]

@@ -1,0 +1,170 @@
+"""Device-command figures (the commands issue).
+
+A real core and gunicorn, and a fleet of simulated devices (one MQTT session each) in this
+process. One bulk APPLY_CONFIG to every device, read through the bulk SSE stream:
+1. time to publish all: from the HTTP request to the moment the last device received its command
+   (goal <= 1 s for 1,000 devices);
+2. time from the last ACK a device sent to `complete` on SSE (goal <= 1 s);
+3. the same with 10 % of the devices silent: when `complete` arrives, relative to the command
+   timeout counted from the last publish (goal: timeout ± 0.5 s);
+4. the core's peak RSS during the operations.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import Result
+from gateway.demo import ensure_demo_user, free_port, write_demo_site
+from gateway.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread
+from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+
+NAME = "commands"
+WEB_CONNECTED = "STATUS=serving; connected to the local broker"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool = False) -> tuple[psutil.Popen, NotifySocket]:
+    notify = NotifySocket(tmp / f"{name}.notify")
+    with (tmp / f"{name}.log").open("wb") as log:
+        proc = psutil.Popen(cmd, env=child_env(notify), stdout=log, stderr=log)
+    notify.wait_for("READY=1", 30)
+    if wait_connected:
+        notify.wait_for(WEB_CONNECTED, 30)
+    return proc, notify
+
+
+def _http(url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+class PeakRss:
+    """Samples a process's RSS every 50 ms on a thread; `peak` in MB."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc, self.peak = proc, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss / 1e6)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _sse_until_results(url: str, headers: dict[str, str]) -> dict[str, float]:
+    """Read a stream to its end; the monotonic arrival time of each event name (last one wins)."""
+    seen: dict[str, float] = {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                seen[line[6:].strip()] = time.monotonic()
+    return seen
+
+
+def _operation(base: str, auth: dict[str, str], fleet: Fleet) -> dict[str, float]:
+    ids = [d.device_id for d in fleet.devices]
+    t0 = time.monotonic()
+    answer = _http(base + "/api/v1/devices/apply-config", {"device_ids": ids, "configs": CAR_WASH_CONFIGS}, auth)
+    t_reply = time.monotonic()
+    data = answer["data"]
+    seen = _sse_until_results(base + f"/api/v1/devices/bulk-events/{data['setup_id']}", auth)
+    cid = data["command_id"]
+    received = [d.received_at[cid] for d in fleet.devices if cid in d.received_at]
+    acked = [d.acked_at[cid] for d in fleet.devices if cid in d.acked_at]
+    if len(received) != len(ids):
+        raise RuntimeError(f"{len(ids) - len(received)} devices never received {cid}")
+    return {"t0": t0, "reply": t_reply - t0, "last_received": max(received), "last_ack": max(acked) if acked else 0.0,
+            "complete": seen["complete"], "acks": len(acked)}
+
+
+def run(quick: bool) -> list[Result]:
+    count, timeout, rounds = (300, 3.0, 2) if quick else (1000, 10.0, 3)
+    with tempfile.TemporaryDirectory(prefix="bench-commands-") as d:
+        tmp = Path(d)
+        web_port, mqtt_port = free_port(), free_port()
+        cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port,
+                              extra_toml=f"[devices]\ncommand_timeout_sec = {timeout}\nstreaming_interval_sec = 600\n")
+        key = json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text())["secret_key"]
+        core, cn = _start(gateway_command("core", "--config", str(cfg)), tmp, "core")
+        web, wn = _start(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
+        base = f"http://127.0.0.1:{web_port}"
+        ensure_demo_user(cfg)
+        auth = {"Authorization": "Bearer " + _http(base + "/api/v1/auth/login",
+                                                   {"username": "demo", "password": "demo"})["data"]["token"]}
+        fleet = Fleet(base_url=base, mqtt_host="127.0.0.1", mqtt_port=mqtt_port, key=key, count=count,
+                      interval=600.0, helmet_share=0.0)
+        ft = FleetThread(fleet)
+        publish, to_complete, replies, offsets, from_request = [], [], [], [], []
+        try:
+            ft.start(timeout=600)
+            me, core_ps = psutil.Process(), psutil.Process(core.pid)
+            with PeakRss(core_ps) as rss:
+                me.cpu_percent(None)
+                core_ps.cpu_percent(None)
+                for _ in range(rounds):
+                    r = _operation(base, auth, fleet)
+                    publish.append((r["last_received"] - r["t0"]) * 1000)
+                    to_complete.append((r["complete"] - r["last_ack"]) * 1000)
+                    replies.append(r["reply"] * 1000)
+                cpu_fleet, cpu_core = me.cpu_percent(None), core_ps.cpu_percent(None)
+                for dev in fleet.devices[::10]:
+                    dev.behaviour = "silent"
+                silent = sum(1 for dev in fleet.devices if dev.behaviour == "silent")
+                for _ in range(rounds):
+                    r = _operation(base, auth, fleet)
+                    offsets.append((r["complete"] - (r["last_received"] + timeout)) * 1000)
+                    from_request.append((r["complete"] - (r["t0"] + timeout)) * 1000)
+                    if r["acks"] != count - silent:
+                        raise RuntimeError(f"{r['acks']} ACKs, expected {count - silent}")
+            rss_before_stop = psutil.Process(core.pid).memory_info().rss / 1e6
+            core_publish = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in
+                            (tmp / "core.log").read_text().splitlines() if "devices in" in line and "published" in line]
+        finally:
+            ft.stop()
+            stop_process(web)  # type: ignore[arg-type]
+            stop_process(core)  # type: ignore[arg-type]
+            wn.close()
+            cn.close()
+    n = f"{count} devices, {rounds} rounds"
+    return [
+        Result(NAME, "bulk APPLY_CONFIG: request to last device received", "ms", publish, notes=f"{n}; goal <= 1000"),
+        Result(NAME, "bulk APPLY_CONFIG: HTTP reply (INITIATED)", "ms", replies, notes=n),
+        Result(NAME, "bulk APPLY_CONFIG: the core's publish loop", "ms", core_publish,
+               notes=f"{n}; handing every command to the broker, before delivery"),
+        Result(NAME, "bulk APPLY_CONFIG: last ACK to SSE complete", "ms", to_complete, notes=f"{n}; goal <= 1000"),
+        Result(NAME, "10% silent: SSE complete minus (request + timeout)", "ms", from_request,
+               notes=f"{n}, {silent} silent, timeout {timeout:g} s; goal within ±500"),
+        Result(NAME, "10% silent: SSE complete minus (last delivery + timeout)", "ms", offsets,
+               notes="negative: the timer starts when the core hands the command to the broker"),
+        Result(NAME, "CPU during all-answering rounds: core", "%", [cpu_core],
+               notes=f"{n}; the simulated fleet (this process) used {cpu_fleet:.0f} % (100 % = one core)"),
+        Result(NAME, "core peak RSS during bulk operations", "MB", [rss.peak],
+               notes=f"{n}; {rss_before_stop:.1f} MB after them"),
+    ]
+
+
+if __name__ == "__main__":
+    from bench.common import table
+
+    print(table(run(quick=True)))
