@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import broker_throughput, commands, core_start, devices, memory, wash_bays
+from bench import broker_throughput, commands, core_start, devices, memory, uplink_drain, wash_bays
 from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     wash_bays.NAME: wash_bays.run,
     devices.NAME: devices.run,
     commands.NAME: commands.run,
+    uplink_drain.NAME: uplink_drain.run,
 }
 
 

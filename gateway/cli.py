@@ -98,7 +98,7 @@ def cmd_init_secrets(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_secrets(path: Path, *, device_signing_key: str) -> None:
+def write_secrets(path: Path, *, device_signing_key: str, cloud_key: str = "") -> None:
     """Write a new secrets file readable by its owner and group only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = (
@@ -106,6 +106,9 @@ def write_secrets(path: Path, *, device_signing_key: str) -> None:
         f'device_signing_key = "{device_signing_key}"\n'
         f'jwt_secret = "{pysecrets.token_urlsafe(48)}"\n'
         f'mqtt_internal_password = "{pysecrets.token_urlsafe(24)}"\n'
+        "# The site's key towards the cloud (x-signature of uplink batches and payments), given by the\n"
+        "# cloud when the site is enrolled; needed when cloud.url is set.\n"
+        f'cloud_key = "{cloud_key}"\n'
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     with os.fdopen(fd, "w") as fh:

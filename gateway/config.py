@@ -204,6 +204,8 @@ class Secrets:
     device_signing_key: str = _f(min_len=8, doc="shared key of device signatures (device-api §2)")
     jwt_secret: str = _f(min_len=32, doc="HMAC key of technician tokens")
     mqtt_internal_password: str = _f(min_len=16, doc="password of the gateway's own MQTT users")
+    cloud_key: str = _f("", doc="key of the site's x-signature towards the cloud (uplink.md); needed with cloud.url")
+    cloud_bridge_password: str = _f("", doc="password of the cloud MQTT bridge's user, if it has one")
 
 
 # --- generic loader -------------------------------------------------------------------------
@@ -344,7 +346,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def load_secrets(cfg: Config) -> Secrets:
     p = Path(cfg.paths.secrets_file)
     data = _read_toml(p)
-    return _Loader(str(p), p.resolve().parent).build(Secrets, data, "")
+    loader = _Loader(str(p), p.resolve().parent)
+    secrets = loader.build(Secrets, data, "")
+    if cfg.cloud.url and len(secrets.cloud_key) < 8:
+        loader.fail("cloud_key", "required (at least 8 characters) when cloud.url is set")
+    return secrets
 
 
 def _cross_check(cfg: Config, loader: _Loader) -> None:

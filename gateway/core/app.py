@@ -22,6 +22,7 @@ from gateway.bus.rpc import RpcServer
 from gateway.bus.topics import HEALTH, STATUS
 from gateway.clock import iso_z
 from gateway.commands.service import CommandService
+from gateway.uplink.drainer import OutboxDrainer
 from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.pairing import PairingWindow
@@ -33,6 +34,7 @@ from gateway.wash.service import WashService
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET = 4.0
+UPLINK_HEALTH_SEC = 2.0
 
 
 def _log_stuck(what: str) -> None:
@@ -52,9 +54,11 @@ class Health:
         self.cloud_configured = cloud_configured
         self.plc: dict[str, bool] = {}
         self.cloud = False
+        self.uplink: dict[str, Any] = {}
 
     def snapshot(self) -> dict[str, Any]:
-        return {"plc": dict(self.plc), "cloud": self.cloud, "cloud_configured": self.cloud_configured, "at": iso_z()}
+        return {"plc": dict(self.plc), "cloud": self.cloud, "cloud_configured": self.cloud_configured,
+                "uplink": dict(self.uplink), "at": iso_z()}
 
 
 class CoreApp:
@@ -72,6 +76,7 @@ class CoreApp:
         self.presence: PresenceService | None = None
         self.pairing: PairingWindow | None = None
         self.commands: CommandService | None = None
+        self.drainer: OutboxDrainer | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -106,10 +111,12 @@ class CoreApp:
             await self.pairing.start(self.rpc)
             self.commands = CommandService(cfg, self.secrets, self.db, self.bus)
             await self.commands.start(self.rpc)
+            self.drainer = OutboxDrainer(cfg, self.secrets.cloud_key, self.db)
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
             parts = (self.wash.services() + self.presence.services() + self.pairing.services()
                      + self.commands.services())
             services += [Service(name, run) for name, run in parts]
+            services += [Service("uplink-drainer", self.drainer.run), Service("uplink-health", self._uplink_health)]
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
             supervisor = Supervisor(services)
@@ -159,7 +166,11 @@ class CoreApp:
         async def ping(_params: dict[str, Any]) -> dict[str, Any]:
             return {"pong": True, "version": __version__, "uptime_sec": round(time.monotonic() - self.started_at, 3)}
 
+        async def uplink_state(_params: dict[str, Any]) -> dict[str, Any]:
+            return self.drainer.state() if self.drainer is not None else {"enabled": False}
+
         rpc.register("ping", ping)
+        rpc.register("uplink.state", uplink_state)
 
     async def _publish_retained(self) -> None:
         """amqtt keeps retained messages in memory only: the core re-creates them at each start."""
@@ -181,6 +192,21 @@ class CoreApp:
     async def publish_health(self) -> None:
         assert self.bus is not None
         await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
+
+    async def _uplink_health(self) -> None:
+        """Health follows the drainer: reachable cloud, degraded, and the backlog rounded so that a
+        busy outbox does not republish health on every event."""
+        while True:
+            assert self.drainer is not None
+            st = self.drainer.state()
+            backlog = st["backlog"]
+            summary = {"degraded": st["degraded"], "reasons": st["degraded_reasons"], "dead": st["dead_total"],
+                       "backlog": backlog if backlog < 100 else round(backlog, -2)}
+            cloud = bool(st["enabled"]) and st["consecutive_failures"] == 0 and st["last_success_at"] is not None
+            if summary != self.health.uplink or cloud != self.health.cloud:
+                self.health.uplink, self.health.cloud = summary, cloud
+                await self.publish_health()
+            await asyncio.sleep(UPLINK_HEALTH_SEC)
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval or 1.0
