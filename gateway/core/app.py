@@ -22,13 +22,14 @@ from gateway.bus.rpc import RpcServer
 from gateway.bus.topics import HEALTH, STATUS
 from gateway.clock import iso_z
 from gateway.commands.service import CommandService
-from gateway.uplink.drainer import OutboxDrainer
 from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
+from gateway.payments.follower import PaymentFollower
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
+from gateway.uplink.drainer import OutboxDrainer
 from gateway.wash.service import WashService
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class CoreApp:
         self.pairing: PairingWindow | None = None
         self.commands: CommandService | None = None
         self.drainer: OutboxDrainer | None = None
+        self.payments: PaymentFollower | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -112,9 +114,11 @@ class CoreApp:
             self.commands = CommandService(cfg, self.secrets, self.db, self.bus)
             await self.commands.start(self.rpc)
             self.drainer = OutboxDrainer(cfg, self.secrets.cloud_key, self.db)
+            self.payments = PaymentFollower(cfg, self.secrets, self.db, self.bus)
+            await self.payments.start(self.rpc)
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
             parts = (self.wash.services() + self.presence.services() + self.pairing.services()
-                     + self.commands.services())
+                     + self.commands.services() + self.payments.services())
             services += [Service(name, run) for name, run in parts]
             services += [Service("uplink-drainer", self.drainer.run), Service("uplink-health", self._uplink_health)]
             if self.notifier.watchdog_interval:
@@ -144,6 +148,8 @@ class CoreApp:
             await self.presence.stop()
         if self.commands is not None:
             await self.commands.stop()
+        if self.payments is not None:
+            await self.payments.stop()
         if self.wash is not None:
             try:
                 await asyncio.wait_for(self.wash.stop(), SHUTDOWN_BUDGET / 2)
@@ -200,9 +206,10 @@ class CoreApp:
             assert self.drainer is not None
             st = self.drainer.state()
             backlog = st["backlog"]
+            failing = bool(st["enabled"]) and st["consecutive_failures"] > 0
             summary = {"degraded": st["degraded"], "reasons": st["degraded_reasons"], "dead": st["dead_total"],
-                       "backlog": backlog if backlog < 100 else round(backlog, -2)}
-            cloud = bool(st["enabled"]) and st["consecutive_failures"] == 0 and st["last_success_at"] is not None
+                       "failing": failing, "backlog": backlog if backlog < 100 else round(backlog, -2)}
+            cloud = bool(st["enabled"]) and not failing
             if summary != self.health.uplink or cloud != self.health.cloud:
                 self.health.uplink, self.health.cloud = summary, cloud
                 await self.publish_health()
