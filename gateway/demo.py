@@ -20,7 +20,6 @@ import threading
 import urllib.request
 from importlib import resources
 from pathlib import Path
-
 from typing import Any
 
 from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
@@ -133,7 +132,13 @@ def run_demo(data_dir: str | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     procs: list[tuple[str, subprocess.Popen[Any]]] = []
     pty = SocatPair(root / "pty")
+    from gateway.cloudsim import CloudSim
+
+    # The company cloud, simulated in this process: uplink events and QR payments (a charge is paid
+    # from the simulator's page, or by itself after two minutes).
+    cloud = CloudSim(DEMO_CLOUD_KEY, site_id="demo-site", payment_auto_delay_sec=120.0)
     try:
+        cloud.start()
         web_port, mqtt_port, plc_port = free_port(), free_port(), free_port()
         pty.start()
         sim_env = child_env()
@@ -143,7 +148,8 @@ def run_demo(data_dir: str | None = None) -> int:
             ["--tcp", f"127.0.0.1:{plc_port}", "--bay", "bay5:1:0", "--bay", "bay6:1:18",
              "--wash-time", str(DEMO_WASH_TIME)], sim_env)))
         cfg = write_demo_site(root, web_port=web_port, mqtt_port=mqtt_port,
-                              extra_toml=demo_plc_toml(pty.gateway_path, plc_port))
+                              extra_toml=demo_plc_toml(pty.gateway_path, plc_port)
+                              + f'[cloud]\nurl = "{cloud.url}"\n')
         ensure_demo_user(cfg)
         for name in ("core", "web"):
             with NotifySocket(root / f"{name}.notify") as notify:
@@ -166,6 +172,7 @@ def run_demo(data_dir: str | None = None) -> int:
         print(f"mqtt: mqtt://127.0.0.1:{mqtt_port}")
         print(f"plc: RTU on {pty.gateway_path} (bay1-bay4), TCP 127.0.0.1:{plc_port} (bay5, bay6)")
         print(f"devices: {DEMO_DEVICES} simulated (car wash and helmet dryers), pending until claimed")
+        print(f"cloud: {cloud.url}/_sim/ (simulated cloud: uplink events, QR charges to mark paid)")
         print(f"login: {DEMO_USER[0]} / {DEMO_USER[1]}")
         print(f"data: {root}")
         print(f"health: {json.dumps(health)}")
@@ -181,6 +188,7 @@ def run_demo(data_dir: str | None = None) -> int:
         for _name, proc in reversed(procs):
             stop_process(proc)
         pty.stop()
+        cloud.stop()
         if owned:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,10 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
         mqtt_url = re.search(r"^mqtt: mqtt://127\.0\.0\.1:(\d+)$", text, re.M)
         assert web_url and mqtt_url, text + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
         assert re.search(r"^login: demo / demo$", text, re.M)
+        cloud = re.search(r"^cloud: (http://127\.0\.0\.1:\d+/_sim/) ", text, re.M)
+        assert cloud, text
+        with urllib.request.urlopen(cloud.group(1), timeout=10) as r:
+            assert r.status == 200 and b"<" in r.read()
         status, health = http_json(web_url.group(1) + "api/health")
         assert status == 200 and health["mqtt"] is True and health["db"] is True
         out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", mqtt_url.group(1), "-t", "device/x/command",
