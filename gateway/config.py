@@ -145,6 +145,8 @@ class BridgeConfig:
     port: int = _f(8883, min=1, max=65535)
     tls: bool = _f(True)
     ca_file: str = _f("", path=True)
+    cert_file: str = _f("", path=True, doc="client certificate (PEM) for mutual TLS")
+    key_file: str = _f("", path=True, doc="its private key (PEM)")
     client_id: str = _f("", doc="default: carwash-gateway-{site.id}")
     username: str = _f("")
     keepalive_sec: int = _f(60, min=5, max=3600)

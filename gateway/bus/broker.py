@@ -218,6 +218,7 @@ class LocalBus:
         self._presence_changed = asyncio.Condition()
         self.clients: set[str] = set()
         self.dropped_handler_errors = 0
+        self._publish_listeners: list[Callable[[str, bytes], None]] = []
 
     @property
     def started(self) -> bool:
@@ -289,8 +290,18 @@ class LocalBus:
             raise ValueError(f"invalid topic filter {topic_filter!r}")
         self._handlers.append((topic_filter, handler))
 
+    def on_publish(self, fn: Callable[[str, bytes], None]) -> None:
+        """Also hand every message the core publishes to `fn(topic, payload)` (the cloud bridge
+        forwards some). `fn` must not block; its errors are logged, never raised."""
+        self._publish_listeners.append(fn)
+
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Deliver to subscribers; with `retain`, also replace the retained message (b"" clears)."""
+        for fn in self._publish_listeners:
+            try:
+                fn(topic, payload)
+            except Exception:
+                log.exception("publish listener failed on %s", topic)
         broker = self.broker
         if retain:
             await broker.retain_message(None, topic, payload, qos)

@@ -18,7 +18,7 @@ from peewee import SqliteDatabase
 
 from gateway import __version__
 from gateway.bus.broker import BrokerSettings, LocalBus
-from gateway.bus.rpc import RpcServer
+from gateway.bus.rpc import RpcError, RpcServer
 from gateway.bus.topics import HEALTH, STATUS
 from gateway.clock import iso_z
 from gateway.commands.service import CommandService
@@ -29,6 +29,7 @@ from gateway.devices.presence import PresenceService
 from gateway.payments.follower import PaymentFollower
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
+from gateway.uplink.bridge import BridgeSettings, CloudBridge
 from gateway.uplink.drainer import OutboxDrainer
 from gateway.wash.service import WashService
 
@@ -79,6 +80,7 @@ class CoreApp:
         self.commands: CommandService | None = None
         self.drainer: OutboxDrainer | None = None
         self.payments: PaymentFollower | None = None
+        self.bridge: CloudBridge | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -121,6 +123,9 @@ class CoreApp:
                      + self.commands.services() + self.payments.services())
             services += [Service(name, run) for name, run in parts]
             services += [Service("uplink-drainer", self.drainer.run), Service("uplink-health", self._uplink_health)]
+            if cfg.cloud.bridge.enabled:
+                self.bridge = self._make_bridge()
+                services.append(Service("cloud-bridge", self.bridge.run))
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
             supervisor = Supervisor(services)
@@ -168,6 +173,50 @@ class CoreApp:
             self.db.close()
         log.info("core stopped")
 
+    def _make_bridge(self) -> CloudBridge:
+        """The live MQTT bridge: bay status and device presence out; wash commands, device commands
+        and payment pushes in, through the same decision paths as local ones."""
+        assert self.bus is not None and self.wash is not None and self.commands is not None
+        wash, commands, payments = self.wash, self.commands, self.payments
+        assert payments is not None
+
+        async def on_wash_cmd(bay_id: str, payload: bytes) -> None:
+            await wash.command_from(bay_id, payload, "cloud-bridge")
+
+        async def on_device_command(device_id: str, payload: bytes) -> None:
+            try:
+                msg = json.loads(payload)
+                if not isinstance(msg, dict):
+                    raise ValueError("not a JSON object")
+                _answer, start = await commands.submit({"command": msg.get("command"), "payload": msg.get("payload"),
+                                                        "device_ids": [device_id], "bulk": False,
+                                                        "source": "cloud"})
+            except (ValueError, RpcError) as exc:
+                log.warning("cloud command for %s refused: %s", device_id, exc)
+                return
+            start()
+
+        async def on_payment_status(charge_id: str, payload: bytes) -> None:
+            try:
+                status = json.loads(payload).get("status")
+                if not isinstance(status, str):
+                    raise ValueError("status must be a string")
+                await payments.apply(charge_id, status)
+            except (ValueError, AttributeError, RpcError) as exc:
+                log.warning("cloud payment status for %s ignored: %s", charge_id, exc)
+
+        bridge = CloudBridge(BridgeSettings.from_config(self.config, password=self.secrets.cloud_bridge_password),
+                             on_wash_cmd=on_wash_cmd, on_device_command=on_device_command,
+                             on_payment_status=on_payment_status)
+
+        def forward(topic: str, payload: bytes) -> None:
+            if payload and ((topic.startswith("wash/") and topic.endswith("/status"))
+                            or topic.startswith("gateway/presence/")):
+                bridge.forward(topic, payload)
+
+        self.bus.on_publish(forward)
+        return bridge
+
     def _register_rpc(self, rpc: RpcServer) -> None:
         async def ping(_params: dict[str, Any]) -> dict[str, Any]:
             return {"pong": True, "version": __version__, "uptime_sec": round(time.monotonic() - self.started_at, 3)}
@@ -208,7 +257,8 @@ class CoreApp:
             backlog = st["backlog"]
             failing = bool(st["enabled"]) and st["consecutive_failures"] > 0
             summary = {"degraded": st["degraded"], "reasons": st["degraded_reasons"], "dead": st["dead_total"],
-                       "failing": failing, "backlog": backlog if backlog < 100 else round(backlog, -2)}
+                       "failing": failing, "backlog": backlog if backlog < 100 else round(backlog, -2),
+                       "bridge": None if self.bridge is None else self.bridge.connected}
             cloud = bool(st["enabled"]) and not failing
             if summary != self.health.uplink or cloud != self.health.cloud:
                 self.health.uplink, self.health.cloud = summary, cloud

@@ -151,6 +151,10 @@ class WashService:
         return {"bayId": bay_id, "course": view.course if action == "START" else None, "requestId": d.request_id,
                 "idempotent": d.verdict is Verdict.IDEMPOTENT, "sessionId": view.session_id}
 
+    async def command_from(self, bay_id: str, payload: bytes, source: str) -> None:
+        """A `wash/{bay}/cmd` message that came another way (the cloud bridge): same rules."""
+        await self._on_mqtt_command(f"wash/{bay_id}/cmd", payload, source)
+
     async def _on_mqtt_command(self, topic: str, data: bytes, client_id: str | None) -> None:
         topic_bay = topic.split("/")[1]
         try:
