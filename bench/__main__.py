@@ -10,7 +10,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import broker_throughput, commands, core_start, devices, memory, uplink_drain, wash_bays
+from bench import (
+    bridge,
+    broker_throughput,
+    commands,
+    core_start,
+    devices,
+    memory,
+    payments,
+    uplink_drain,
+    wash_bays,
+)
 from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json
 
 BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
@@ -21,6 +31,8 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     devices.NAME: devices.run,
     commands.NAME: commands.run,
     uplink_drain.NAME: uplink_drain.run,
+    payments.NAME: payments.run,
+    bridge.NAME: bridge.run,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -106,6 +107,10 @@ class BusClient:
         if reason.is_failure:
             log.warning("local broker refused the connection: %s", reason)
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            # paho leaves Nagle on: an RPC's small packets then wait for delayed ACKs (40 ms a call).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         subs = [(self._reply_topic, 1), (HEALTH, 1), (STATUS, 1)] + [(f, 1) for f, _ in self._callbacks]
         client.subscribe(subs)
         self._connected.set()
