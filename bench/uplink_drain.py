@@ -242,7 +242,7 @@ def run(quick: bool) -> list[Result]:
     lat = _payments(200 if quick else 1000)
     results.append(Result(NAME, "payment create latency (simulator alone)", "ms", lat,
                           notes=f"{len(lat)} sequential signed requests, one keep-alive connection; "
-                                "gateway proxy not included yet"))
+                                "through the gateway: the payments benchmark"))
     return results
 
 
