@@ -7,6 +7,7 @@ raises 401 UNAUTHORIZED (missing, malformed, expired or forged token, or a remov
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 from typing import Any
 
 import jwt
@@ -23,6 +24,9 @@ from web.openapi import doc
 bp = Blueprint("auth", __name__)
 
 ALGORITHM = "HS256"
+TOKEN_COOKIE = "cw_token"
+CSRF_COOKIE = "cw_csrf"
+CSRF_HEADER = "X-CSRF-Token"
 ISSUER = "carwash-gateway"
 
 LOGIN_REQ = {"type": "object", "required": ["username", "password"],
@@ -37,6 +41,12 @@ def issue_token(username: str) -> tuple[str, dt.datetime]:
     return jwt.encode(claims, c.secrets.jwt_secret, algorithm=ALGORITHM), exp
 
 
+def _csrf_ok() -> bool:
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    given = request.headers.get(CSRF_HEADER) or (request.form.get("csrf", "") if request.form else "")
+    return bool(cookie) and hmac.compare_digest(cookie.encode(), given.encode())
+
+
 def require_technician(*, allow_query: bool = False) -> str:
     """The user name of a valid Bearer token, else 401 with the envelope.
 
@@ -47,6 +57,12 @@ def require_technician(*, allow_query: bool = False) -> str:
     scheme, _, token = header.partition(" ")
     if not header and allow_query and request.args.get("access_token"):
         scheme, token = "bearer", request.args["access_token"]
+    if not header and request.cookies.get(TOKEN_COOKIE):
+        # The technician page's session: a cookie the browser sends by itself, so every change must
+        # also carry the CSRF token the page read from its own cookie (double submit).
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not _csrf_ok():
+            raise ApiError(403, "FORBIDDEN", "missing or wrong X-CSRF-Token")
+        scheme, token = "bearer", request.cookies[TOKEN_COOKIE]
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "a technician token is required (Authorization: Bearer ...)",
                        {"WWW-Authenticate": "Bearer"})

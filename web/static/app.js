@@ -1,0 +1,214 @@
+// The technician page's script: no framework, no build. Every action calls the JSON API with the
+// session cookie and the CSRF token (double submit); live views use EventSource.
+"use strict";
+
+function cookie(name) {
+  const m = document.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
+  return m ? decodeURIComponent(m[1]) : "";
+}
+
+function toast(text, bad) {
+  const el = document.getElementById("toast");
+  el.textContent = text;
+  el.className = bad ? "show bad" : "show";
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { el.className = ""; }, 6000);
+}
+
+async function api(method, path, body, raw) {
+  const headers = {"X-CSRF-Token": cookie("cw_csrf")};
+  let data;
+  if (raw !== undefined) { headers["Content-Type"] = "application/octet-stream"; data = raw; }
+  else if (body !== undefined) { headers["Content-Type"] = "application/json"; data = JSON.stringify(body); }
+  const r = await fetch(path, {method, headers, body: data, credentials: "same-origin"});
+  let json = null;
+  try { json = await r.json(); } catch (e) { json = null; }
+  if (r.status === 401) { location.href = "/login?why=expired&next=" + encodeURIComponent(location.pathname); }
+  if (!r.ok) { toast((json && json.message) || ("HTTP " + r.status), true); }
+  return {ok: r.ok, status: r.status, json};
+}
+
+// --- live operations (bulk SSE) -------------------------------------------------------------
+
+function follow(setupId, box) {
+  box.hidden = false;
+  const bar = box.querySelector(".op-progress"), pct = box.querySelector(".op-pct"), list = box.querySelector(".op-results");
+  list.textContent = "";
+  const rows = {};
+  const row = (d) => {
+    if (!rows[d.device_id]) { rows[d.device_id] = document.createElement("li"); list.appendChild(rows[d.device_id]); }
+    return rows[d.device_id];
+  };
+  const es = new EventSource("/api/v1/devices/bulk-events/" + encodeURIComponent(setupId));
+  es.addEventListener("progress", (e) => {
+    const d = JSON.parse(e.data);
+    bar.value = d.progress; pct.textContent = d.progress + "%";
+    box.dataset.progress = d.progress;
+  });
+  for (const name of ["device-success", "device-failed", "device-timeout", "device-progress", "command-sent"]) {
+    es.addEventListener(name, (e) => {
+      const d = JSON.parse(e.data), li = row(d);
+      li.className = "s-" + d.status;
+      li.dataset.device = d.device_id;
+      li.textContent = d.device_id + ": " + d.status + (d.error ? " (" + d.error + ")" : "") +
+        (d.progress !== undefined && d.status === "PROGRESS" ? " " + d.progress + "%" : "") +
+        (d.new_version ? " → " + d.new_version : "");
+    });
+  }
+  es.addEventListener("complete", (e) => {
+    const d = JSON.parse(e.data);
+    box.dataset.complete = "1";
+    toast(d.command + ": " + d.completed + "/" + d.total + " ✓, " + d.failed + " ✗, " + d.timeout + " timeout");
+  });
+  es.addEventListener("results", () => es.close());
+}
+
+function formConfigs(form) {
+  const out = {};
+  for (const el of form.querySelectorAll("[data-kind]")) {
+    const path = el.name.split(".").slice(1);  // drop "configs"
+    let node = out;
+    for (const key of path.slice(0, -1)) { node = node[key] = node[key] || {}; }
+    const k = path[path.length - 1];
+    node[k] = el.dataset.kind === "boolean" ? el.checked : el.dataset.kind === "integer" ? Number(el.value) : el.value;
+  }
+  return out;
+}
+
+function showFieldError(form, message) {
+  for (const el of form.querySelectorAll(".field-error")) { el.textContent = ""; }
+  const m = (message || "").match(/(configs(?:\.[A-Za-z0-9_]+)+)/);
+  const slot = m && form.querySelector('.field-error[data-for="' + m[1] + '"]');
+  if (slot) { slot.textContent = message; slot.closest(".field").querySelector("input").focus(); }
+}
+
+async function applyConfig(form, deviceIds, box) {
+  const r = await api("POST", "/api/v1/devices/apply-config", {device_ids: deviceIds, configs: formConfigs(form)});
+  if (!r.ok) { showFieldError(form, r.json && r.json.message); return; }
+  showFieldError(form, "");
+  follow(r.json.data.setup_id, box);
+}
+
+// --- pages ------------------------------------------------------------------------------------
+
+const pages = {
+  overview() {
+    const es = new EventSource("/api/wash/events");
+    es.addEventListener("wash:status", (e) => {
+      const s = JSON.parse(e.data);
+      const tile = document.querySelector('.tile[data-bay="' + s.bayId + '"]');
+      if (!tile) return;
+      tile.className = "tile state-" + s.state;
+      tile.querySelector(".bay-state").textContent = s.state;
+      tile.querySelector(".bay-progress").value = s.progress;
+      tile.querySelector(".bay-course").textContent = s.course || "—";
+      tile.querySelector(".bay-error").textContent = s.errorCode || "—";
+    });
+    for (const tile of document.querySelectorAll(".tile")) {
+      const bayId = tile.dataset.bay;
+      tile.querySelector(".bay-start").addEventListener("click", async (ev) => {
+        if (!confirm(ev.target.dataset.confirm)) return;
+        const course = tile.querySelector(".bay-course-select").value;
+        const r = await api("POST", "/api/wash/start", {bayId, course});
+        if (r.ok) toast(bayId + ": START");
+      });
+      tile.querySelector(".bay-stop").addEventListener("click", async (ev) => {
+        if (!confirm(ev.target.dataset.confirm)) return;
+        const r = await api("POST", "/api/wash/stop", {bayId});
+        if (r.ok) toast(bayId + ": STOP");
+      });
+    }
+  },
+  devices() {
+    document.getElementById("pairing-open").addEventListener("click", async () => {
+      if ((await api("POST", "/api/v1/pairing/open")).ok) location.reload();
+    });
+    document.getElementById("pairing-close").addEventListener("click", async () => {
+      if ((await api("POST", "/api/v1/pairing/close")).ok) location.reload();
+    });
+    for (const tr of document.querySelectorAll("tr[data-device]")) {
+      const id = tr.dataset.device;
+      tr.querySelector(".claim").addEventListener("click", async () => {
+        const body = {name: tr.querySelector(".claim-name").value};
+        const pin = tr.querySelector(".claim-pin").value;
+        if (pin) body.pin = pin;
+        if ((await api("POST", "/api/v1/devices/" + encodeURIComponent(id) + "/claim", body)).ok) location.reload();
+      });
+      tr.querySelector(".reject").addEventListener("click", async () => {
+        if ((await api("POST", "/api/v1/devices/" + encodeURIComponent(id) + "/reject")).ok) location.reload();
+      });
+    }
+  },
+  device() {
+    const form = document.getElementById("config-form");
+    if (form) {
+      form.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        applyConfig(form, JSON.parse(form.dataset.devices), form.parentElement.querySelector(".op"));
+      });
+    }
+    const restart = document.querySelector(".device-restart");
+    restart.addEventListener("click", async () => {
+      const r = await api("POST", "/api/v1/devices/" + encodeURIComponent(restart.dataset.device) + "/restart");
+      if (r.ok) toast("RESTART " + r.json.data.command_id);
+    });
+  },
+  bulk() {
+    const picks = () => [...document.querySelectorAll(".pick:checked")].map((el) => el.value);
+    const box = document.getElementById("bulk-op");
+    const count = () => { document.getElementById("picked-count").textContent = picks().length; };
+    document.addEventListener("change", count);
+    document.getElementById("type-filter").addEventListener("change", (ev) => {
+      for (const tr of document.querySelectorAll("tr[data-type]")) {
+        const show = !ev.target.value || tr.dataset.type === ev.target.value;
+        tr.hidden = !show;
+        if (!show) tr.querySelector(".pick").checked = false;
+      }
+      count();
+    });
+    document.getElementById("select-all").addEventListener("change", (ev) => {
+      for (const tr of document.querySelectorAll("tr[data-type]")) {
+        if (!tr.hidden) tr.querySelector(".pick").checked = ev.target.checked;
+      }
+      count();
+    });
+    const run = async (path, body) => {
+      if (!picks().length) { toast("0", true); return; }
+      const r = await api("POST", path, {device_ids: picks(), ...body});
+      if (r.ok) follow(r.json.data.setup_id, box);
+    };
+    document.getElementById("bulk-restart").addEventListener("click", () => run("/api/v1/devices/bulk-restart", {}));
+    document.getElementById("bulk-reset").addEventListener("click",
+      () => run("/api/v1/devices/bulk-commands", {command: "RESET_CONFIG", payload: {}}));
+    document.getElementById("bulk-firmware").addEventListener("click", () => run("/api/v1/devices/bulk-commands",
+      {command: "UPDATE_FIRMWARE", payload: {firmware_id: Number(document.getElementById("firmware-pick").value)}}));
+    for (const form of document.querySelectorAll(".bulk-config")) {
+      form.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        if (!picks().length) { toast("0", true); return; }
+        applyConfig(form, picks(), box);
+      });
+    }
+  },
+  firmware() {
+    document.getElementById("firmware-upload").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const file = document.getElementById("fw-file").files[0];
+      const q = new URLSearchParams({version: document.getElementById("fw-version").value});
+      const type = document.getElementById("fw-type").value;
+      if (type) q.set("device_type", type);
+      if ((await api("POST", "/api/v1/firmware?" + q, undefined, await file.arrayBuffer())).ok) location.reload();
+    });
+    for (const b of document.querySelectorAll(".fw-delete")) {
+      b.addEventListener("click", async () => {
+        if ((await api("DELETE", "/api/v1/firmware/" + b.dataset.id)).ok) location.reload();
+      });
+    }
+  },
+};
+
+document.addEventListener("DOMContentLoaded", () => {
+  for (const el of document.querySelectorAll(".csrf-field")) { if (!el.value) el.value = cookie("cw_csrf"); }
+  const fn = pages[document.body.dataset.page];
+  if (fn) fn();
+});
