@@ -161,7 +161,13 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     d.get(demo.url + "/commands")
     assert "APPLY_CONFIG" in d.find_element(By.TAG_NAME, "main").text
 
+    # Bus diagnostics: every bay polled, from the core.
+    d.get(demo.url + "/diagnostics")
+    text = d.find_element(By.TAG_NAME, "main").text
+    assert "rs485" in text and "lan" in text and "Bay #1" in text
+    shot(d, "diagnostics")
+
     # English on request.
     d.find_element(By.CSS_SELECTOR, "a.lang").click()
     wait.until(lambda drv: drv.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en")
-    assert "Command history" in d.find_element(By.TAG_NAME, "main").text
+    assert "Command history" in d.find_element(By.TAG_NAME, "nav").text

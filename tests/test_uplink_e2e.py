@@ -117,3 +117,48 @@ def test_outage_and_kill_9_mid_delivery(tmp_path) -> None:  # type: ignore[no-un
         rc = core.stop() if core is not None else 0
         sim.stop()
     assert rc == 0
+
+
+def test_dead_letters_are_listed_requeued_and_discarded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sim = CloudSim(DEMO_CLOUD_KEY, site_id="demo-site").start()
+    site = make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\n'
+                                        "backoff_max_sec = 1\n")
+    core = web = None
+    try:
+        core = start_process(site, "core")
+        web = start_process(site, "web")
+        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        ensure_demo_user(site.config_path)
+        auth = token_for(site)
+        sim.stall()  # hold deliveries until the poison is set
+        devices = []
+        for i in range(2):
+            body = {"chip_id": f"DEAD00{i:02X}", "mac_address": f"24:0A:C4:00:05:{i:02X}",
+                    "firmware_version": "car_wash_v1.00"}
+            devices.append(signed_post(site, "/api/v1/devices/need-register", body)["data"]["device_id"])
+        rows = outbox(site)
+        sim.poison([r.event_id for r in rows])
+        sim.release()
+        sim.wait_for(lambda s: all(r.state == "dead" for r in outbox(site)), 20)
+        code, st = http_json(site.web_url + "/api/v1/outbox/state", headers=auth)
+        assert code == 200 and st["data"]["dead_total"] >= len(rows)
+        # The first is sent again (the cloud accepts it now), the second discarded.
+        sim.clear()
+        code, body = http_json(site.web_url + "/api/v1/outbox/requeue", method="POST", body={"seq": [rows[0].seq]},
+                               headers=auth)
+        assert code == 200 and body["data"]["changed"] == 1
+        code, body = http_json(site.web_url + "/api/v1/outbox/discard", method="POST", body={"seq": [rows[1].seq]},
+                               headers=auth)
+        assert code == 200 and body["data"]["changed"] == 1
+        sim.wait_for(lambda s: rows[0].event_id in s.event_ids(), 20)
+        after = {r.seq: r.state for r in outbox(site)}
+        assert after[rows[0].seq] == "sent" and rows[1].seq not in after
+        code, body = http_json(site.web_url + "/api/v1/outbox/requeue", method="POST", body={"seq": "all"},
+                               headers=auth)
+        assert code == 400
+    finally:
+        if web is not None:
+            web.stop()
+        rc = core.stop() if core is not None else 0
+        sim.stop()
+    assert rc == 0

@@ -6,7 +6,7 @@ from flask import Flask, request
 from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
-from web import auth, commands, device_api, errors, firmware, meta, pages, payments, wash
+from web import auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
 from web.context import WebContext, ctx
 from web.errors import ApiError
 
@@ -44,6 +44,7 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.register_blueprint(commands.bp)
     app.register_blueprint(firmware.bp)
     app.register_blueprint(payments.bp)
+    app.register_blueprint(cloud.bp)
     app.register_blueprint(pages.bp)
     # Socket.IO for clients of the seed's `wash:status` event; threading mode under gthread.
     socketio = SocketIO(app, async_mode="threading", cors_allowed_origins="*", path=SOCKETIO_PATH)

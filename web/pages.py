@@ -380,3 +380,18 @@ def cloud(user: str) -> Response:
     dead = list(OutboxEvent.select().where(OutboxEvent.state == "dead").order_by(OutboxEvent.seq.desc()).limit(100))
     pending = OutboxEvent.select().where(OutboxEvent.state == "pending").count()
     return render("cloud.html", user, health=health, dead=dead, pending=pending, cloud_url=ctx().config.cloud.url)
+
+
+@bp.get("/diagnostics")
+@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE)  # type: ignore[arg-type]
+@page
+def diagnostics(user: str) -> Response:
+    from web.context import ask_core
+    from web.errors import ApiError
+
+    try:
+        buses = ask_core("wash.diagnostics", {})
+    except ApiError:
+        buses = None
+    names = {b.id: b.name or b.id for b in ctx().config.bays}
+    return render("diagnostics.html", user, buses=buses, names=names)

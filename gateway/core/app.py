@@ -49,6 +49,19 @@ def _log_stuck(what: str) -> None:
             log.error("shutdown: %s: pending task %s at %s", what, t.get_name(), where or "?")
 
 
+def _dead_letters(db: SqliteDatabase | None, seqs: list[int], action: str) -> int:
+    """Requeue (pending again, attempts reset) or discard dead outbox events; others are untouched."""
+    from gateway.store import write_tx
+    from gateway.store.models import OutboxEvent
+
+    assert db is not None
+    with write_tx(db):
+        q = OutboxEvent.seq.in_(seqs) & (OutboxEvent.state == "dead")
+        if action == "requeue":
+            return int(OutboxEvent.update(state="pending", attempts=0, last_error=None).where(q).execute())
+        return int(OutboxEvent.delete().where(q).execute())
+
+
 class Health:
     """What the core knows of the parts it owns; published retained on `gateway/health`."""
 
@@ -224,8 +237,21 @@ class CoreApp:
         async def uplink_state(_params: dict[str, Any]) -> dict[str, Any]:
             return self.drainer.state() if self.drainer is not None else {"enabled": False}
 
+        async def outbox_action(params: dict[str, Any], action: str) -> dict[str, Any]:
+            seqs = params.get("seq")
+            if not isinstance(seqs, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seqs):
+                raise RpcError("VALIDATION_FAILED", "seq must be a list of outbox sequence numbers", 400)
+            assert self.drainer is not None
+            changed = await asyncio.get_running_loop().run_in_executor(None, _dead_letters, self.db, seqs, action)
+            if action == "requeue":
+                self.drainer.wake()
+            log.info("outbox: %s %d dead letters", action, changed)
+            return {"changed": changed}
+
         rpc.register("ping", ping)
         rpc.register("uplink.state", uplink_state)
+        rpc.register("uplink.requeue", lambda p: outbox_action(p, "requeue"))
+        rpc.register("uplink.discard", lambda p: outbox_action(p, "discard"))
 
     async def _publish_retained(self) -> None:
         """amqtt keeps retained messages in memory only: the core re-creates them at each start."""

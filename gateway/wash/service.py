@@ -113,6 +113,7 @@ class WashService:
                                                              backoff_max=cfg.wash.offline_backoff_max_sec)
         self.bus.subscribe(WASH_CMD_FILTER, self._on_mqtt_command)
         rpc.register("wash.command", self._rpc_command)
+        rpc.register("wash.diagnostics", self._rpc_diagnostics)
         self._report_health()
 
     def services(self) -> list[tuple[str, Callable[[], Any]]]:
@@ -150,6 +151,12 @@ class WashService:
         view = self.bays[bay_id].machine.view
         return {"bayId": bay_id, "course": view.course if action == "START" else None, "requestId": d.request_id,
                 "idempotent": d.verdict is Verdict.IDEMPOTENT, "sessionId": view.session_id}
+
+    async def _rpc_diagnostics(self, _params: dict[str, Any]) -> dict[str, Any]:
+        """Per bus: link, transactions, reconnects; per bay: polls, errors, last error, latency."""
+        return {name: {"connected": s.connected, "transactions": s.transactions, "reconnects": s.reconnects,
+                       "type": s.config.type, "bays": s.stats()}
+                for name, s in self.schedulers.items()}
 
     async def command_from(self, bay_id: str, payload: bytes, source: str) -> None:
         """A `wash/{bay}/cmd` message that came another way (the cloud bridge): same rules."""

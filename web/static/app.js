@@ -190,6 +190,15 @@ const pages = {
       });
     }
   },
+  cloud() {
+    const picked = () => [...document.querySelectorAll(".dead-pick:checked")].map((el) => Number(el.value));
+    const act = async (what) => {
+      if (picked().length && (await api("POST", "/api/v1/outbox/" + what, {seq: picked()})).ok) location.reload();
+    };
+    const rq = document.getElementById("dead-requeue"), dc = document.getElementById("dead-discard");
+    if (rq) rq.addEventListener("click", () => act("requeue"));
+    if (dc) dc.addEventListener("click", () => { if (confirm(dc.dataset.confirm)) act("discard"); });
+  },
   firmware() {
     document.getElementById("firmware-upload").addEventListener("submit", async (ev) => {
       ev.preventDefault();

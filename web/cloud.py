@@ -1,0 +1,60 @@
+"""Technician APIs for the cloud link and the PLC buses (Bearer JWT or the page's session).
+
+The core owns the outbox drain and the buses: these routes ask it (RPC) and relay its answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from web.auth import require_technician
+from web.body import read_json
+from web.context import ask_core
+from web.errors import ApiError
+from web.openapi import doc
+
+bp = Blueprint("cloud", __name__)
+
+SEQ_REQ = {"type": "object", "required": ["seq"],
+           "properties": {"seq": {"type": "array", "items": {"type": "integer"}, "minItems": 1}}}
+
+
+@bp.get("/api/v1/outbox/state")
+@doc("The outbox drainer's state: backlog, dead letters, last error, degraded reasons", tags=("cloud",),
+     response={"type": "object"}, errors=(401, 503), security="bearer")
+def outbox_state() -> Any:
+    require_technician()
+    return jsonify({"success": True, "data": ask_core("uplink.state", {})})
+
+
+def _seqs() -> list[int]:
+    seq = read_json().get("seq")
+    if not isinstance(seq, list) or not seq or not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
+        raise ApiError(400, "VALIDATION_FAILED", "seq must be a non-empty list of integers")
+    return seq
+
+
+@bp.post("/api/v1/outbox/requeue")
+@doc("Send dead-letter events again (they become pending)", tags=("cloud",), request=SEQ_REQ,
+     response={"type": "object"}, errors=(400, 401, 403, 415, 503), security="bearer")
+def requeue() -> Any:
+    require_technician()
+    return jsonify({"success": True, "data": ask_core("uplink.requeue", {"seq": _seqs()})})
+
+
+@bp.post("/api/v1/outbox/discard")
+@doc("Delete dead-letter events for good", tags=("cloud",), request=SEQ_REQ, response={"type": "object"},
+     errors=(400, 401, 403, 415, 503), security="bearer")
+def discard() -> Any:
+    require_technician()
+    return jsonify({"success": True, "data": ask_core("uplink.discard", {"seq": _seqs()})})
+
+
+@bp.get("/api/v1/buses/diagnostics")
+@doc("Per PLC bus: link, transactions, reconnects; per bay: polls, errors, last error, latency", tags=("wash",),
+     response={"type": "object"}, errors=(401, 503), security="bearer")
+def diagnostics() -> Any:
+    require_technician()
+    return jsonify({"success": True, "data": ask_core("wash.diagnostics", {})})
