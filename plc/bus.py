@@ -86,6 +86,14 @@ class _Write:
     done: asyncio.Future[None]
 
 
+@dataclass
+class _Read:
+    unit: int
+    address: int
+    count: int
+    done: asyncio.Future[list[int]]
+
+
 class BusScheduler:
     """Construct without I/O; `run()` owns the connection until cancelled."""
 
@@ -98,7 +106,7 @@ class BusScheduler:
         self.gap = inter_frame_gap(config)
         self.timeout = config.timeout_ms / 1000
         self._bays = {b.bay_id: _BayState(b) for b in bays}
-        self._writes: deque[_Write] = deque()
+        self._writes: deque[_Write | _Read] = deque()
         self._wake = asyncio.Event()
         self._client: Any = None
         self.connected = False
@@ -116,6 +124,14 @@ class BusScheduler:
         self._writes.append(_Write(bay, offset, list(values), fut))
         self._wake.set()
         await fut
+
+    async def read(self, unit: int, address: int, count: int) -> list[int]:
+        """Read holding registers of any unit id, between polls (a bus scan); raises PlcWriteError
+        with the reason (timeout, exception N, connection lost)."""
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._writes.append(_Read(unit, address, count, fut))
+        self._wake.set()
+        return await fut
 
     def stats(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -209,8 +225,11 @@ class BusScheduler:
     async def _serve(self) -> None:
         while True:
             if self._writes:
-                w = self._writes.popleft()
-                await self._do_write(w)
+                job = self._writes.popleft()
+                if isinstance(job, _Read):
+                    await self._do_read(job)
+                else:
+                    await self._do_write(job)
                 continue
             now = time.monotonic()
             bay = min(self._bays.values(), key=lambda b: b.due, default=None)
@@ -290,6 +309,24 @@ class BusScheduler:
                 b.due = max(b.due + b.addr.poll_period, now)
         b.last_error = error
         self.on_poll(PollResult(b.addr.bay_id, status, error, latency, time.time()))
+
+    async def _do_read(self, r: _Read) -> None:
+        try:
+            rr = await self._transaction(lambda: self._client.read_holding_registers(
+                r.address, count=r.count, device_id=r.unit))
+        except ModbusIOException:
+            r.done.set_exception(PlcWriteError("timeout"))
+            return
+        except _BusDown as exc:
+            r.done.set_exception(PlcWriteError(str(exc)))
+            raise
+        except ModbusException as exc:
+            r.done.set_exception(PlcWriteError(f"modbus: {exc}"))
+            return
+        if rr.isError():
+            r.done.set_exception(PlcWriteError(f"exception {getattr(rr, 'exception_code', '?')}"))
+        else:
+            r.done.set_result(list(rr.registers))
 
     async def _do_write(self, w: _Write) -> None:
         try:

@@ -4,6 +4,7 @@ the CSRF header, pages redirect when logged out, both languages render every pag
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,5 +84,7 @@ def test_every_page_renders_in_both_languages(client: FlaskClient, lang: str, wo
     for p in PAGES:
         r = client.get(p)
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html"), p
-        assert word in r.get_data(as_text=True) and f'lang="{lang}"' in r.get_data(as_text=True), p
+        html = r.get_data(as_text=True)
+        assert word in html and f'lang="{lang}"' in html, p
+        assert re.search(r'<body data-page="[a-z]+"', html), p  # the page's script is chosen by this name
     assert client.get("/devices/device-none").status_code == 404

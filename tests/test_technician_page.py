@@ -165,6 +165,14 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     d.get(demo.url + "/diagnostics")
     text = d.find_element(By.TAG_NAME, "main").text
     assert "rs485" in text and "lan" in text and "Bay #1" in text
+    last = d.find_element(By.ID, "scan-last")
+    last.clear()
+    last.send_keys("5")
+    d.find_element(By.CSS_SELECTOR, "#scan-form button[type=submit]").click()
+    wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#scan-results tr")) == 5)
+    answered = d.find_elements(By.CSS_SELECTOR, "#scan-results tr.s-SUCCESS")
+    assert len(answered) == 4  # the demo's four RS485 bays; unit 5 is absent
+    assert all(any(state in r.text for state in ("IDLE", "DONE", "WASHING")) for r in answered)
     shot(d, "diagnostics")
 
     # English on request.

@@ -298,3 +298,37 @@ async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> No
     assert [(s["request_id"], s["state"], s["course"]) for s in sessions] == [(None, "DONE", "STANDARD"),
                                                                               ("r-9", "DONE", "BASIC")]
     assert sessions[0]["session_id"].endswith("-bay4-001") and sessions[1]["session_id"].endswith("-bay4-002")
+
+
+async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path) -> None:
+    """The core probes unit ids between polls: the simulated PLC's units answer and decode, the
+    absent ones time out, and the polls go on."""
+    import subprocess
+
+    from gateway.demo import ensure_demo_user
+    from gateway.procs import child_env, gateway_command
+    from tests.test_commands_e2e import token_for
+
+    async with wash_site(tmp_path) as ws:
+        out = await asyncio.to_thread(subprocess.run, gateway_command("scan-bus", "rs485", "--first", "1", "--last",
+                                                                      str(len(RTU_BAYS) + 2), "--config",
+                                                                      str(ws.site.config_path)),
+                                      env=child_env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = [line for line in out.stdout.splitlines() if line.startswith("unit")]
+        assert len(lines) == len(RTU_BAYS) + 2
+        assert all("answers" in line and "IDLE" in line for line in lines[:len(RTU_BAYS)]), out.stdout
+        # No PLC at those ids: the simulator's server answers with an exception (a real bus: timeout).
+        assert all("answers" not in line and ("exception" in line or "timeout" in line)
+                   for line in lines[len(RTU_BAYS):]), out.stdout
+        ensure_demo_user(ws.site.config_path)
+        auth = await asyncio.to_thread(token_for, ws.site)
+        code, body = await asyncio.to_thread(http_json, ws.url + "/api/v1/buses/scan", method="POST",
+                                             body={"bus": "lan", "first": 1, "last": 1}, headers=auth, timeout=60)
+        assert code == 200 and body["data"]["units"][0]["decoded"]["state"] == "IDLE", body
+        code, body = await asyncio.to_thread(http_json, ws.url + "/api/v1/buses/scan", method="POST",
+                                             body={"bus": "nope"}, headers=auth)
+        assert code == 400 and "rs485" in body["message"]
+        code, diag = await asyncio.to_thread(http_json, ws.url + "/api/v1/buses/diagnostics", headers=auth)
+        assert code == 200 and diag["data"]["rs485"]["connected"] is True
+        assert all(b["polls"] > 0 for b in diag["data"]["rs485"]["bays"].values())

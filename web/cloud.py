@@ -58,3 +58,22 @@ def discard() -> Any:
 def diagnostics() -> Any:
     require_technician()
     return jsonify({"success": True, "data": ask_core("wash.diagnostics", {})})
+
+
+SCAN_REQ = {"type": "object", "required": ["bus"],
+            "properties": {"bus": {"type": "string"}, "first": {"type": "integer", "minimum": 1},
+                           "last": {"type": "integer", "maximum": 247}, "profile": {"type": "string"}}}
+
+
+@bp.post("/api/v1/buses/scan")
+@doc("Probe unit ids on a PLC bus between polls and read their poll registers (decided by the core)",
+     tags=("wash",), request=SCAN_REQ, response={"type": "object"}, errors=(400, 401, 403, 415, 503),
+     security="bearer")
+def scan() -> Any:
+    require_technician()
+    body = read_json()
+    params = {k: body[k] for k in ("bus", "first", "last", "profile") if k in body}
+    return jsonify({"success": True, "data": ask_core("wash.scan", params, timeout=SCAN_TIMEOUT_SEC)})
+
+
+SCAN_TIMEOUT_SEC = 60.0  # 32 silent units x the bus timeout, at worst

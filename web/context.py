@@ -126,7 +126,7 @@ def ctx(app: Flask | None = None) -> WebContext:
     return (app or current_app).extensions["carwash"]  # type: ignore[no-any-return]
 
 
-def ask_core(method: str, params: dict[str, Any]) -> Any:
+def ask_core(method: str, params: dict[str, Any], *, timeout: float | None = None) -> Any:
     """An RPC to the core; its refusal becomes the same HTTP error, silence a 503."""
     from gateway.bus.client import BusUnavailable, RpcTimeout
     from gateway.bus.rpc import RpcError
@@ -136,7 +136,7 @@ def ask_core(method: str, params: dict[str, Any]) -> Any:
     if c.bus is None:
         raise ApiError(503, "SERVICE_UNAVAILABLE", "not connected to the core")
     try:
-        return c.bus.call(method, params, timeout=c.config.mqtt.rpc_timeout_sec)
+        return c.bus.call(method, params, timeout=timeout or c.config.mqtt.rpc_timeout_sec)
     except RpcError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None
     except (BusUnavailable, RpcTimeout) as exc:

@@ -33,9 +33,11 @@ from gateway.store import write_tx
 from gateway.store.models import Bay, WashSession
 from gateway.wash.machine import BayMachine, CloseSession, Decision, Effects, OpenSession, Verdict, View, Write
 from plc.bus import BayAddress, BusScheduler, PlcWriteError, PollResult
-from plc.profile import Profile, encode_command, load_profiles
+from plc.profile import DecodeError, Profile, decode_status, encode_command, load_profiles
 
 log = logging.getLogger(__name__)
+
+SCAN_MAX_UNITS = 32
 
 WASH_CMD_FILTER = "wash/+/cmd"
 TICK_SEC = 0.1
@@ -84,6 +86,7 @@ class WashService:
         """Load bays from config and store, republish their retained status, wire MQTT and RPC."""
         cfg = self.config
         profiles = load_profiles(cfg.wash.extra_profiles)
+        self.profiles = profiles
         rows = await self._in_db(self._load_rows)
         for b in cfg.bays:
             profile = profiles.get(b.profile)
@@ -114,6 +117,7 @@ class WashService:
         self.bus.subscribe(WASH_CMD_FILTER, self._on_mqtt_command)
         rpc.register("wash.command", self._rpc_command)
         rpc.register("wash.diagnostics", self._rpc_diagnostics)
+        rpc.register("wash.scan", self._rpc_scan)
         self._report_health()
 
     def services(self) -> list[tuple[str, Callable[[], Any]]]:
@@ -157,6 +161,41 @@ class WashService:
         return {name: {"connected": s.connected, "transactions": s.transactions, "reconnects": s.reconnects,
                        "type": s.config.type, "bays": s.stats()}
                 for name, s in self.schedulers.items()}
+
+    async def _rpc_scan(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Probe unit ids `first..last` (at most `SCAN_MAX_UNITS`) on one bus between polls: each
+        answers its poll block at base 0, decoded with `profile` when it decodes."""
+        bus, profile_name = params.get("bus"), params.get("profile", "washbay-v1")
+        first, last = params.get("first", 1), params.get("last", 16)
+        scheduler = self.schedulers.get(bus) if isinstance(bus, str) else None
+        if scheduler is None:
+            raise RpcError("VALIDATION_FAILED", f"bus must be one of {', '.join(self.schedulers) or '(none)'}", 400)
+        profile = self.profiles.get(profile_name) if isinstance(profile_name, str) else None
+        if profile is None:
+            raise RpcError("VALIDATION_FAILED", f"profile must be one of {', '.join(self.profiles)}", 400)
+        if not (isinstance(first, int) and isinstance(last, int) and 1 <= first <= last <= 247
+                and last - first < SCAN_MAX_UNITS):
+            raise RpcError("VALIDATION_FAILED", f"first..last: unit ids 1..247, at most {SCAN_MAX_UNITS}", 400)
+        units = []
+        for unit in range(first, last + 1):
+            entry: dict[str, Any] = {"unit": unit}
+            try:
+                regs = await scheduler.read(unit, profile.poll_offset, profile.poll_count)
+            except PlcWriteError as exc:
+                entry["error"] = str(exc)
+            else:
+                entry["registers"] = regs
+                try:
+                    st = decode_status(profile, regs)
+                    entry["decoded"] = {"state": st.state, "progress": st.progress, "course": st.course,
+                                        "error": st.error_name or (st.error_code or None)}
+                except DecodeError as exc:
+                    entry["decoded"] = None
+                    entry["decode_error"] = str(exc)
+            units.append(entry)
+        log.info("scan of bus %s units %d..%d: %d answered", bus, first, last,
+                 sum(1 for u in units if "registers" in u))
+        return {"bus": bus, "profile": profile.name, "units": units}
 
     async def command_from(self, bay_id: str, payload: bytes, source: str) -> None:
         """A `wash/{bay}/cmd` message that came another way (the cloud bridge): same rules."""

@@ -199,6 +199,29 @@ const pages = {
     if (rq) rq.addEventListener("click", () => act("requeue"));
     if (dc) dc.addEventListener("click", () => { if (confirm(dc.dataset.confirm)) act("discard"); });
   },
+  diagnostics() {
+    const form = document.getElementById("scan-form");
+    if (!form) return;
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const out = document.getElementById("scan-results");
+      out.textContent = "…";
+      const r = await api("POST", "/api/v1/buses/scan", {bus: document.getElementById("scan-bus").value,
+        first: Number(document.getElementById("scan-first").value), last: Number(document.getElementById("scan-last").value)});
+      out.textContent = "";
+      if (!r.ok) return;
+      for (const u of r.json.data.units) {
+        const tr = document.createElement("tr");
+        const d = u.decoded;
+        for (const text of ["unit " + u.unit, u.registers ? u.registers.join(" ") : u.error,
+                            d ? d.state + " " + d.progress + "% " + (d.course || "") + " " + (d.error || "") : (u.decode_error || "")]) {
+          const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
+        }
+        tr.className = u.registers ? "s-SUCCESS" : "s-FAILED";
+        out.appendChild(tr);
+      }
+    });
+  },
   firmware() {
     document.getElementById("firmware-upload").addEventListener("submit", async (ev) => {
       ev.preventDefault();
