@@ -156,7 +156,7 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     # The sessions plot has the wash above; the history lists the bulk command.
     d.get(demo.url + "/money")
     charts = d.find_elements(By.CSS_SELECTOR, "svg.chart")
-    assert len(charts) == 2 and charts[1].find_elements(By.CSS_SELECTOR, "rect")
+    assert len(charts) == 3 and charts[1].find_elements(By.CSS_SELECTOR, "rect")
     shot(d, "money")
     d.get(demo.url + "/commands")
     assert "APPLY_CONFIG" in d.find_element(By.TAG_NAME, "main").text

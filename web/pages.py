@@ -357,10 +357,18 @@ def money(user: str) -> Response:
     palette = ["#6a1b9a", "#ef6c00", "#00838f", "#ad1457", "#558b2f", "#4e342e", "#283593", "#9e9d24"]
     sessions_chart = bar_chart(per_bay, hours, {}, {b: palette[i % len(palette)] for i, b in enumerate(per_bay)},
                                t("sessions_per_hour"))
+    errors: dict[str, dict[str, float]] = {}
+    for s in WashSession.select().where((WashSession.start_time >= since) & WashSession.error_code.is_null(False)):
+        day = s.start_time.replace(tzinfo=dt.timezone.utc).astimezone(zone).strftime("%Y-%m-%d")
+        errors.setdefault(s.error_code, {})[day] = errors.get(s.error_code, {}).get(day, 0) + 1
+    error_days = [(today - dt.timedelta(days=i)).strftime("%Y-%m-%d") for i in range(13, -1, -1)]
+    errors_chart = bar_chart(errors, error_days, {}, {c: palette[i % len(palette)] for i, c in enumerate(errors)},
+                             t("errors_per_day"))
     payments = list(Payment.select().order_by(Payment.created_at.desc()).limit(50))
     sessions = list(WashSession.select().order_by(WashSession.start_time.desc()).limit(50))
     rows = sorted(per_device_day.values(), key=lambda r: (r["day"], r["device"]), reverse=True)
-    return render("money.html", user, revenue=revenue, sessions_chart=sessions_chart, payments=payments,
+    return render("money.html", user, revenue=revenue, sessions_chart=sessions_chart, errors_chart=errors_chart,
+                  payments=payments,
                   sessions=sessions, rows=rows, banknotes=BANKNOTES, coins=COINS, iso=iso_z)
 
 
