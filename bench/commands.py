@@ -22,24 +22,13 @@ from typing import Any
 
 import psutil
 
-from bench.common import Result
+from bench.common import Result, start_notified
 from gateway.demo import ensure_demo_user, free_port, write_demo_site
 from gateway.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from gateway.procs import gateway_command, stop_process
 
 NAME = "commands"
-WEB_CONNECTED = "STATUS=serving; connected to the local broker"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _start(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool = False) -> tuple[psutil.Popen, NotifySocket]:
-    notify = NotifySocket(tmp / f"{name}.notify")
-    with (tmp / f"{name}.log").open("wb") as log:
-        proc = psutil.Popen(cmd, env=child_env(notify), stdout=log, stderr=log)
-    notify.wait_for("READY=1", 30)
-    if wait_connected:
-        notify.wait_for(WEB_CONNECTED, 30)
-    return proc, notify
 
 
 def _http(url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
@@ -106,8 +95,8 @@ def run(quick: bool) -> list[Result]:
         cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port,
                               extra_toml=f"[devices]\ncommand_timeout_sec = {timeout}\nstreaming_interval_sec = 600\n")
         key = json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text())["secret_key"]
-        core, cn = _start(gateway_command("core", "--config", str(cfg)), tmp, "core")
-        web, wn = _start(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
+        core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "core")
+        web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
         base = f"http://127.0.0.1:{web_port}"
         ensure_demo_user(cfg)
         auth = {"Authorization": "Bearer " + _http(base + "/api/v1/auth/login",

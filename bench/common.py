@@ -189,3 +189,23 @@ def wait_port(host: str, port: int, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{host}:{port} not accepting connections within {timeout:g} s") from None
             time.sleep(0.05)
+
+
+WEB_CONNECTED = "STATUS=serving; connected to the local broker"
+
+
+def start_notified(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool = False,
+                   env_extra: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """Start a gateway process with its own NOTIFY_SOCKET and log file in `tmp`; returns
+    `(psutil.Popen, NotifySocket)` once it said READY=1 (and, for the web, joined the broker)."""
+    import psutil
+
+    from gateway.procs import NotifySocket, child_env
+
+    notify = NotifySocket(tmp / f"{name}.notify")
+    with (tmp / f"{name}.log").open("wb") as out:
+        proc = psutil.Popen(cmd, env=child_env(notify, **(env_extra or {})), stdout=out, stderr=out)
+    notify.wait_for("READY=1", 30)
+    if wait_connected:
+        notify.wait_for(WEB_CONNECTED, 30)
+    return proc, notify

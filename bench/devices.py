@@ -19,30 +19,15 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
-from bench.common import Result
+from bench.common import Result, start_notified
 from gateway.demo import free_port, write_demo_site
 from gateway.fleet import Fleet
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from gateway.procs import gateway_command, stop_process
 from gateway.signing import http_signature
 
 NAME = "devices"
 CLIENTS = 50
-WEB_CONNECTED = "STATUS=serving; connected to the local broker"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _start(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool = False,
-           env_extra: dict[str, str] | None = None) -> tuple[psutil.Popen, NotifySocket]:
-    notify = NotifySocket(tmp / f"{name}.notify")
-    log = (tmp / f"{name}.log").open("wb")
-    proc = psutil.Popen(cmd, env=child_env(notify, **(env_extra or {})), stdout=log, stderr=log)
-    log.close()
-    notify.wait_for("READY=1", 30)
-    if wait_connected:
-        notify.wait_for(WEB_CONNECTED, 30)
-    return proc, notify
 
 
 def _load(port: int, path: str, bodies, seconds: float) -> tuple[list[float], int]:  # type: ignore[no-untyped-def]
@@ -85,8 +70,8 @@ def _uploads(tmp: Path, quick: bool) -> list[Result]:
     web_port, mqtt_port = free_port(), free_port()
     cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port)
     key = (json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text()))["secret_key"]
-    core, cn = _start(gateway_command("core", "--config", str(cfg)), tmp, "core")
-    web, wn = _start(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
+    core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "core")
+    web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
     seconds = 5.0 if quick else 20.0
     results = []
     try:
@@ -120,7 +105,7 @@ def _uploads(tmp: Path, quick: bool) -> list[Result]:
         cn.close()
     # The bare endpoint, same gunicorn settings (web/gunicorn_conf.py), same config.
     env = {"CARWASH_GATEWAY_CONFIG": str(cfg)}
-    bare, bn = _start([sys.executable, "-m", "gunicorn", "--config",
+    bare, bn = start_notified([sys.executable, "-m", "gunicorn", "--config",
                        str(ROOT / "web" / "gunicorn_conf.py"), "bench.bare_app:app"], tmp, "bare", env_extra=env)
     try:
         raw = b'{"device_id":"x","items":[]}'
@@ -141,8 +126,8 @@ def _fleet(tmp: Path, quick: bool) -> list[Result]:
     cfg = write_demo_site(tmp / "fleet", web_port=web_port, mqtt_port=mqtt_port,
                           extra_toml=f"[devices]\nstreaming_interval_sec = {interval}\n")
     key = (json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text()))["secret_key"]
-    core, cn = _start(gateway_command("core", "--config", str(cfg)), tmp, "fcore")
-    web, wn = _start(gateway_command("web", "--config", str(cfg)), tmp, "fweb", wait_connected=True)
+    core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "fcore")
+    web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "fweb", wait_connected=True)
 
     async def run() -> tuple[float, float]:
         stop = asyncio.Event()

@@ -15,27 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
-from bench.common import Result
+from bench.common import Result, start_notified
 from gateway.cloudsim import CloudSim
 from gateway.demo import DEMO_CLOUD_KEY, free_port, write_demo_site
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from gateway.procs import gateway_command, stop_process
 from gateway.signing import http_signature
 
 NAME = "payments"
-WEB_CONNECTED = "STATUS=serving; connected to the local broker"
 DEVICE_KEY = "modernchabackdoor"
-
-
-def _start(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool = False) -> tuple[psutil.Popen, NotifySocket]:
-    notify = NotifySocket(tmp / f"{name}.notify")
-    with (tmp / f"{name}.log").open("wb") as log:
-        proc = psutil.Popen(cmd, env=child_env(notify), stdout=log, stderr=log)
-    notify.wait_for("READY=1", 30)
-    if wait_connected:
-        notify.wait_for(WEB_CONNECTED, 30)
-    return proc, notify
 
 
 def _timed_posts(port: int, path: str, body: bytes, key: str, n: int) -> list[float]:
@@ -65,8 +52,8 @@ def run(quick: bool) -> list[Result]:
             web_port, mqtt_port = free_port(), free_port()
             cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port,
                                   extra_toml=f'[cloud]\nurl = "{sim.url}"\n')
-            core, cn = _start(gateway_command("core", "--config", str(cfg)), tmp, "core")
-            web, wn = _start(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
+            core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "core")
+            web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
             try:
                 reg = json.dumps({"chip_id": "BE7C0001", "mac_address": "24:0A:C4:00:04:01",
                                   "firmware_version": "car_wash_v1.00"}).encode()

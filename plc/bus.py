@@ -310,40 +310,33 @@ class BusScheduler:
         b.last_error = error
         self.on_poll(PollResult(b.addr.bay_id, status, error, latency, time.time()))
 
-    async def _do_read(self, r: _Read) -> None:
+    async def _do_job(self, request: Callable[[], Any], done: asyncio.Future[Any],
+                      result: Callable[[Any], Any]) -> None:
+        """A write or an out-of-poll read: its outcome goes to `done` (PlcWriteError with the
+        reason); a lost bus also ends the serving loop."""
         try:
-            rr = await self._transaction(lambda: self._client.read_holding_registers(
-                r.address, count=r.count, device_id=r.unit))
+            rr = await self._transaction(request)
         except ModbusIOException:
-            r.done.set_exception(PlcWriteError("timeout"))
+            done.set_exception(PlcWriteError("timeout"))
             return
         except _BusDown as exc:
-            r.done.set_exception(PlcWriteError(str(exc)))
+            done.set_exception(PlcWriteError(str(exc)))
             raise
         except ModbusException as exc:
-            r.done.set_exception(PlcWriteError(f"modbus: {exc}"))
+            done.set_exception(PlcWriteError(f"modbus: {exc}"))
             return
         if rr.isError():
-            r.done.set_exception(PlcWriteError(f"exception {getattr(rr, 'exception_code', '?')}"))
+            done.set_exception(PlcWriteError(f"exception {getattr(rr, 'exception_code', '?')}"))
         else:
-            r.done.set_result(list(rr.registers))
+            done.set_result(result(rr))
+
+    async def _do_read(self, r: _Read) -> None:
+        await self._do_job(lambda: self._client.read_holding_registers(r.address, count=r.count, device_id=r.unit),
+                           r.done, lambda rr: list(rr.registers))
 
     async def _do_write(self, w: _Write) -> None:
-        try:
-            rr = await self._transaction(lambda: self._client.write_registers(
-                w.bay.addr.base + w.offset, w.values, device_id=w.bay.addr.unit))
-        except ModbusIOException:
-            w.done.set_exception(PlcWriteError("timeout"))
-            return
-        except _BusDown as exc:
-            w.done.set_exception(PlcWriteError(str(exc)))
-            raise
-        except ModbusException as exc:
-            w.done.set_exception(PlcWriteError(f"modbus: {exc}"))
-            return
-        if rr.isError():
-            w.done.set_exception(PlcWriteError(f"exception {getattr(rr, 'exception_code', '?')}"))
-        else:
-            w.done.set_result(None)
+        await self._do_job(lambda: self._client.write_registers(w.bay.addr.base + w.offset, w.values,
+                                                                device_id=w.bay.addr.unit),
+                           w.done, lambda _rr: None)
 
 

@@ -126,6 +126,16 @@ def ctx(app: Flask | None = None) -> WebContext:
     return (app or current_app).extensions["carwash"]  # type: ignore[no-any-return]
 
 
+def require_db() -> SqliteDatabase:
+    """This worker's database, or 503 SERVICE_UNAVAILABLE when it is not open."""
+    from web.errors import ApiError
+
+    db = ctx().db
+    if db is None:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", "database not open")
+    return db
+
+
 def ask_core(method: str, params: dict[str, Any], *, timeout: float | None = None) -> Any:
     """An RPC to the core; its refusal becomes the same HTTP error, silence a 503."""
     from gateway.bus.client import BusUnavailable, RpcTimeout

@@ -19,7 +19,7 @@ from gateway.signing import Verdict, verify_http
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
 from web.auth import require_technician
 from web.body import raw_body, read_json
-from web.context import ask_core, ctx
+from web.context import ask_core, ctx, require_db
 from web.errors import ApiError
 from web.openapi import doc
 
@@ -60,13 +60,6 @@ def _invalid(exc: validate.Invalid) -> ApiError:
     return ApiError(400, "VALIDATION_FAILED", str(exc))
 
 
-def _db() -> Any:
-    db = ctx().db
-    if db is None:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", "database not open")
-    return db
-
-
 def _write(fn: Any) -> Any:
     """Run a store write through the group-commit writer (returns after the commit)."""
     writer = ctx().writer
@@ -88,7 +81,7 @@ def need_register() -> Any:
     if c.config.devices.pairing_requires_button and not c.pairing_open():
         raise ApiError(403, "FORBIDDEN", "the pairing window is closed: press the gateway's service button "
                                          "or open it on the technician page")
-    db = _db()
+    db = require_db()
     r = _write(lambda: register(db, reg, pin_ttl_sec=c.config.devices.pin_ttl_sec, site_id=c.config.site.id))
     return jsonify({"success": True, "data": {"pin": r.pin, "device_id": r.device_id},
                     "message": "Device registered successfully"})
@@ -115,7 +108,7 @@ def sync_configs(device_id: str) -> Any:
     configs = life.configs if life else body
     c = ctx()
     try:
-        db = _db()
+        db = require_db()
         _write(lambda: report_configs(db, device_id, configs, site_id=c.config.site.id, lifecycle=life))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}; register it first") from None
@@ -132,7 +125,7 @@ def devices_sync() -> Any:
         raise ApiError(400, "VALIDATION_FAILED", "topic_request: startup or shutdown")
     c = ctx()
     try:
-        db = _db()
+        db = require_db()
         _write(lambda: report_configs(db, life.device_id, life.configs, site_id=c.config.site.id, lifecycle=life))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {life.device_id!r}; register it first") from None
@@ -149,7 +142,7 @@ def logs_upload() -> Any:
     except validate.Invalid as exc:
         raise _invalid(exc) from None
     try:
-        db, site_id = _db(), ctx().config.site.id
+        db, site_id = require_db(), ctx().config.site.id
         r = _write(lambda: upload_logs(db, dev, items, site_id=site_id))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {dev!r}; register it first") from None
@@ -225,7 +218,7 @@ def claim_device(device_id: str) -> Any:
     if pin is not None and (not isinstance(pin, str) or len(pin) != 4 or not pin.isdigit()):
         raise ApiError(400, "VALIDATION_FAILED", "pin: 4 digits")
     try:
-        db, site_id = _db(), ctx().config.site.id
+        db, site_id = require_db(), ctx().config.site.id
         _write(lambda: claim(db, device_id, name.strip(), pin=pin, site_id=site_id, by=user))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None
@@ -240,7 +233,7 @@ def claim_device(device_id: str) -> Any:
 def reject_device(device_id: str) -> Any:
     user = require_technician()
     try:
-        db = _db()
+        db = require_db()
         _write(lambda: reject(db, device_id, by=user))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}") from None

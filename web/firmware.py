@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, send_file
-from peewee import SqliteDatabase
 
 from gateway.clock import iso_z, utc_now
 from gateway.store import write_tx
 from gateway.store.models import FirmwareImage
 from web.auth import require_technician
-from web.context import ctx
+from web.context import ctx, require_db
 from web.errors import ApiError
 from web.openapi import doc
 
@@ -39,13 +38,6 @@ CHUNK = 64 * 1024
 
 def firmware_dir() -> Path:
     return Path(ctx().config.paths.firmware_dir)
-
-
-def _db() -> SqliteDatabase:
-    db = ctx().db
-    if db is None:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", "the database is not open")
-    return db
 
 
 def download_url(image: FirmwareImage) -> str:
@@ -98,7 +90,7 @@ def upload() -> Any:
             os.fsync(dir_fd)  # the rename survives a power cut before the row does
         finally:
             os.close(dir_fd)
-        with write_tx(_db()):
+        with write_tx(require_db()):
             image = FirmwareImage.create(version=version, filename=filename, sha256=sha, size=size,
                                          device_type=device_type, uploaded_at=utc_now())
     finally:
@@ -124,7 +116,7 @@ def delete_image(image_id: int) -> Any:
     image = FirmwareImage.get_or_none(FirmwareImage.id == image_id)
     if image is None:
         raise ApiError(404, "NOT_FOUND", f"no firmware image {image_id}")
-    with write_tx(_db()):
+    with write_tx(require_db()):
         image.delete_instance()
     (firmware_dir() / image.filename).unlink(missing_ok=True)
     return jsonify({"success": True, "message": "Firmware deleted"})

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
+
 from gateway.clock import iso_z
 from gateway.store.models import Bay, WashSession
 from web.auth import require_technician

@@ -22,7 +22,8 @@ Contract
   counted, logged; the call returns False). The latest payload of each topic is kept until the
   broker acknowledged it, so while offline only the latest per topic waits (at most
   `max_pending_topics` topics; beyond that the oldest topic is dropped) and is sent after the next
-  CONNACK, oldest topic first. Safe from any thread.
+  CONNACK, oldest topic first. Safe from any thread while `run()` runs (calls from other threads
+  are handed to its loop); before that, call them from one thread.
 - Cloud -> local: subscribes (QoS 1) `sites/{site_id}/wash/+/cmd`, `sites/{site_id}/device/+/command`
   and `sites/{site_id}/payments/+/status`. Each message is handed, in arrival order and one at a
   time, to `on_wash_cmd(bay_id, payload)`, `on_device_command(device_id, payload)` or
