@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import selectors
 import subprocess
 import sys
 import threading
@@ -38,7 +37,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.broker_throughput import run_mosquitto
-from bench.common import Result, log, tail, temp_dir
+from bench.common import Result, log, readline, tail, temp_dir
 from gateway.uplink.bridge import BridgeSettings, CloudBridge
 
 NAME = "bridge"
@@ -80,15 +79,6 @@ def _bridge(port: int, site: str, on_wash_cmd: Any = _nothing) -> CloudBridge:
 # --- 1. throughput -----------------------------------------------------------------------------------
 
 
-def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError(f"no output within {timeout:g} s")
-    return proc.stdout.readline().decode()
-
-
 async def _forward_all(port: int, site: str, count: int) -> tuple[float, float]:
     """Forward `count` statuses; returns (time of the first call, time all were acknowledged)."""
     bridge = _bridge(port, site)
@@ -115,14 +105,14 @@ def _throughput_run(port: int, site: str, count: int, d: Path) -> dict[str, Any]
     with errlog.open("a") as err:
         sub = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=0)
     try:
-        if _readline(sub, 15.0).strip() != "READY":
+        if readline(sub, 15.0).strip() != "READY":
             raise RuntimeError(f"subscriber did not start (exit {sub.poll()})\n{tail(errlog)}")
         t0, t_acked = asyncio.run(_forward_all(port, site, count))
         assert sub.stdin is not None
         with contextlib.suppress(BrokenPipeError):  # it already had every message and exited
             sub.stdin.write(b"DONE\n")
             sub.stdin.close()
-        out = _readline(sub, TIMEOUT + 15)
+        out = readline(sub, TIMEOUT + 15)
         if sub.wait(15) != 0 or not out:
             raise RuntimeError(f"subscriber failed ({sub.returncode})\n{tail(errlog)}")
     finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Result, log, tail, temp_dir, wait_port
+from bench.common import Result, log, readline, tail, temp_dir, wait_port
 from bench.core_start import run_core
 from gateway.config import load_config, load_secrets
 from gateway.demo import free_port
@@ -96,15 +95,6 @@ def _client(role: str, t: Target, qos: int, count: int, timeout: float, errlog: 
                                 env=env)
 
 
-def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError(f"no output within {timeout:g} s")
-    return proc.stdout.readline().decode()
-
-
 def _tell(proc: subprocess.Popen[bytes], line: str) -> None:
     assert proc.stdin is not None
     try:
@@ -121,13 +111,13 @@ def one_run(t: Target, qos: int, count: int, d: Path) -> dict[str, Any]:
     try:
         sub = _client("sub", t, qos, count, timeout + 10, errlog, anonymous=False)
         procs.append(sub)
-        line = _readline(sub, 15.0)
+        line = readline(sub, 15.0)
         if line.strip() != "READY":
             raise RuntimeError(f"subscriber did not start ({line!r}, exit {sub.poll()})\n{tail(errlog)}")
         pub = _client("pub", t, qos, count, timeout, errlog, anonymous=True)
         procs.append(pub)
         try:
-            pub_out = _readline(pub, timeout + 5)  # all published (QoS 1: all PUBACKs in)
+            pub_out = readline(pub, timeout + 5)  # all published (QoS 1: all PUBACKs in)
         except TimeoutError:
             raise RuntimeError(f"publisher stuck\n{tail(errlog)}") from None
         if not pub_out:
@@ -135,7 +125,7 @@ def one_run(t: Target, qos: int, count: int, d: Path) -> dict[str, Any]:
         # The publisher stays connected until the subscriber is done: see mqtt_client.publisher.
         _tell(sub, "DONE")
         try:
-            sub_out = _readline(sub, timeout + 15)
+            sub_out = readline(sub, timeout + 15)
         except TimeoutError:
             raise RuntimeError(f"subscriber stuck\n{tail(errlog)}") from None
         _tell(pub, "EXIT")

@@ -209,3 +209,15 @@ def start_notified(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool
     if wait_connected:
         notify.wait_for(WEB_CONNECTED, 30)
     return proc, notify
+
+
+def readline(proc: Any, timeout: float) -> str:
+    """One line of a child's stdout (a pipe), or TimeoutError."""
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"no output within {timeout:g} s")
+    return proc.stdout.readline().decode()  # type: ignore[no-any-return]
