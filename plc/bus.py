@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 5.0
 LATENCY_WINDOW = 200
+RATE_WINDOW = 200  # polls kept for the rate and error rate (the last minute at 5 Hz or less)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class _BayState:
     errors: int = 0
     last_error: str | None = None
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (time, ok)
 
 
 @dataclass
@@ -137,7 +139,11 @@ class BusScheduler:
         out = {}
         for bid, b in self._bays.items():
             lat = list(b.latencies)
+            span = b.recent[-1][0] - b.recent[0][0] if len(b.recent) > 1 else 0.0
             out[bid] = {"polls": b.polls, "errors": b.errors, "last_error": b.last_error,
+                        "polls_per_s": round((len(b.recent) - 1) / span, 2) if span > 0 else None,
+                        "error_rate": round(sum(1 for _, ok in b.recent if not ok) / len(b.recent), 3)
+                        if b.recent else None,
                         "latency_ms_median": round(statistics.median(lat) * 1000, 3) if lat else None,
                         "latency_ms_last": round(lat[-1] * 1000, 3) if lat else None,
                         "offline_backoff": b.backoff}
@@ -289,6 +295,7 @@ class BusScheduler:
 
     def _report(self, b: _BayState, status: PlcStatus | None, error: str | None, latency: float, now: float) -> None:
         b.polls += 1
+        b.recent.append((now, error is None))
         if error is None:
             if b.failures >= self.offline_after:
                 log.warning("bus %s: %s answers again", self.config.name, b.addr.bay_id)

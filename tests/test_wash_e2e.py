@@ -332,3 +332,5 @@ async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path) -> None:
         code, diag = await asyncio.to_thread(http_json, ws.url + "/api/v1/buses/diagnostics", headers=auth)
         assert code == 200 and diag["data"]["rs485"]["connected"] is True
         assert all(b["polls"] > 0 for b in diag["data"]["rs485"]["bays"].values())
+        # 100 ms poll period: about 10 polls/s per bay; at most the odd error while the line settles.
+        assert all(5 <= b["polls_per_s"] <= 11 and b["error_rate"] < 0.2 for b in diag["data"]["rs485"]["bays"].values()), diag["data"]["rs485"]["bays"]
