@@ -181,6 +181,19 @@ def cmd_scan_bus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ops(args: argparse.Namespace) -> int:
+    from gateway import ops
+
+    cfg = load_config(config_path(args.config))
+    if args.command == "backup":
+        return ops.backup(cfg, Path(args.file))
+    if args.command == "restore":
+        return ops.restore(cfg, Path(args.file))
+    if args.command == "outbox":
+        return ops.outbox(cfg)
+    return ops.status(cfg, load_secrets(cfg))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="carwash-gateway", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -213,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--last", type=int, default=16)
     sb.add_argument("--profile", default="washbay-v1")
     sb.set_defaults(fn=cmd_scan_bus)
+    b = sub.add_parser("backup", parents=[common], help="online backup of the database to a new file")
+    b.add_argument("file")
+    b.set_defaults(fn=cmd_ops)
+    r = sub.add_parser("restore", parents=[common], help="replace the database with a backup (services stopped)")
+    r.add_argument("file")
+    r.set_defaults(fn=cmd_ops)
+    sub.add_parser("outbox", parents=[common], help="what waits for the cloud, and the dead letters").set_defaults(
+        fn=cmd_ops)
+    sub.add_parser("status", parents=[common], help="one-screen summary: core, bays, devices, cloud").set_defaults(
+        fn=cmd_ops)
     u = sub.add_parser("user", parents=[common], help="technician accounts")
     u.add_argument("action", choices=("add", "passwd", "remove"))
     u.add_argument("username")

@@ -38,6 +38,10 @@ def add_user(db: SqliteDatabase, username: str, password: str) -> None:
         TechnicianUser.create(username=username, password_hash=_hasher.hash(password), created_at=utc_now())
 
 
+def exists(db: SqliteDatabase, username: str) -> bool:
+    return bool(TechnicianUser.select().where(TechnicianUser.username == username).exists())
+
+
 def set_password(db: SqliteDatabase, username: str, password: str) -> None:
     _check(username, password)
     with write_tx(db):

@@ -88,3 +88,14 @@ def test_every_page_renders_in_both_languages(client: FlaskClient, lang: str, wo
         assert word in html and f'lang="{lang}"' in html, p
         assert re.search(r'<body data-page="[a-z]+"', html), p  # the page's script is chosen by this name
     assert client.get("/devices/device-none").status_code == 404
+
+
+def test_recover_form_needs_csrf_and_the_core(client: FlaskClient) -> None:
+    r = client.get("/recover")
+    assert r.status_code == 200 and "journalctl" in r.get_data(as_text=True)
+    csrf = client.get_cookie("cw_csrf").value
+    assert client.post("/recover", data={"code": "12345678", "username": "x", "password": "y" * 8,
+                                         "csrf": "forged"}).status_code == 403
+    # No core to ask in this test: the page says so instead of failing.
+    r = client.post("/recover", data={"code": "12345678", "username": "x", "password": "y" * 8, "csrf": csrf})
+    assert r.status_code == 503 and "core" in r.get_data(as_text=True)

@@ -17,10 +17,10 @@ from gateway.core.app import CoreApp
 from gateway.demo import WEB_CONNECTED
 from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
 from gateway.sdnotify import Notifier
-from web.context import STATUS_DISCONNECTED
-from tests.conftest import Proc, Site, start_process
 from tests.clients import http_json
+from tests.conftest import Proc, Site, start_process
 from tests.mqtt_probe import Probe
+from web.context import STATUS_DISCONNECTED
 
 
 def test_core_notify_ready_watchdog_stopping(site: Site) -> None:
@@ -164,3 +164,38 @@ def test_notifier_without_systemd_python_writes_the_datagram(tmp_path: Path) -> 
         sock.wait_for("STOPPING=1", 5)
         assert [m for _, m in sock.messages] == ["READY=1\nSTATUS=up", "WATCHDOG=1", "STOPPING=1"]
     assert Notifier({}).ready() is False  # outside systemd: a no-op
+
+
+def test_watchdog_pings_stop_while_the_loop_is_blocked(site: Site) -> None:
+    """A hung event loop stops WATCHDOG=1, so systemd (WatchdogSec=30) would restart the core."""
+    import json as _json
+
+    proc = start_process(site, "core", env={"WATCHDOG_USEC": "400000", "CARWASH_GATEWAY_TEST_HOOKS": "1"})
+    try:
+        proc.notify.wait_for("WATCHDOG=1", 10, count=3)
+        with Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+                   password=site.secrets.mqtt_internal_password, client_id="watchdog-test") as p:
+            p.connect()
+            p.subscribe("gateway/reply/watchdog-test")
+            p.publish("gateway/rpc/debug.block", _json.dumps({"id": "1", "reply_to": "gateway/reply/watchdog-test",
+                                                              "params": {"seconds": 2.0}}))
+            assert _json.loads(p.expect("gateway/reply/watchdog-test", 15).payload)["ok"] is True
+        before = len([1 for _, m in proc.notify.messages if "WATCHDOG=1" in m.splitlines()])
+        proc.notify.wait_for("WATCHDOG=1", 5, count=before + 2)  # pings resume after the block
+        pings = [at for at, m in proc.notify.messages if "WATCHDOG=1" in m.splitlines()]
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) >= 1.9, gaps  # no ping while the loop was blocked for 2 s
+        assert sorted(gaps)[len(gaps) // 2] < 0.5  # otherwise every 0.2 s (half of WATCHDOG_USEC)
+    finally:
+        proc.stop()
+    assert "test hooks enabled" in proc.log()
+
+
+def test_no_test_hooks_without_the_variable(site: Site, core: Proc) -> None:
+    with Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+               password=site.secrets.mqtt_internal_password, client_id="hook-test") as p:
+        p.connect()
+        p.subscribe("gateway/reply/hook-test")
+        p.publish("gateway/rpc/debug.block", '{"id": "1", "reply_to": "gateway/reply/hook-test", "params": {}}')
+        answer = p.expect("gateway/reply/hook-test", 10).payload
+    assert b'"ok": false' in answer and b"NOT_FOUND" in answer

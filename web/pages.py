@@ -140,6 +140,30 @@ def logout() -> Any:
     return resp
 
 
+@bp.get("/recover")
+@doc("Technician page: set a password with the one-time code of the service button (10 s press)", **PAGE)  # type: ignore[arg-type]
+def recover_form() -> Response:
+    return render("recover.html", None, done=False, error="", csrf=request.cookies.get(CSRF_COOKIE, ""))
+
+
+@bp.post("/recover")
+@doc("Technician page: redeem the one-time recovery code (decided by the core)", **PAGE)  # type: ignore[arg-type]
+def recover_post() -> Any:
+    from web.context import ask_core
+    from web.errors import ApiError
+
+    form = request.form
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    if not cookie or not secrets.compare_digest(cookie, form.get("csrf", "")):
+        return render("recover.html", None, done=False, error="csrf", csrf=cookie), 403
+    try:
+        ask_core("recovery.redeem", {"code": form.get("code", "").strip(), "username": form.get("username", ""),
+                                     "password": form.get("password", "")})
+    except ApiError as exc:
+        return render("recover.html", None, done=False, error=exc.message, csrf=cookie), exc.status
+    return render("recover.html", None, done=True, error="", csrf=cookie)
+
+
 @bp.get("/lang/<code>")
 @doc("Technician page: switch the language (th, en)", **PAGE)  # type: ignore[arg-type]
 def set_lang(code: str) -> Any:

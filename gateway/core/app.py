@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -26,7 +27,9 @@ from gateway.config import Config, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
+from gateway.gpio import PAIRING_SEC, GpioService
 from gateway.payments.follower import PaymentFollower
+from gateway.recovery import RecoveryCodes
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
 from gateway.uplink.bridge import BridgeSettings, CloudBridge
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET = 4.0
 UPLINK_HEALTH_SEC = 2.0
+TEST_HOOKS_ENV = "CARWASH_GATEWAY_TEST_HOOKS"
 
 
 def _log_stuck(what: str) -> None:
@@ -94,6 +98,7 @@ class CoreApp:
         self.drainer: OutboxDrainer | None = None
         self.payments: PaymentFollower | None = None
         self.bridge: CloudBridge | None = None
+        self.gpio: GpioService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -131,9 +136,21 @@ class CoreApp:
             self.drainer = OutboxDrainer(cfg, self.secrets.cloud_key, self.db)
             self.payments = PaymentFollower(cfg, self.secrets, self.db, self.bus)
             await self.payments.start(self.rpc)
+            recovery = RecoveryCodes(self.db)
+            recovery.register(self.rpc)
+            pairing = self.pairing
+
+            async def short_press() -> None:
+                await pairing.open(PAIRING_SEC, by="service button")
+
+            async def long_press() -> None:
+                recovery.issue()
+
+            self.gpio = GpioService(cfg.gpio, self.health.snapshot, short_press, long_press)
+            self.gpio.start()
             services = [Service("bus-dispatch", self.bus.dispatch_forever)]
             parts = (self.wash.services() + self.presence.services() + self.pairing.services()
-                     + self.commands.services() + self.payments.services())
+                     + self.commands.services() + self.payments.services() + self.gpio.services())
             services += [Service(name, run) for name, run in parts]
             services += [Service("uplink-drainer", self.drainer.run), Service("uplink-health", self._uplink_health)]
             if cfg.cloud.bridge.enabled:
@@ -162,6 +179,8 @@ class CoreApp:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        if self.gpio is not None:
+            self.gpio.stop()
         if self.presence is not None:
             await self.presence.stop()
         if self.commands is not None:
@@ -249,6 +268,15 @@ class CoreApp:
             return {"changed": changed}
 
         rpc.register("ping", ping)
+        if os.environ.get(TEST_HOOKS_ENV) == "1":
+            async def block(params: dict[str, Any]) -> dict[str, Any]:
+                # Test hook only (never set by the units): freeze the event loop as a hung handler
+                # would, so a test can see the watchdog pings stop.
+                time.sleep(min(float(params.get("seconds", 1.0)), 30.0))
+                return {"blocked": True}
+
+            log.warning("test hooks enabled (%s=1): the debug.block RPC exists", TEST_HOOKS_ENV)
+            rpc.register("debug.block", block)
         rpc.register("uplink.state", uplink_state)
         rpc.register("uplink.requeue", lambda p: outbox_action(p, "requeue"))
         rpc.register("uplink.discard", lambda p: outbox_action(p, "discard"))

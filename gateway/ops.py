@@ -1,0 +1,157 @@
+"""Operations commands of `carwash-gateway`: backup, restore, outbox, status.
+
+They read the store directly (any process may read; SQLite's WAL keeps readers consistent) and the
+core's retained health over the local broker. `backup` uses SQLite's online backup API, so the copy
+is consistent while the services run; `restore` refuses while the core answers on its broker port.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config, Secrets
+from gateway.store import open_database, schema_status
+
+PAGES_PER_STEP = 256
+
+
+def _progress(label: str) -> Callable[[int, int, int], None]:
+    def report(_status: int, remaining: int, total: int) -> None:
+        done = total - remaining
+        print(f"\r{label}: {done}/{total} pages ({100 * done // max(1, total)} %)", end="", file=sys.stderr,
+              flush=True)
+
+    return report
+
+
+def _check(path: Path) -> None:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+    if result != "ok":
+        raise SystemExit(f"{path}: integrity check failed: {result}")
+
+
+def backup(cfg: Config, dest: Path) -> int:
+    """Copy the live database to `dest` (a new file), then check the copy's integrity."""
+    if dest.exists():
+        raise SystemExit(f"{dest} exists; choose a new file")
+    src = sqlite3.connect(f"file:{cfg.paths.database}?mode=ro", uri=True, timeout=10)
+    dst = sqlite3.connect(dest)
+    t0 = time.monotonic()
+    try:
+        src.backup(dst, pages=PAGES_PER_STEP, progress=_progress("backup"))
+    finally:
+        dst.close()
+        src.close()
+    print(file=sys.stderr)
+    _check(dest)
+    print(f"backup: {dest} ({dest.stat().st_size} bytes) in {time.monotonic() - t0:.1f} s, integrity ok")
+    return 0
+
+
+def core_running(cfg: Config) -> bool:
+    host = "127.0.0.1" if cfg.mqtt.bind in ("0.0.0.0", "::", "") else cfg.mqtt.bind
+    try:
+        with socket.create_connection((host, cfg.mqtt.port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def restore(cfg: Config, source: Path) -> int:
+    """Replace the database with a backup (checked first); the services must be stopped."""
+    if not source.is_file():
+        raise SystemExit(f"{source}: no such file")
+    if core_running(cfg):
+        raise SystemExit("the core is running (its broker answers): stop the services first "
+                         "(systemctl stop carwash-gateway.target)")
+    _check(source)
+    db = open_database(source, bind_models=False)
+    try:
+        ok, version = schema_status(db)
+    finally:
+        db.close()
+    print(f"restore: {source} has schema version {version}" + ("" if ok else " (the core will migrate it)"))
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(cfg.paths.database, timeout=10)
+    try:
+        src.backup(dst, pages=PAGES_PER_STEP, progress=_progress("restore"))
+    finally:
+        dst.close()
+        src.close()
+    print(file=sys.stderr)
+    _check(Path(cfg.paths.database))
+    print(f"restore: {cfg.paths.database} replaced, integrity ok")
+    return 0
+
+
+def _rows(cfg: Config, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{cfg.paths.database}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def outbox(cfg: Config, *, dead_limit: int = 20) -> int:
+    by_state = _rows(cfg, 'SELECT "state", "type", COUNT(*), SUM("size") FROM "outbox_event" GROUP BY 1, 2 ORDER BY 1, 2')
+    print(f"cloud: {cfg.cloud.url or '(none configured)'}")
+    if not by_state:
+        print("outbox: empty")
+    for state, kind, n, size in by_state:
+        print(f"  {state:8s} {kind:24s} {n:8d} events {size or 0:12d} bytes")
+    dead = _rows(cfg, 'SELECT "seq", "type", "occurred_at", "last_error" FROM "outbox_event" WHERE "state" = ? '
+                      'ORDER BY "seq" DESC LIMIT ?', ("dead", dead_limit))
+    if dead:
+        print(f"dead letters (newest {len(dead)}; resend or discard them on the technician page, Cloud):")
+        for seq, kind, at, err in dead:
+            print(f"  #{seq} {kind} {at}: {err}")
+    return 0
+
+
+def status(cfg: Config, secrets: Secrets) -> int:
+    from gateway.bus.client import BusClient
+
+    print(f"site {cfg.site.id} ({cfg.site.name})")
+    client = BusClient("127.0.0.1" if cfg.mqtt.bind in ("0.0.0.0", "::", "") else cfg.mqtt.bind, cfg.mqtt.port,
+                       cfg.mqtt.internal_username, secrets.mqtt_internal_password, name="status")
+    client.start()
+    try:
+        health = None
+        if client.wait_connected(3):
+            deadline = time.monotonic() + 3
+            while client.health is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # the retained health arrives right after the subscription
+            health = client.health
+        core = client.core_status
+    finally:
+        client.stop()
+    if health is None:
+        print("core: not answering (services stopped?)")
+    else:
+        print(f"core: online since {(core or {}).get('since', '?')}, version {(core or {}).get('version', '?')}")
+        plc = health.get("plc", {})
+        print(f"plc: {sum(plc.values())}/{len(plc)} bays answering" + "".join(
+            f"; {b} OFFLINE" for b, up in plc.items() if not up))
+        up = health.get("uplink") or {}
+        print(f"cloud: {'reachable' if health.get('cloud') else 'unreachable' if health.get('cloud_configured') else 'none'}"
+              f", backlog {up.get('backlog', '?')}, dead {up.get('dead', '?')}"
+              + (f", bridge {'up' if up.get('bridge') else 'down'}" if up.get("bridge") is not None else "")
+              + ("".join(f"; {r}" for r in up.get("reasons", []))))
+    for bay, state, course, err in _rows(cfg, 'SELECT "bay_id", "state", "course", "error_code" FROM "bay" ORDER BY 1'):
+        print(f"  {bay:10s} {state:9s} {course or '-':12s} {err or ''}")
+    (total, online, pending), = _rows(cfg, 'SELECT COUNT(*), SUM("online"), SUM(NOT "claimed" AND NOT "rejected") '
+                                          'FROM "device"')
+    print(f"devices: {total} ({online or 0} online, {pending or 0} pending)")
+    (pending_events,), = _rows(cfg, 'SELECT COUNT(*) FROM "outbox_event" WHERE "state" = ?', ("pending",))
+    print(f"outbox: {pending_events} events waiting")
+    return 0
