@@ -1,0 +1,1 @@
+"""The local broker: the embedded amqtt broker, topics, RPC between the processes."""
