@@ -373,11 +373,11 @@ def _cross_check(cfg: Config, loader: _Loader) -> None:
             loader.fail(f"buses[{i}].device", "required for an rtu bus")
         if bus.type == "tcp" and not bus.host:
             loader.fail(f"buses[{i}].host", "required for a tcp bus")
-        # Driving DE/RE from the gateway arrives with the GPIO work; refusing beats ignoring it.
+        # DE/RE through RTS is not built (adapters either switch by themselves or take a GPIO pin).
         if bus.rts_direction:
             loader.fail(f"buses[{i}].rts_direction", "not supported yet: use an adapter with automatic direction")
-        if bus.direction_gpio is not None:
-            loader.fail(f"buses[{i}].direction_gpio", "not supported yet: use an adapter with automatic direction")
+        if bus.direction_gpio is not None and bus.type != "rtu":
+            loader.fail(f"buses[{i}].direction_gpio", "only an rtu bus has a direction to drive")
     seen: dict[str, int] = {}
     spans: list[tuple[str, int, int, int, int]] = []
     for i, bay in enumerate(cfg.bays):

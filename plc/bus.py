@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import serial
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
@@ -173,7 +174,12 @@ class BusScheduler:
     def _make_client(self) -> Any:
         c = self.config
         if c.type == "rtu":
-            return AsyncModbusSerialClient(c.device, framer=FramerType.RTU, baudrate=c.baudrate, bytesize=c.bytesize,
+            port = c.device
+            if c.direction_gpio is not None:
+                if "plc.urlhandler" not in serial.protocol_handler_packages:
+                    serial.protocol_handler_packages.append("plc.urlhandler")
+                port = f"rs485gpio://{c.device}?pin={c.direction_gpio}"
+            return AsyncModbusSerialClient(port, framer=FramerType.RTU, baudrate=c.baudrate, bytesize=c.bytesize,
                                            parity=c.parity, stopbits=c.stopbits, timeout=self.timeout, retries=0,
                                            reconnect_delay=0, name=f"bus-{c.name}")
         return AsyncModbusTcpClient(c.host, port=c.port, framer=FramerType.SOCKET, timeout=self.timeout, retries=0,

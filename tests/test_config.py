@@ -104,6 +104,8 @@ def test_minimal_config_relative_paths_and_secrets(tmp_path: Path) -> None:
         ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nbaudrate = 12345\n", "buses[0].baudrate", "one of"),
         ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nrts_direction = true\n",
          "buses[0].rts_direction", "not supported"),
+        ("[[buses]]\nname = \"b\"\ntype = \"tcp\"\nhost = \"h\"\ndirection_gpio = 18\n",
+         "buses[0].direction_gpio", "only an rtu bus"),
         ("[cloud]\nurl = \"ftp://x\"\n", "cloud.url", "does not match"),
         ("[cloud.bridge]\nenabled = true\n", "cloud.bridge.host", "required"),
         ("[outbox]\nbackoff_min_sec = 10.0\nbackoff_max_sec = 5.0\n", "outbox.backoff_min_sec", "must not exceed"),

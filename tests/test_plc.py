@@ -161,3 +161,38 @@ async def test_scheduler_tcp_and_exception_replies(tmp_path: Path) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await sim.stop()
+
+
+async def test_rs485_direction_pin_brackets_every_frame(tmp_path: Path) -> None:
+    """`direction_gpio`: the DE/RE pin (gpiozero's MockFactory here) is high while a request is on
+    the line and low while the PLC answers; polls work as without it."""
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    Device.pin_factory = MockFactory()
+    pair = SocatPair(tmp_path / "pty")
+    await asyncio.to_thread(pair.start)
+    sim = PlcSimulator.rtu(pair.plc_path, bays=[("a", 1, 0)], wash_time=0.5)
+    await sim.start()
+    col = Collector()
+    cfg = BusConfig(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout_ms=100,
+                    direction_gpio=22)
+    bus = BusScheduler(cfg, [BayAddress("a", 1, 0, P, 0.05)], col)
+    task = asyncio.create_task(bus.run())
+    try:
+        await col.wait(lambda r: col.count("a", ok=True) >= 5)
+        await bus.write("a", P.command_offset, encode_command(P, "START", 1, 21))
+        await col.wait(lambda r: r.status is not None and r.status.ack_seq == 21)
+        pin = Device.pin_factory.pin(22)
+        states = [s.state for s in pin.states]
+        highs = sum(1 for before, after in zip(states, states[1:]) if not before and after)
+        assert highs >= 6  # one rise per request written (5 polls and a write at least)
+        assert pin.state == 0  # low between frames: the PLC's answers were not talked over
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sim.stop()
+        await asyncio.to_thread(pair.stop)
+        Device.pin_factory.reset()
+        Device.pin_factory.close()
+        Device.pin_factory = None
