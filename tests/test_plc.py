@@ -12,8 +12,16 @@ import pytest
 from gateway.config import BusConfig
 from gateway.demo import free_port
 from plc.bus import BayAddress, BusScheduler, PlcWriteError, PollResult, inter_frame_gap
-from plc.profile import DecodeError, ProfileError, builtin_profiles, decode_status, encode_command, load_profile, \
-    load_profiles, next_seq
+from plc.profile import (
+    DecodeError,
+    ProfileError,
+    builtin_profiles,
+    decode_status,
+    encode_command,
+    load_profile,
+    load_profiles,
+    next_seq,
+)
 from plc.pty import SocatPair
 from plc.simulator import PlcSimulator
 
