@@ -40,20 +40,25 @@ def _check(path: Path) -> None:
         raise SystemExit(f"{path}: integrity check failed: {result}")
 
 
-def backup(cfg: Config, dest: Path) -> int:
-    """Copy the live database to `dest` (a new file), then check the copy's integrity."""
-    if dest.exists():
-        raise SystemExit(f"{dest} exists; choose a new file")
-    src = sqlite3.connect(f"file:{cfg.paths.database}?mode=ro", uri=True, timeout=10)
-    dst = sqlite3.connect(dest)
-    t0 = time.monotonic()
+def _copy(source: Path | str, dest: Path | str, label: str) -> None:
+    """SQLite's online backup from `source` (read-only) into `dest`, with progress on stderr."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
+    dst = sqlite3.connect(dest, timeout=10)
     try:
-        src.backup(dst, pages=PAGES_PER_STEP, progress=_progress("backup"))
+        src.backup(dst, pages=PAGES_PER_STEP, progress=_progress(label))
     finally:
         dst.close()
         src.close()
     print(file=sys.stderr)
-    _check(dest)
+    _check(Path(dest))
+
+
+def backup(cfg: Config, dest: Path) -> int:
+    """Copy the live database to `dest` (a new file), then check the copy's integrity."""
+    if dest.exists():
+        raise SystemExit(f"{dest} exists; choose a new file")
+    t0 = time.monotonic()
+    _copy(cfg.paths.database, dest, "backup")
     print(f"backup: {dest} ({dest.stat().st_size} bytes) in {time.monotonic() - t0:.1f} s, integrity ok")
     return 0
 
@@ -81,15 +86,7 @@ def restore(cfg: Config, source: Path) -> int:
     finally:
         db.close()
     print(f"restore: {source} has schema version {version}" + ("" if ok else " (the core will migrate it)"))
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    dst = sqlite3.connect(cfg.paths.database, timeout=10)
-    try:
-        src.backup(dst, pages=PAGES_PER_STEP, progress=_progress("restore"))
-    finally:
-        dst.close()
-        src.close()
-    print(file=sys.stderr)
-    _check(Path(cfg.paths.database))
+    _copy(source, cfg.paths.database, "restore")
     print(f"restore: {cfg.paths.database} replaced, integrity ok")
     return 0
 

@@ -4,9 +4,13 @@ core in the middle of a delivery."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.cloudsim import CloudSim
@@ -15,7 +19,7 @@ from gateway.signing import http_signature
 from gateway.store import open_database
 from gateway.store.models import OutboxEvent
 from tests.clients import http_json
-from tests.conftest import Site, make_site, start_process
+from tests.conftest import Proc, Site, make_site, start_process
 from tests.test_commands_e2e import token_for
 from web.context import STATUS_CONNECTED
 
@@ -61,16 +65,38 @@ def assert_delivered_once_in_order(site: Site, sim: CloudSim) -> None:
         assert [i for i in parts.get(dev, []) if i in set(mine)] == mine, dev
 
 
-def test_outage_and_kill_9_mid_delivery(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@dataclass
+class CloudSite:
+    """A site uplinked to a cloud simulator, with its core and web running (restartable)."""
+
+    sim: CloudSim
+    site: Site
+    core: Proc | None = None
+    web: Proc | None = None
+
+
+@contextlib.contextmanager
+def cloud_site(tmp_path: Path, extra_toml: str = "") -> Iterator[CloudSite]:
     sim = CloudSim(DEMO_CLOUD_KEY, site_id="demo-site").start()
-    site = make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\n'
-                                        "backoff_max_sec = 1\n[devices]\ncommand_timeout_sec = 1.0\n")
-    core = web = None
+    cs = CloudSite(sim, make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\n'
+                                                     "backoff_max_sec = 1\n" + extra_toml))
     try:
-        core = start_process(site, "core")
-        web = start_process(site, "web")
-        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
-        ensure_demo_user(site.config_path)
+        cs.core = start_process(cs.site, "core")
+        cs.web = start_process(cs.site, "web")
+        cs.web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        ensure_demo_user(cs.site.config_path)
+        yield cs
+    finally:
+        if cs.web is not None:
+            cs.web.stop()
+        rc = cs.core.stop() if cs.core is not None else 0
+        sim.stop()
+    assert rc == 0
+
+
+def test_outage_and_kill_9_mid_delivery(tmp_path: Path) -> None:
+    with cloud_site(tmp_path, "[devices]\ncommand_timeout_sec = 1.0\n") as cs:
+        sim, site = cs.sim, cs.site
         devices = []
         for i in range(4):
             body = {"chip_id": f"C0FFEE{i:02X}", "mac_address": f"24:0A:C4:00:01:{i:02X}",
@@ -100,35 +126,24 @@ def test_outage_and_kill_9_mid_delivery(tmp_path) -> None:  # type: ignore[no-un
         sim.stall(after_processing=True)
         sim.come_back()
         sim.wait_for(lambda s: s.stats()["held"] >= 1, 20)
-        core.popen.send_signal(signal.SIGKILL)
-        core.popen.wait(10)
-        core.notify.close()
+        assert cs.core is not None
+        cs.core.popen.send_signal(signal.SIGKILL)
+        cs.core.popen.wait(10)
+        cs.core.notify.close()
+        cs.core = None
         sim.release()
         sim.clear()
-        core = start_process(site, "core")
+        cs.core = start_process(site, "core")
         sim.wait_for(lambda s: all_sent(site), 30)
         assert_delivered_once_in_order(site, sim)
         assert sim.duplicates >= 1  # the batch in flight at the kill was sent again, and counted once
         kinds = {e["type"] for e in sim.events()}
         assert {"device.registered", "device.event_logs", "command.result"} <= kinds, kinds
-    finally:
-        if web is not None:
-            web.stop()
-        rc = core.stop() if core is not None else 0
-        sim.stop()
-    assert rc == 0
 
 
-def test_dead_letters_are_listed_requeued_and_discarded(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    sim = CloudSim(DEMO_CLOUD_KEY, site_id="demo-site").start()
-    site = make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\n'
-                                        "backoff_max_sec = 1\n")
-    core = web = None
-    try:
-        core = start_process(site, "core")
-        web = start_process(site, "web")
-        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
-        ensure_demo_user(site.config_path)
+def test_dead_letters_are_listed_requeued_and_discarded(tmp_path: Path) -> None:
+    with cloud_site(tmp_path) as cs:
+        sim, site = cs.sim, cs.site
         auth = token_for(site)
         sim.stall()  # hold deliveries until the poison is set
         devices = []
@@ -156,9 +171,3 @@ def test_dead_letters_are_listed_requeued_and_discarded(tmp_path) -> None:  # ty
         code, body = http_json(site.web_url + "/api/v1/outbox/requeue", method="POST", body={"seq": "all"},
                                headers=auth)
         assert code == 400
-    finally:
-        if web is not None:
-            web.stop()
-        rc = core.stop() if core is not None else 0
-        sim.stop()
-    assert rc == 0

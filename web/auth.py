@@ -41,7 +41,8 @@ def issue_token(username: str) -> tuple[str, dt.datetime]:
     return jwt.encode(claims, c.secrets.jwt_secret, algorithm=ALGORITHM), exp
 
 
-def _csrf_ok() -> bool:
+def csrf_ok() -> bool:
+    """The request carries the CSRF cookie's value (X-CSRF-Token header or `csrf` form field)."""
     cookie = request.cookies.get(CSRF_COOKIE, "")
     given = request.headers.get(CSRF_HEADER) or (request.form.get("csrf", "") if request.form else "")
     return bool(cookie) and hmac.compare_digest(cookie.encode(), given.encode())
@@ -60,7 +61,7 @@ def require_technician(*, allow_query: bool = False) -> str:
     if not header and request.cookies.get(TOKEN_COOKIE):
         # The technician page's session: a cookie the browser sends by itself, so every change must
         # also carry the CSRF token the page read from its own cookie (double submit).
-        if request.method not in ("GET", "HEAD", "OPTIONS") and not _csrf_ok():
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not csrf_ok():
             raise ApiError(403, "FORBIDDEN", "missing or wrong X-CSRF-Token")
         scheme, token = "bearer", request.cookies[TOKEN_COOKIE]
     if scheme.lower() != "bearer" or not token.strip():

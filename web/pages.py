@@ -37,7 +37,7 @@ from gateway.store.models import (
     Payment,
     WashSession,
 )
-from web.auth import ALGORITHM, CSRF_COOKIE, ISSUER, TOKEN_COOKIE, issue_token
+from web.auth import ALGORITHM, CSRF_COOKIE, ISSUER, TOKEN_COOKIE, csrf_ok, issue_token
 from web.context import ctx
 from web.openapi import doc
 
@@ -117,7 +117,7 @@ def login_form() -> Response:
 def login_post() -> Any:
     form = request.form
     cookie = request.cookies.get(CSRF_COOKIE, "")
-    if not cookie or not secrets.compare_digest(cookie, form.get("csrf", "")):
+    if not csrf_ok():
         return render("login.html", None, why="csrf", next="/", csrf=cookie), 403
     name, password = form.get("username", ""), form.get("password", "")
     db = ctx().db
@@ -135,7 +135,7 @@ def login_post() -> Any:
 @doc("Technician page: log out (form post with the CSRF token)", **PAGE)  # type: ignore[arg-type]
 def logout() -> Any:
     resp = make_response(redirect(url_for("pages.login_form")))
-    if secrets.compare_digest(request.cookies.get(CSRF_COOKIE, ""), request.form.get("csrf", "")):
+    if csrf_ok():
         resp.delete_cookie(TOKEN_COOKIE)
     return resp
 
@@ -154,7 +154,7 @@ def recover_post() -> Any:
 
     form = request.form
     cookie = request.cookies.get(CSRF_COOKIE, "")
-    if not cookie or not secrets.compare_digest(cookie, form.get("csrf", "")):
+    if not csrf_ok():
         return render("recover.html", None, done=False, error="csrf", csrf=cookie), 403
     try:
         ask_core("recovery.redeem", {"code": form.get("code", "").strip(), "username": form.get("username", ""),
