@@ -69,6 +69,9 @@ class WebConfig:
     wash_api_auth: Literal["none", "jwt"] = _f("none")
     jwt_ttl_minutes: int = _f(720, min=1, max=60 * 24 * 30)
     firmware_max_bytes: int = _f(8 * 1024 * 1024, min=64 * 1024, max=64 * 1024 * 1024)
+    device_rate_per_sec: float = _f(20.0, min=0, max=10000, doc="device API requests per second per client address; 0: no limit")
+    device_rate_burst: int = _f(100, min=1, max=100000)
+    rate_limit_exempt: tuple[str, ...] = _f(("127.0.0.1", "::1"), doc="addresses never rate limited")
     device_base_url: str = _f("", doc="how devices reach this web server; empty: the URL of the request",
                               pattern=r"^(|https?://\S+)$")
 

@@ -301,3 +301,27 @@ def test_pairing_window_when_required(tmp_path) -> None:  # type: ignore[no-unty
     finally:
         web.stop()
         assert core.stop() == 0
+
+
+def test_device_api_is_rate_limited_per_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import make_site, start_process
+
+    site = make_site(tmp_path / "site")
+    text = site.config_path.read_text()  # the demo config has its own [web] table: add to it
+    site.config_path.write_text(text.replace("[web]\n", "[web]\ndevice_rate_per_sec = 0.5\ndevice_rate_burst = 3\n"
+                                                         "rate_limit_exempt = []\n", 1))
+    core = start_process(site, "core")
+    web = start_process(site, "web")
+    try:
+        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        url = site.web_url + "/api/v1/devices/need-register"
+        codes = [post(url, REGISTER_BODY)[0] for _ in range(3)]
+        assert codes == [200, 200, 200]
+        code, body = post(url, REGISTER_BODY)
+        assert code == 429 and body["errorCode"] == "RATE_LIMITED" and body["statusCode"] == 429
+        # Other APIs of the same address are not the device API's budget.
+        code, _ = http_json(site.web_url + "/api/health")
+        assert code == 200
+    finally:
+        web.stop()
+        assert core.stop() == 0

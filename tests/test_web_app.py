@@ -92,3 +92,27 @@ def test_openapi_lists_every_route_documented(app: Flask) -> None:
         for method, op in ops.items():
             assert not op.get("x-undocumented"), f"{method.upper()} {path} has no @doc"
             assert "500" in op["responses"]
+
+
+def test_device_api_rate_limit_per_address() -> None:
+    """Token buckets: a burst passes, then 429 with Retry-After; other addresses and the exempt
+    ones are unaffected; refills with time; memory bounded."""
+    from web import ratelimit
+    from web.ratelimit import RateLimiter
+
+    rl = RateLimiter(rate=2.0, burst=3, exempt=("127.0.0.1",))
+    assert [rl.check("10.0.0.5", now=100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = rl.check("10.0.0.5", now=100.0)
+    assert wait == pytest.approx(0.5) and rl.limited == 1
+    assert rl.check("10.0.0.6", now=100.0) == 0.0  # another device
+    assert all(rl.check("127.0.0.1", now=100.0) == 0.0 for _ in range(50))
+    assert rl.check("10.0.0.5", now=100.6) == 0.0  # refilled
+    assert RateLimiter(rate=0, burst=1).check("10.0.0.5") == 0.0  # off
+    old = ratelimit.MAX_CLIENTS
+    ratelimit.MAX_CLIENTS = 10
+    try:
+        for i in range(50):
+            rl.check(f"10.1.0.{i}", now=200.0)
+        assert len(rl._buckets) == 10
+    finally:
+        ratelimit.MAX_CLIENTS = old

@@ -9,10 +9,12 @@ from gateway.config import Config, Secrets
 from web import auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
 from web.context import WebContext, ctx
 from web.errors import ApiError
+from web.ratelimit import RateLimiter, retry_after
 
 # Routes that answer while the schema is not current (health must always answer).
 UNGATED = ("/api/health", "/api/openapi.json", "/static/app.js", "/static/style.css")
 SOCKETIO_PATH = "socket.io"
+RATE_LIMITED_BLUEPRINTS = ("device_api", "payments")  # what devices call; limited per client address
 
 
 def create_app(config: Config, secrets: Secrets) -> Flask:
@@ -36,6 +38,18 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
         if request.path not in UNGATED and not ctx(app).schema_current():
             raise ApiError(503, "SERVICE_UNAVAILABLE", "database schema is not current; the core is starting or upgrading",
                            {"Retry-After": "5"})
+
+    limiter = RateLimiter(config.web.device_rate_per_sec, config.web.device_rate_burst, config.web.rate_limit_exempt)
+    app.extensions["carwash.ratelimit"] = limiter
+
+    @app.before_request
+    def _limit() -> None:
+        if request.blueprint not in RATE_LIMITED_BLUEPRINTS:
+            return
+        wait = limiter.check(request.remote_addr)
+        if wait:
+            raise ApiError(429, "RATE_LIMITED", "too many requests from this address",
+                           {"Retry-After": retry_after(wait)})
 
     app.register_blueprint(meta.bp)
     app.register_blueprint(wash.bp)

@@ -1,0 +1,49 @@
+"""Per-client-address rate limiting of the device API (token buckets, in the web worker).
+
+Each address may make `rate` requests per second on average with bursts of `burst`; beyond that
+it gets 429 RATE_LIMITED with the envelope and a Retry-After. Addresses in `exempt` (the gateway
+itself: the demo's fleet, the ops tools) are not limited. At most `MAX_CLIENTS` buckets are kept
+(the least recently seen go first), so a flood of spoofed addresses cannot grow memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+
+MAX_CLIENTS = 10_000
+
+
+class RateLimiter:
+    def __init__(self, rate: float, burst: int, exempt: tuple[str, ...] = ()) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.exempt = frozenset(exempt)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # addr -> (tokens, at)
+        self._lock = threading.Lock()
+        self.limited = 0
+
+    def check(self, addr: str | None, now: float | None = None) -> float:
+        """0 when the request may go on, else the seconds until it could."""
+        if self.rate <= 0 or addr is None or addr in self.exempt:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.pop(addr, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[addr] = (tokens - 1.0, now)
+                wait = 0.0
+            else:
+                self._buckets[addr] = (tokens, now)
+                wait = (1.0 - tokens) / self.rate
+                self.limited += 1
+            while len(self._buckets) > MAX_CLIENTS:
+                self._buckets.popitem(last=False)
+        return wait
+
+
+def retry_after(wait: float) -> str:
+    return str(max(1, math.ceil(wait)))
