@@ -14,6 +14,7 @@ from bench import (
     bridge,
     broker_throughput,
     commands,
+    connect_storm,
     core_start,
     devices,
     memory,
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     uplink_drain.NAME: uplink_drain.run,
     payments.NAME: payments.run,
     bridge.NAME: bridge.run,
+    connect_storm.NAME: connect_storm.run,
 }
 
 

@@ -216,3 +216,37 @@ async def test_routing_exact_and_wildcard_filters_and_departed_subscribers() -> 
         finally:
             for p in (exact, wild, deep):
                 p.close()
+
+
+async def test_subscription_bookkeeping_survives_many_sessions() -> None:
+    """Per-session filter sets (GatewayBroker): subscriptions and their index are gone with the
+    sessions, refused subscriptions are never indexed, and routing still reaches who is left."""
+    async with running_bus() as bus:
+        probes = [Probe(port_of(bus), client_id=f"dev-{i}") for i in range(12)]
+        try:
+            for i, p in enumerate(probes):
+                await asyncio.to_thread(p.connect)
+                assert await asyncio.to_thread(p.subscribe, f"device/dev-{i}/command") == [1]
+            assert await asyncio.to_thread(probes[0].subscribe, "gateway/#") == [0x80]  # refused by the ACL
+            assert bus.broker._session_filters["dev-0"] == {"device/dev-0/command"}
+            for p in probes[1:]:
+                p.close()
+            await bus.wait_clients(lambda c: c == {"dev-0"}, 10)
+            # amqtt drops a session's subscriptions just after announcing the disconnection.
+            await _settled(lambda: set(bus.broker._subscriptions) == {"device/dev-0/command"})
+            assert set(bus.broker._session_filters) == {"dev-0"}
+            assert "subscription filters" in repr(bus.broker._subscriptions)  # O(1), not every session
+            await bus.publish("device/dev-0/command", b"still routed")
+            assert (await asyncio.to_thread(probes[0].expect, "device/dev-0/command", 5)).payload == b"still routed"
+        finally:
+            for p in probes:
+                p.close()
+        await bus.wait_clients(lambda c: not c, 10)
+        await _settled(lambda: not bus.broker._subscriptions and not bus.broker._session_filters)
+
+
+async def _settled(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    """Broker state with no event of its own: checked at each turn of the loop, bounded."""
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.01)

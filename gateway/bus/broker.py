@@ -112,6 +112,14 @@ class GatewayBusPlugin(BasePlugin[BaseContext]):
             await self.subscribed()
 
 
+class _Subscriptions(dict):  # type: ignore[type-arg]
+    """amqtt builds `repr(self._subscriptions)` for a DEBUG line after every SUBSCRIBE (even with
+    DEBUG off): with one filter per device, a connection storm was quadratic in sessions."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} subscription filters>"
+
+
 class GatewayBroker(Broker):
     """amqtt's Broker with two fixes.
 
@@ -119,7 +127,9 @@ class GatewayBroker(Broker):
        client that connects, the retained messages of every filter *any* client subscribed to, and
        sends retained messages for subscriptions the ACL refused (tests/test_broker.py shows both).
        Both bypass the topic ACL, so the gateway filters here.
-    2. Routing a message costs a dict lookup plus a scan of the wildcard filters only: amqtt matches
+    2. Work per message, connection and disconnection does not grow with the number of sessions
+       (`_Subscriptions`, `_session_filters`). Routing a message costs a dict lookup plus a scan of
+       the wildcard filters only: amqtt matches
        every message against every subscription filter (and formats a debug string for each miss),
        so with one `device/{id}/command` filter per device a bulk command to 1,000 devices cost
        a million matches (bench/commands.py measured seconds of delay).
@@ -127,13 +137,30 @@ class GatewayBroker(Broker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._subscriptions = _Subscriptions()
         self._wildcard_filters: set[str] = set()  # a superset: stale ones are dropped while routing
+        self._session_filters: dict[str, set[str]] = {}  # client id -> the filters it holds
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         code = await super().add_subscription(subscription, session)
-        if "+" in subscription[0] or "#" in subscription[0]:
-            self._wildcard_filters.add(subscription[0])
+        if any(s.client_id == session.client_id for s, _ in self._subscriptions.get(subscription[0], ())):
+            self._session_filters.setdefault(session.client_id, set()).add(subscription[0])
+            if "+" in subscription[0] or "#" in subscription[0]:
+                self._wildcard_filters.add(subscription[0])
         return code
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        held = self._session_filters.get(session.client_id)
+        if held is not None:
+            held.discard(a_filter)
+        return super()._del_subscription(a_filter, session)  # type: ignore[no-any-return]
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """amqtt's version scans every filter of every session at each disconnect; this one only the
+        session's own filters (same effect: its subscriptions gone, emptied filters removed)."""
+        for topic_filter in list(self._session_filters.pop(session.client_id, ())):
+            if super()._del_subscription(topic_filter, session) and not self._subscriptions.get(topic_filter):
+                self._subscriptions.pop(topic_filter, None)
 
     def _routes(self, topic: str) -> list[tuple[Session, int]]:
         out = list(self._subscriptions.get(topic, ()))
@@ -169,6 +196,9 @@ class GatewayBroker(Broker):
         self, subscription: tuple[str, int], session: Session
     ) -> None:
         topic_filter = subscription[0]
+        # amqtt calls this for every filter of the broker when a session resumes: a set lookup first.
+        if topic_filter not in self._session_filters.get(session.client_id, ()):
+            return
         granted = next(
             (qos for s, qos in self._subscriptions.get(topic_filter, ()) if s.client_id == session.client_id), None
         )
