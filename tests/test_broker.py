@@ -111,9 +111,14 @@ async def test_anonymous_subscriptions_limited_to_device_topics_and_no_retained_
                 assert await asyncio.to_thread(device.subscribe, "gateway/#") == [0x80]
                 assert await asyncio.to_thread(device.subscribe, "wash/+/status") == [0x80]
                 assert await asyncio.to_thread(device.subscribe, "#") == [0x80]
-                assert await asyncio.to_thread(device.subscribe, "device/d1/#") == [1]
-                await bus.publish("device/d1/marker", b"{}")
-                before = await asyncio.to_thread(device.until, "device/d1/marker")
+                # Devices subscribe exact topics; wildcards would let a LAN client read every device's traffic.
+                assert await asyncio.to_thread(device.subscribe, "device/d1/#") == [0x80]
+                assert await asyncio.to_thread(device.subscribe, "device/+/command") == [0x80]
+                assert await asyncio.to_thread(device.subscribe, "device/d1/other") == [0x80]
+                assert await asyncio.to_thread(device.subscribe, "device/d1/command") == [1]
+                assert await asyncio.to_thread(device.subscribe, "device/ch_1/payment-status") == [1]
+                await bus.publish("device/ch_1/payment-status", b"{}")
+                before = await asyncio.to_thread(device.until, "device/ch_1/payment-status")
         assert [(m.topic, m.retain) for m in before] == [("device/d1/command", True)]
 
 
@@ -188,7 +193,7 @@ async def test_malformed_rpc_requests_are_counted_not_fatal() -> None:
 async def test_routing_exact_and_wildcard_filters_and_departed_subscribers() -> None:
     """The broker's indexed routing (GatewayBroker._routes) delivers what amqtt's full scan would."""
     async with running_bus() as bus:
-        exact, wild, deep = Probe(port_of(bus)), Probe(port_of(bus)), internal(bus)
+        exact, wild, deep = Probe(port_of(bus)), internal(bus), internal(bus)
         try:
             for p, f in ((exact, "device/a/command"), (wild, "device/+/command"), (deep, "device/#")):
                 await asyncio.to_thread(p.connect)

@@ -98,9 +98,9 @@ def test_a_full_payment_and_the_fallback(tmp_path) -> None:  # type: ignore[no-u
                          password=site.secrets.mqtt_internal_password)
         probes.append(internal)
         internal.connect()
-        late.subscribe(f"device/{charge}/marker")
-        internal.publish(f"device/{charge}/marker", b"m")
-        assert late.until(f"device/{charge}/marker", 10) == []
+        late.subscribe(f"device/marker-{charge}/payment-status")
+        internal.publish(f"device/marker-{charge}/payment-status", b"m")
+        assert late.until(f"device/marker-{charge}/payment-status", 10) == []
         code, st = status(site, charge)
         assert st["data"]["status"] == "SUCCEEDED"
 

@@ -51,7 +51,7 @@ def test_core_sigint_and_mqtt_connection_with_mosquitto_clients(site: Site, core
                password=site.secrets.mqtt_internal_password) as gw:
         gw.connect()
         gw.publish("device/dev-1/command", b'{"command":"PING"}', retain=True)
-        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-t", "device/dev-1/#",
+        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-t", "device/dev-1/command",
                               "-C", "1", "-W", "10"], capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"command": "PING"}

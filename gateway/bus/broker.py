@@ -4,8 +4,9 @@ Who may do what (docs/security.md explains why):
 - The gateway's own services log in as `mqtt.internal_username` with the internal password from
   the secrets file: they may publish and subscribe anything.
 - Anyone else connects anonymously when `mqtt.allow_anonymous` is true (ESP32 devices do) and may
-  publish only `server/{id}/ack` and `server/{id}/streaming`, and subscribe only within
-  `device/#`. Any other username, or a wrong password, is refused at CONNECT.
+  publish only `server/{id}/ack` and `server/{id}/streaming`, and subscribe only to exact
+  `device/{id}/command` and `device/{chargeId}/payment-status` topics (no wildcards). Any other
+  username, or a wrong password, is refused at CONNECT.
 
 `LocalBus` is how core code talks to the broker without a TCP hop: `publish()` broadcasts (and
 retains) in-process; `subscribe()` registers a handler for messages that clients published and
@@ -27,12 +28,14 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import ApplicationMessage, Session
 
-from gateway.bus.topics import filter_within, is_valid_filter, matches
+from gateway.bus.topics import is_valid_filter, matches
 
 log = logging.getLogger(__name__)
 
 ANON_PUBLISH = ("server/+/ack", "server/+/streaming")
-ANON_SUBSCRIBE = ("device/#",)
+# Exact topics only (no wildcards): a device listens to its own commands and to the payment status
+# of a charge it created; a LAN client cannot sweep up every device's commands and payments.
+ANON_SUBSCRIBE = ("device/+/command", "device/+/payment-status")
 
 Handler = Callable[[str, bytes, str | None], Awaitable[None] | None]
 
@@ -77,7 +80,8 @@ class GatewayTopicPlugin(BaseTopicPlugin):
         if action == Action.PUBLISH:
             allowed = any(matches(f, topic) for f in ANON_PUBLISH)
         elif action == Action.SUBSCRIBE:
-            allowed = is_valid_filter(topic) and any(filter_within(topic, a) for a in ANON_SUBSCRIBE)
+            allowed = (is_valid_filter(topic) and "+" not in topic and "#" not in topic
+                       and any(matches(a, topic) for a in ANON_SUBSCRIBE))
         else:
             allowed = False
         if not allowed:

@@ -53,22 +53,3 @@ def is_valid_filter(topic_filter: str) -> bool:
         if "+" in level and level != "+":
             return False
     return True
-
-
-def filter_within(topic_filter: str, allowed: str) -> bool:
-    """True when every topic `topic_filter` can match is also matched by `allowed`."""
-    f_levels = topic_filter.split("/")
-    a_levels = allowed.split("/")
-    for i, a in enumerate(a_levels):
-        if a == "#":
-            return True
-        if i >= len(f_levels):
-            return False
-        f = f_levels[i]
-        if f == "#":
-            return False
-        if a == "+":
-            continue
-        if f != a:
-            return False
-    return len(f_levels) == len(a_levels)
