@@ -131,7 +131,8 @@ def command_one(device_id: str) -> Any:
 # --- state -------------------------------------------------------------------------------------
 
 
-def _counts(command_ids: list[str]) -> dict[str, dict[str, int]]:
+def result_counts(command_ids: list[str]) -> dict[str, dict[str, int]]:
+    """`{command_id: {status: devices}}` for the given commands (one grouped query)."""
     out: dict[str, dict[str, int]] = {}
     q = (CommandResult.select(CommandResult.command, CommandResult.status, fn.COUNT(CommandResult.device).alias("n"))
          .where(CommandResult.command.in_(command_ids)).group_by(CommandResult.command, CommandResult.status))
@@ -159,7 +160,7 @@ def list_commands() -> Any:
     except ValueError:
         raise ApiError(400, "VALIDATION_FAILED", "limit must be an integer 1..500") from None
     rows = list(Command.select().order_by(Command.created_at.desc(), Command.command_id.desc()).limit(limit))
-    counts = _counts([c.command_id for c in rows])
+    counts = result_counts([c.command_id for c in rows])
     return jsonify({"success": True, "data": [_command_view(c, counts.get(c.command_id, {})) for c in rows]})
 
 
@@ -171,7 +172,7 @@ def get_command(command_id: str) -> Any:
     c = Command.get_or_none(Command.command_id == command_id)
     if c is None:
         raise ApiError(404, "COMMAND_NOT_FOUND", f"no command {command_id!r}")
-    view = _command_view(c, _counts([command_id]).get(command_id, {}))
+    view = _command_view(c, result_counts([command_id]).get(command_id, {}))
     view["results"] = [{"device_id": r.device_id, "status": r.status, "error": r.error,
                         "progress": json.loads(r.progress) if r.progress else None, "updated_at": iso_z(r.updated_at)}
                        for r in CommandResult.select().where(CommandResult.command == command_id)]

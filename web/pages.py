@@ -21,14 +21,12 @@ from typing import Any
 import jwt
 from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
 from markupsafe import Markup, escape
-from peewee import fn
 
 from gateway import users
 from gateway.clock import iso_z, utc_now
 from gateway.devices.schemas import SCHEMA_FILES, schema
 from gateway.store.models import (
     Command,
-    CommandResult,
     Device,
     DeviceConfig,
     EventLogItem,
@@ -38,6 +36,7 @@ from gateway.store.models import (
     WashSession,
 )
 from web.auth import ALGORITHM, CSRF_COOKIE, ISSUER, TOKEN_COOKIE, csrf_ok, issue_token
+from web.commands import result_counts
 from web.context import ctx
 from web.openapi import doc
 
@@ -178,12 +177,19 @@ def set_lang(code: str) -> Any:
 
 
 def _courses() -> list[str]:
+    cfg = ctx().config
+    return _profile_courses(cfg.wash.extra_profiles, tuple(b.profile for b in cfg.bays))
+
+
+@functools.cache
+def _profile_courses(extra_profiles: tuple[str, ...], bay_profiles: tuple[str, ...]) -> list[str]:
+    """The courses of the bays' profiles, read from the profile files once per process."""
     from plc.profile import load_profiles
 
-    profiles = load_profiles(ctx().config.wash.extra_profiles)
+    profiles = load_profiles(extra_profiles)
     names: list[str] = []
-    for b in ctx().config.bays:
-        p = profiles.get(b.profile)
+    for profile in bay_profiles:
+        p = profiles.get(profile)
         for name in (p.courses.values() if p else ()):
             if name not in names:
                 names.append(name)
@@ -296,12 +302,7 @@ def bulk(user: str) -> Response:
 @page
 def commands(user: str) -> Response:
     rows = list(Command.select().order_by(Command.created_at.desc()).limit(100))
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
-    for cid, status, n in (CommandResult.select(CommandResult.command, CommandResult.status,
-                                                fn.COUNT(CommandResult.device).alias("n"))
-                           .where(CommandResult.command.in_([c.command_id for c in rows]))
-                           .group_by(CommandResult.command, CommandResult.status).tuples()):
-        counts[cid][status] = n
+    counts = result_counts([c.command_id for c in rows])
     return render("commands.html", user, rows=rows, counts=counts, iso=iso_z)
 
 

@@ -55,13 +55,13 @@ class CommandStore:
         self.site_id = site_id
         self._next_id: int | None = None
 
-    def _ids(self, n: int) -> int:
+    def _first_free_id(self) -> int:
         if self._next_id is None:
             self._next_id = (OperationEvent.select(fn.MAX(OperationEvent.id)).scalar() or 0) + 1
         return self._next_id
 
     def _insert_events(self, stream_events: list[tuple[str, str, dict[str, Any]]]) -> list[StoredEvent]:
-        first = self._ids(len(stream_events))
+        first = self._first_free_id()
         now = str(utc_now())
         stored = [StoredEvent(first + i, s, e, d) for i, (s, e, d) in enumerate(stream_events)]
         self.db.cursor().executemany(
