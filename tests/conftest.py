@@ -153,3 +153,19 @@ def web(site: Site, core: Proc) -> Iterator[Proc]:
     proc = start_process(site, "web")
     yield proc
     proc.stop()
+
+
+def start_demo(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    """`carwash-gateway demo --data-dir DIR` and what it printed up to "Press Ctrl-C" (the demo is
+    then running; the caller stops it and closes its stdout). Its logs, and those of the core and
+    web it starts, go to `DIR.log`: a pipe nobody reads would block them once full."""
+    with open(f"{data_dir}.log", "ab") as log:
+        proc = subprocess.Popen(gateway_command("demo", "--data-dir", str(data_dir)), env=child_env(),
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # ends when the demo prints its last line or dies
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Press Ctrl-C"):
+            break
+    return proc, "\n".join(lines)

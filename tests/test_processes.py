@@ -18,7 +18,7 @@ from gateway.demo import WEB_CONNECTED
 from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
 from gateway.sdnotify import Notifier
 from tests.clients import http_json
-from tests.conftest import Proc, Site, start_process
+from tests.conftest import Proc, Site, start_demo, start_process
 from tests.mqtt_probe import Probe
 from web.context import STATUS_DISCONNECTED
 
@@ -122,19 +122,11 @@ async def test_core_in_process_stops_on_signal_without_leaking_tasks(site: Site)
 
 def test_demo_command_end_to_end(tmp_path: Path) -> None:
     data = tmp_path / "demo"
-    proc = subprocess.Popen(gateway_command("demo", "--data-dir", str(data)), env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, text = start_demo(data)
     try:
-        lines: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:  # ends when the demo prints its last line or dies
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl-C"):
-                break
-        text = "\n".join(lines)
         web_url = re.search(r"^web: (http://127\.0\.0\.1:\d+/)$", text, re.M)
         mqtt_url = re.search(r"^mqtt: mqtt://127\.0\.0\.1:(\d+)$", text, re.M)
-        assert web_url and mqtt_url, text + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        assert web_url and mqtt_url, text + Path(f"{data}.log").read_text(errors="replace")[-3000:]
         assert re.search(r"^login: demo / demo$", text, re.M)
         cloud = re.search(r"^cloud: (http://127\.0\.0\.1:\d+/_sim/) ", text, re.M)
         assert cloud, text
@@ -151,8 +143,6 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
         stop_process(proc)
         if proc.stdout:
             proc.stdout.close()
-        if proc.stderr:
-            proc.stderr.close()
     assert (data / "gateway.db").exists()
 
 

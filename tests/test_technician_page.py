@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.procs import child_env, gateway_command, stop_process
+from gateway.procs import stop_process
+from tests.conftest import start_demo
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver")
@@ -32,17 +33,10 @@ class Demo:
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[Demo]:
     data = tmp_path / "site"
-    proc = subprocess.Popen(gateway_command("demo", "--data-dir", str(data)), env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, text = start_demo(data)
     try:
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        m = re.search(r"^web: (http://127\.0\.0\.1:\d+)/$", "".join(lines), re.M)
-        assert m, "".join(lines)
+        m = re.search(r"^web: (http://127\.0\.0\.1:\d+)/$", text, re.M)
+        assert m, text
         yield Demo(m.group(1), proc)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
