@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import os
 import secrets as pysecrets
 import signal
@@ -39,6 +40,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_GRACE_SEC = 1.0
+
+
 def cmd_core(args: argparse.Namespace) -> int:
     from gateway.core.app import CoreApp
     from gateway.logsetup import setup_logging
@@ -52,6 +56,19 @@ def cmd_core(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await CoreApp(cfg, sec).run(stop)
+        # CoreApp has stored everything, closed the database and logged any task that did not
+        # stop. asyncio.run() would then wait without end for such a task; give it a second.
+        me = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        for t in leftovers:
+            t.cancel()
+        if leftovers:
+            _, pending = await asyncio.wait(leftovers, timeout=EXIT_GRACE_SEC)
+            if pending:
+                logging.getLogger("gateway.core").error("exiting with %d task(s) that ignored cancellation",
+                                                        len(pending))
+                logging.shutdown()
+                os._exit(0)
 
     asyncio.run(main())
     return 0
