@@ -82,7 +82,9 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     d.find_element(By.ID, "username").send_keys("demo")
     d.find_element(By.ID, "password").send_keys("wrong")
     d.find_element(By.ID, "login-button").click()
-    assert d.find_element(By.CSS_SELECTOR, ".error").text  # Thai message, the default language
+    # The form posts and the page reloads: wait for the answer, not for click() to return.
+    error = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".error")))
+    assert error.text  # Thai message, the default language
     d.find_element(By.ID, "username").clear()
     d.find_element(By.ID, "username").send_keys("demo")
     d.find_element(By.ID, "password").send_keys("demo")
