@@ -72,6 +72,8 @@ class WebConfig:
     device_rate_per_sec: float = _f(20.0, min=0, max=10000, doc="device API requests per second per client address; 0: no limit")
     device_rate_burst: int = _f(100, min=1, max=100000)
     rate_limit_exempt: tuple[str, ...] = _f(("127.0.0.1", "::1"), doc="addresses never rate limited")
+    login_failures_per_min: float = _f(10.0, min=0, max=10000, doc="failed logins per minute per address; 0: no limit")
+    login_failure_burst: int = _f(10, min=1, max=10000)
     device_base_url: str = _f("", doc="how devices reach this web server; empty: the URL of the request",
                               pattern=r"^(|https?://\S+)$")
 
@@ -84,6 +86,12 @@ class MqttConfig:
     internal_username: str = _f("carwash-gateway", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     max_connections: int = _f(2000, min=10, max=100000)
     rpc_timeout_sec: float = _f(5.0, min=0.1, max=60)
+    max_packet_bytes: int = _f(16384, min=1024, max=268435455, doc="largest packet of an anonymous client")
+    internal_max_packet_bytes: int = _f(1048576, min=65536, max=268435455,
+                                        doc="largest packet of the gateway's own clients (RPC bodies)")
+    connect_timeout_sec: float = _f(10.0, min=1, max=300, doc="a connection must send CONNECT within this")
+    client_rate_per_sec: float = _f(20.0, min=0, max=100000, doc="publishes per second per anonymous client; 0: no limit")
+    client_rate_burst: int = _f(100, min=1, max=1000000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,6 +373,9 @@ def _cross_check(cfg: Config, loader: _Loader) -> None:
         loader.fail("site.timezone", f"unknown time zone {cfg.site.timezone!r}")
     if cfg.outbox.backoff_min_sec > cfg.outbox.backoff_max_sec:
         loader.fail("outbox.backoff_min_sec", "must not exceed outbox.backoff_max_sec")
+    # The web relays request bodies to the core as RPCs over the broker.
+    if cfg.mqtt.internal_max_packet_bytes < cfg.web.body_limit_bytes + 65536:
+        loader.fail("mqtt.internal_max_packet_bytes", "must be at least web.body_limit_bytes + 65536")
     if cfg.cloud.bridge.enabled and not cfg.cloud.bridge.host:
         loader.fail("cloud.bridge.host", "required when cloud.bridge.enabled is true")
     buses: dict[str, BusConfig] = {}

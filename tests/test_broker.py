@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -25,8 +26,10 @@ USER, PASSWORD = "carwash-gateway", "internal-password-0123456789"
 
 
 @contextlib.asynccontextmanager
-async def running_bus(*, allow_anonymous: bool = True) -> AsyncIterator[LocalBus]:
-    bus = LocalBus(BrokerSettings("127.0.0.1", free_port(), USER, PASSWORD, allow_anonymous, 100))
+async def running_bus(*, allow_anonymous: bool = True, max_connections: int = 100,
+                      **limits: Any) -> AsyncIterator[LocalBus]:
+    bus = LocalBus(BrokerSettings("127.0.0.1", free_port(), USER, PASSWORD, allow_anonymous, max_connections,
+                                  **limits))
     await bus.start()
     dispatcher = asyncio.create_task(bus.dispatch_forever())
     try:
@@ -255,3 +258,159 @@ async def _settled(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyp
     async with asyncio.timeout(timeout):
         while not pred():
             await asyncio.sleep(0.01)
+
+
+# --- limits against LAN abuse (raw MQTT 3.1.1 packets: exact control of what is sent) -------------
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _connect_packet(client_id: str, username: str | None = None, password: str | None = None) -> bytes:
+    flags = 0x02 | (0xC0 if username is not None else 0)
+    body = b"\x00\x04MQTT\x04" + bytes([flags]) + (30).to_bytes(2, "big")
+    for field in (client_id, username, password):
+        if field is not None:
+            body += len(field.encode()).to_bytes(2, "big") + field.encode()
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+def _publish_packet(topic: str, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode() + payload
+    return b"\x30" + _remaining_length(len(body)) + body
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, bus: LocalBus) -> RawClient:
+        return cls(*await asyncio.open_connection("127.0.0.1", port_of(bus)))
+
+    async def connect(self, client_id: str, username: str | None = None, password: str | None = None) -> int:
+        """CONNECT; returns the CONNACK return code."""
+        self.writer.write(_connect_packet(client_id, username, password))
+        connack = await asyncio.wait_for(self.reader.readexactly(4), 5)
+        assert connack[:2] == b"\x20\x02", connack
+        return connack[3]
+
+    async def closed_by_broker(self, timeout: float = 5.0) -> bool:
+        """True when the broker closes the connection within `timeout` (EOF or reset)."""
+        try:
+            return await asyncio.wait_for(self.reader.read(65536), timeout) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _wait(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)  # polls a counter of the broker in this loop; bounded by the timeout
+
+
+async def test_oversized_packet_closes_that_connection_only() -> None:
+    async with running_bus(max_packet_bytes=2048, internal_max_packet_bytes=300_000) as bus:
+        seen: list[tuple[str, int]] = []
+        bus.subscribe("#", lambda topic, data, cid: seen.append((topic, len(data))))
+        big, small, web = await RawClient.open(bus), await RawClient.open(bus), await RawClient.open(bus)
+        try:
+            assert await big.connect("dev-big") == 0
+            assert await small.connect("dev-small") == 0
+            assert await web.connect("carwash-web-1", USER, PASSWORD) == 0
+            # Only the header of the big one is sent: the broker must refuse on the announced length.
+            header = _publish_packet("server/dev-big/streaming", b"x" * 4000)[:40]
+            big.writer.write(header)
+            assert await big.closed_by_broker()
+            assert bus.refusals.counts["packet_size"] == 1
+            # The others are unaffected; the internal user may send request-sized packets.
+            small.writer.write(_publish_packet("server/dev-small/streaming", b"y" * 1500))
+            web.writer.write(_publish_packet("gateway/rpc/echo", b"z" * 200_000))
+            await _wait(lambda: len(seen) == 2)
+            assert sorted(seen) == [("gateway/rpc/echo", 200_000), ("server/dev-small/streaming", 1500)]
+        finally:
+            for c in (big, small, web):
+                c.close()
+
+
+async def test_silent_connections_are_closed_and_free_their_slot() -> None:
+    async with running_bus(max_connections=2, connect_timeout_sec=0.5) as bus:
+        silent = [await RawClient.open(bus) for _ in range(2)]
+        try:
+            for c in silent:
+                assert await c.closed_by_broker()
+            assert bus.refusals.counts["connect_timeout"] == 2
+            late = await RawClient.open(bus)
+            try:
+                assert await late.connect("dev-late") == 0  # both slots were given back
+            finally:
+                late.close()
+        finally:
+            for c in silent:
+                c.close()
+
+
+async def test_connection_beyond_the_maximum_is_closed_at_once_not_parked() -> None:
+    async with running_bus(max_connections=2, connect_timeout_sec=60) as bus:
+        a, b = await RawClient.open(bus), await RawClient.open(bus)
+        try:
+            assert await a.connect("dev-a") == 0 and await b.connect("dev-b") == 0
+            third = await RawClient.open(bus)
+            # Closed well before the 60 s connect timeout could have done it.
+            assert await third.closed_by_broker(timeout=5.0)
+            third.close()
+            assert bus.refusals.counts["max_connections"] == 1
+            a.close()
+            await bus.wait_clients(lambda ids: "dev-a" not in ids, 5)
+            again = await RawClient.open(bus)
+            try:
+                assert await again.connect("dev-again") == 0
+            finally:
+                again.close()
+        finally:
+            a.close()
+            b.close()
+
+
+async def test_publish_flood_of_one_client_is_cut_to_its_rate() -> None:
+    async with running_bus(client_rate_per_sec=1.0, client_rate_burst=5) as bus:
+        seen: list[str | None] = []
+        bus.subscribe("server/+/streaming", lambda topic, data, cid: seen.append(cid))
+        flood, calm = await RawClient.open(bus), await RawClient.open(bus)
+        try:
+            assert await flood.connect("dev-flood") == 0 and await calm.connect("dev-calm") == 0
+            flood.writer.write(b"".join(_publish_packet("server/dev-flood/streaming", b"{}") for _ in range(50)))
+            await _wait(lambda: seen.count("dev-flood") + bus.refusals.counts["rate"] == 50)
+            passed = seen.count("dev-flood")
+            assert 5 <= passed <= 6, passed  # the burst, plus at most one refilled token
+            calm.writer.write(_publish_packet("server/dev-calm/streaming", b"{}"))
+            await _wait(lambda: "dev-calm" in seen)  # another device is not limited by the flood
+        finally:
+            flood.close()
+            calm.close()
+
+
+async def test_anonymous_client_ids_reserved_or_malformed_are_refused() -> None:
+    async with running_bus() as bus:
+        for client_id, accepted in [("device-a1b2c3", True), ("carwash-web-0123456789ab", False),
+                                    ("d" * 129, False), ("dev\x01ice", False)]:
+            c = await RawClient.open(bus)
+            try:
+                assert (await c.connect(client_id) == 0) == accepted, client_id
+            finally:
+                c.close()
+        assert bus.refusals.counts["client_id"] == 3
+        web = await RawClient.open(bus)  # the gateway's own clients keep their prefix
+        try:
+            assert await web.connect("carwash-web-0123456789ab", USER, PASSWORD) == 0
+        finally:
+            web.close()

@@ -99,3 +99,28 @@ def test_recover_form_needs_csrf_and_the_core(client: FlaskClient) -> None:
     # No core to ask in this test: the page says so instead of failing.
     r = client.post("/recover", data={"code": "12345678", "username": "x", "password": "y" * 8, "csrf": csrf})
     assert r.status_code == 503 and "core" in r.get_data(as_text=True)
+
+
+def test_failed_logins_are_limited_per_address_on_the_api_and_the_page(client: FlaskClient) -> None:
+    """10 failures (the default burst) get 401; then 429 with the envelope and Retry-After, even for
+    the right password; another address still logs in; the page says so in its own words."""
+    api = "/api/v1/auth/login"
+    attacker, other = {"REMOTE_ADDR": "10.0.0.66"}, {"REMOTE_ADDR": "10.0.0.7"}
+    for _ in range(10):
+        r = client.post(api, json={"username": "demo", "password": "guess"}, environ_base=attacker)
+        assert r.status_code == 401
+    for password in ("guess", "demo"):
+        r = client.post(api, json={"username": "demo", "password": password}, environ_base=attacker)
+        body = r.get_json()
+        assert r.status_code == 429 and body["errorCode"] == "RATE_LIMITED" and body["statusCode"] == 429
+        assert int(r.headers["Retry-After"]) >= 1
+    r = client.post(api, json={"username": "demo", "password": "demo"}, environ_base=other)
+    assert r.status_code == 200 and r.get_json()["data"]["token"]
+    # A right password does not use up the allowance of its address.
+    for _ in range(20):
+        assert client.post(api, json={"username": "demo", "password": "demo"}, environ_base=other).status_code == 200
+    client.get("/login", environ_base=attacker)
+    csrf = client.get_cookie("cw_csrf").value
+    r = client.post("/login", data={"username": "demo", "password": "demo", "csrf": csrf}, environ_base=attacker)
+    assert r.status_code == 429 and "Retry-After" in r.headers
+    assert 'class="error"' in r.get_data(as_text=True)

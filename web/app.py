@@ -6,10 +6,11 @@ from flask import Flask, request
 from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
+from gateway.ratelimit import RateLimiter, retry_after
 from web import auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
 from web.context import WebContext, ctx
 from web.errors import ApiError
-from web.ratelimit import RateLimiter, retry_after
+
 
 # Routes that answer while the schema is not current (health must always answer).
 UNGATED = ("/api/health", "/api/openapi.json", "/static/app.js", "/static/style.css")
@@ -41,6 +42,7 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
 
     limiter = RateLimiter(config.web.device_rate_per_sec, config.web.device_rate_burst, config.web.rate_limit_exempt)
     app.extensions["carwash.ratelimit"] = limiter
+    app.extensions["carwash.login_failures"] = auth.login_limiter(config)
 
     @app.before_request
     def _limit() -> None:

@@ -11,9 +11,11 @@ import hmac
 from typing import Any
 
 import jwt
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from gateway import users
+from gateway.config import Config
+from gateway.ratelimit import RateLimiter, retry_after
 from gateway.clock import iso_z
 from gateway.store.models import TechnicianUser
 from web.body import read_json
@@ -31,6 +33,27 @@ ISSUER = "carwash-gateway"
 
 LOGIN_REQ = {"type": "object", "required": ["username", "password"],
              "properties": {"username": {"type": "string"}, "password": {"type": "string"}}}
+
+
+def login_limiter(config: Config) -> RateLimiter:
+    """Failed logins per client address (create_app keeps one per app)."""
+    return RateLimiter(config.web.login_failures_per_min / 60.0, config.web.login_failure_burst)
+
+
+def verify_login(username: str, password: str) -> bool:
+    """The password check of both logins (API and page). Raises 429 RATE_LIMITED while the client
+    address has failed too often: only failures count, so a technician who types the password
+    right is never held up, and past the limit even the right password waits (else guessing would
+    go on)."""
+    failures: RateLimiter = current_app.extensions["carwash.login_failures"]
+    wait = failures.peek(request.remote_addr)
+    if wait:
+        raise ApiError(429, "RATE_LIMITED", "too many failed logins from this address", {"Retry-After": retry_after(wait)})
+    db = ctx().db
+    if db is not None and users.verify(db, username, password):
+        return True
+    failures.check(request.remote_addr)
+    return False
 
 
 def issue_token(username: str) -> tuple[str, dt.datetime]:
@@ -83,14 +106,13 @@ def require_technician(*, allow_query: bool = False) -> str:
 
 @bp.post("/api/v1/auth/login")
 @doc("Technician login: a Bearer token for the web API", tags=("auth",), request=LOGIN_REQ,
-     response={"type": "object"}, errors=(400, 401, 415))
+     response={"type": "object"}, errors=(400, 401, 415, 429))
 def login() -> Any:
     body = read_json()
     username, password = body.get("username"), body.get("password")
     if not isinstance(username, str) or not isinstance(password, str):
         raise ApiError(400, "VALIDATION_FAILED", "username and password must be strings")
-    db = ctx().db
-    if db is None or not users.verify(db, username, password):
+    if not verify_login(username, password):
         raise ApiError(401, "UNAUTHORIZED", "wrong user name or password")
     token, exp = issue_token(username)
     return jsonify({"success": True, "data": {"token": token, "token_type": "Bearer", "expires_at": iso_z(exp)},

@@ -22,7 +22,6 @@ import jwt
 from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
 from markupsafe import Markup, escape
 
-from gateway import users
 from gateway.clock import iso_z, utc_now
 from gateway.devices.schemas import SCHEMA_FILES, schema
 from gateway.store.models import (
@@ -35,9 +34,10 @@ from gateway.store.models import (
     Payment,
     WashSession,
 )
-from web.auth import ALGORITHM, CSRF_COOKIE, ISSUER, TOKEN_COOKIE, csrf_ok, issue_token
+from web.auth import ALGORITHM, CSRF_COOKIE, ISSUER, TOKEN_COOKIE, csrf_ok, issue_token, verify_login
 from web.commands import result_counts
 from web.context import ctx
+from web.errors import ApiError
 from web.openapi import doc
 
 bp = Blueprint("pages", __name__, template_folder="templates")
@@ -119,8 +119,13 @@ def login_post() -> Any:
     if not csrf_ok():
         return render("login.html", None, why="csrf", next="/", csrf=cookie), 403
     name, password = form.get("username", ""), form.get("password", "")
-    db = ctx().db
-    if db is None or not users.verify(db, name, password):
+    try:
+        ok = verify_login(name, password)
+    except ApiError as exc:  # too many failures from this address
+        resp = make_response(render("login.html", None, why="limited", next=form.get("next", "/"), csrf=cookie), 429)
+        resp.headers.update(exc.headers)
+        return resp
+    if not ok:
         return render("login.html", None, why="wrong", next=form.get("next", "/"), csrf=cookie), 401
     token, exp = issue_token(name)
     target = form.get("next", "/")
@@ -149,7 +154,6 @@ def recover_form() -> Response:
 @doc("Technician page: redeem the one-time recovery code (decided by the core)", **PAGE)  # type: ignore[arg-type]
 def recover_post() -> Any:
     from web.context import ask_core
-    from web.errors import ApiError
 
     form = request.form
     cookie = request.cookies.get(CSRF_COOKIE, "")
@@ -420,7 +424,6 @@ def cloud(user: str) -> Response:
 @page
 def diagnostics(user: str) -> Response:
     from web.context import ask_core
-    from web.errors import ApiError
 
     try:
         buses = ask_core("wash.diagnostics", {})

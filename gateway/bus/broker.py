@@ -11,6 +11,15 @@ Who may do what (docs/security.md explains why):
 `LocalBus` is how core code talks to the broker without a TCP hop: `publish()` broadcasts (and
 retains) in-process; `subscribe()` registers a handler for messages that clients published and
 the ACL let through. Handlers run one at a time, in arrival order, on one task.
+
+Limits against LAN abuse (`BrokerSettings`, docs/security.md): packets larger than
+`max_packet_bytes` (anonymous) or `internal_max_packet_bytes` (the gateway's own users) close the
+connection before their body is read; a client that sends no CONNECT within `connect_timeout_sec`
+is dropped; past `max_connections` a new connection is closed at once (amqtt would park it without
+CONNACK); an anonymous client publishing faster than `client_rate_per_sec` (bursts of
+`client_rate_burst`) has the excess dropped; anonymous client ids are at most 128 printable ASCII
+characters and may not start with the gateway's own prefix `carwash-`. Every refusal is counted
+per reason (`LocalBus.refusals`) and logged once a minute per reason.
 """
 
 from __future__ import annotations
@@ -23,12 +32,16 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
+from amqtt.errors import AMQTTError
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import ApplicationMessage, Session
 
 from gateway.bus.topics import is_valid_filter, matches
+from gateway.droplog import Drops
+from gateway.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +51,24 @@ ANON_PUBLISH = ("server/+/ack", "server/+/streaming")
 ANON_SUBSCRIBE = ("device/+/command", "device/+/payment-status")
 
 Handler = Callable[[str, bytes, str | None], Awaitable[None] | None]
+
+# The gateway's own clients (web, tools) use ids "carwash-{name}-{random}"; an anonymous client
+# taking one of them over would disconnect the web from the bus.
+INTERNAL_CLIENT_PREFIX = "carwash-"
+MAX_CLIENT_ID_LEN = 128
+
+
+def client_id_problem(client_id: str | None) -> str | None:
+    """Why an anonymous client may not use `client_id`, or None when it may."""
+    if not client_id:
+        return None  # the broker generates one
+    if len(client_id) > MAX_CLIENT_ID_LEN:
+        return f"client id longer than {MAX_CLIENT_ID_LEN} characters"
+    if not client_id.isascii() or not client_id.isprintable():
+        return "client id has non-printable or non-ASCII characters"
+    if client_id.startswith(INTERNAL_CLIENT_PREFIX):
+        return f"client id prefix {INTERNAL_CLIENT_PREFIX!r} is reserved for the gateway's own services"
+    return None
 
 
 class GatewayAuthPlugin(BaseAuthPlugin):
@@ -49,10 +80,20 @@ class GatewayAuthPlugin(BaseAuthPlugin):
         internal_password: str = ""
         allow_anonymous: bool = False
 
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.refusals = Drops(log)  # LocalBus shares one counter between the plugins and the broker
+
     async def authenticate(self, *, session: Session) -> bool | None:
         cfg = self.config
         if session.username is None:
-            return bool(cfg.allow_anonymous)
+            if not cfg.allow_anonymous:
+                return False
+            problem = client_id_problem(session.client_id)
+            if problem is not None:
+                self.refusals.drop("client_id", "connect", f"{problem}: {session.client_id[:40]!r}")
+                return False
+            return True
         user_ok = hmac.compare_digest(session.username.encode(), cfg.internal_username.encode())
         pw_ok = hmac.compare_digest((session.password or "").encode(), cfg.internal_password.encode())
         if user_ok and pw_ok:
@@ -67,6 +108,13 @@ class GatewayTopicPlugin(BaseTopicPlugin):
     @dataclass
     class Config:
         internal_username: str = ""
+        client_rate_per_sec: float = 0.0  # 0: no limit
+        client_rate_burst: int = 100
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self._rate = RateLimiter(self.config.client_rate_per_sec, self.config.client_rate_burst)
+        self.refusals = Drops(log)
 
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
@@ -79,6 +127,10 @@ class GatewayTopicPlugin(BaseTopicPlugin):
             return True  # the subscription was checked when it was made
         if action == Action.PUBLISH:
             allowed = any(matches(f, topic) for f in ANON_PUBLISH)
+            if allowed and self._rate.check(session.client_id) > 0:
+                self.refusals.drop("rate", topic, f"client {session.client_id!r} publishes faster than "
+                                f"{self.config.client_rate_per_sec:g}/s (bursts of {self.config.client_rate_burst})")
+                return False
         elif action == Action.SUBSCRIBE:
             allowed = (is_valid_filter(topic) and "+" not in topic and "#" not in topic
                        and any(matches(a, topic) for a in ANON_SUBSCRIBE))
@@ -139,8 +191,10 @@ class GatewayBroker(Broker):
        a million matches (bench/commands.py measured seconds of delay).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: dict[str, Any], limits: BrokerLimits | None = None) -> None:
+        super().__init__(config)
+        self.limits = limits or BrokerLimits()
+        self.refusals = Drops(log)
         self._subscriptions = _Subscriptions()
         self._wildcard_filters: set[str] = set()  # a superset: stale ones are dropped while routing
         self._session_filters: dict[str, set[str]] = {}  # client id -> the filters it holds
@@ -165,6 +219,42 @@ class GatewayBroker(Broker):
         for topic_filter in list(self._session_filters.pop(session.client_id, ())):
             if super()._del_subscription(topic_filter, session) and not self._subscriptions.get(topic_filter):
                 self._subscriptions.pop(topic_filter, None)
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        server = self._servers.get(listener_name)
+        if server is not None and server.semaphore is not None and server.semaphore.locked():
+            # amqtt would park the client, without CONNACK, until a slot frees: it could not tell
+            # a full gateway from a dead one. Closed at once, it retries with its own backoff.
+            self.refusals.drop("max_connections", "connect",
+                               f"{server.max_connections} connections already; closed {writer.get_extra_info('peername')}")
+            writer.close()
+            return
+        guarded = _GuardedReader(reader, self.limits.max_packet_bytes, self.refusals, writer.get_extra_info("peername"))
+        await self._client_connected(listener_name, guarded, StreamWriterAdapter(writer))
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> Any:
+        """amqtt's, bounded: a connection that sends no complete CONNECT in time is closed (else a
+        silent socket holds a connection slot forever)."""
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout_sec):
+                return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        except TimeoutError as exc:
+            self.refusals.drop("connect_timeout", "connect", f"{remote_address}:{remote_port}: no CONNECT within "
+                               f"{self.limits.connect_timeout_sec:g} s; connection closed")
+            await writer.close()
+            raise AMQTTError("connect timeout") from exc
+        except PacketTooLarge as exc:  # counted by the reader
+            await writer.close()
+            raise AMQTTError(str(exc)) from exc
+
+    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session, *args: Any) -> None:
+        # The internal users' RPCs carry request bodies (up to the web's body limit). Raised before
+        # the password is checked, which is harmless: a refused login is closed right after CONNACK.
+        if isinstance(reader, _GuardedReader) and client_session.username == self.limits.internal_username:
+            reader.max_bytes = self.limits.internal_max_packet_bytes
+        await super()._handle_client_session(reader, writer, client_session, *args)
 
     def _routes(self, topic: str) -> list[tuple[Session, int]]:
         out = list(self._subscriptions.get(topic, ()))
@@ -211,6 +301,39 @@ class GatewayBroker(Broker):
         await super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
 
 
+class PacketTooLarge(Exception):
+    """A client announced a packet above its limit. Not an MQTTError on purpose: amqtt's reader
+    loop skips those and reads on (out of step with the stream); anything else closes the connection."""
+
+
+class _GuardedReader(StreamReaderAdapter):
+    """amqtt reads a packet's body with one `read(n)` once the fixed header announced it: refusing
+    a large `n` refuses the packet before a byte of it is buffered."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, refusals: Drops, peer: Any) -> None:
+        super().__init__(reader)
+        self.max_bytes = max_bytes
+        self._refusals = refusals
+        self._peer = peer
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > self.max_bytes:
+            self._refusals.drop("packet_size", "connection", f"{self._peer}: a packet of more than {n} bytes, "
+                                f"above the limit of {self.max_bytes}; connection closed")
+            raise PacketTooLarge(f"packet above {self.max_bytes} bytes")
+        return await super().read(n)
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    internal_username: str = ""
+    max_packet_bytes: int = 16 * 1024
+    internal_max_packet_bytes: int = 1024 * 1024
+    connect_timeout_sec: float = 10.0
+    client_rate_per_sec: float = 20.0  # anonymous publishes per client id; 0: no limit
+    client_rate_burst: int = 100
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     bind: str
@@ -219,6 +342,16 @@ class BrokerSettings:
     internal_password: str
     allow_anonymous: bool
     max_connections: int
+    max_packet_bytes: int = BrokerLimits.max_packet_bytes
+    internal_max_packet_bytes: int = BrokerLimits.internal_max_packet_bytes
+    connect_timeout_sec: float = BrokerLimits.connect_timeout_sec
+    client_rate_per_sec: float = BrokerLimits.client_rate_per_sec
+    client_rate_burst: int = BrokerLimits.client_rate_burst
+
+    @property
+    def limits(self) -> BrokerLimits:
+        return BrokerLimits(self.internal_username, self.max_packet_bytes, self.internal_max_packet_bytes,
+                            self.connect_timeout_sec, self.client_rate_per_sec, self.client_rate_burst)
 
 
 def broker_config(s: BrokerSettings) -> dict[str, Any]:
@@ -235,7 +368,11 @@ def broker_config(s: BrokerSettings) -> dict[str, Any]:
                 "internal_password": s.internal_password,
                 "allow_anonymous": s.allow_anonymous,
             },
-            f"{__name__}.GatewayTopicPlugin": {"internal_username": s.internal_username},
+            f"{__name__}.GatewayTopicPlugin": {
+                "internal_username": s.internal_username,
+                "client_rate_per_sec": s.client_rate_per_sec,
+                "client_rate_burst": s.client_rate_burst,
+            },
             f"{__name__}.GatewayBusPlugin": {},
         },
     }
@@ -252,6 +389,7 @@ class LocalBus:
         self._presence_changed = asyncio.Condition()
         self.clients: set[str] = set()
         self.dropped_handler_errors = 0
+        self.refusals = Drops(log)  # what the broker refused to whom, per reason (see the module doc)
         self._publish_listeners: list[Callable[[str, bytes], None]] = []
 
     @property
@@ -266,7 +404,12 @@ class LocalBus:
 
     async def start(self) -> None:
         """Bind the listener; raises if the address cannot be bound."""
-        broker = GatewayBroker(broker_config(self._settings))
+        broker = GatewayBroker(broker_config(self._settings), self._settings.limits)
+        broker.refusals = self.refusals
+        for name in ("GatewayAuthPlugin", "GatewayTopicPlugin"):
+            guard = broker.plugins_manager.get_plugin(name)
+            assert isinstance(guard, (GatewayAuthPlugin, GatewayTopicPlugin))
+            guard.refusals = self.refusals
         plugin = broker.plugins_manager.get_plugin("GatewayBusPlugin")
         assert isinstance(plugin, GatewayBusPlugin)
         plugin.sink = self._enqueue

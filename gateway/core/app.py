@@ -118,6 +118,11 @@ class CoreApp:
                 internal_password=self.secrets.mqtt_internal_password,
                 allow_anonymous=cfg.mqtt.allow_anonymous,
                 max_connections=cfg.mqtt.max_connections,
+                max_packet_bytes=cfg.mqtt.max_packet_bytes,
+                internal_max_packet_bytes=cfg.mqtt.internal_max_packet_bytes,
+                connect_timeout_sec=cfg.mqtt.connect_timeout_sec,
+                client_rate_per_sec=cfg.mqtt.client_rate_per_sec,
+                client_rate_burst=cfg.mqtt.client_rate_burst,
             )
         )
         try:

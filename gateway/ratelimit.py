@@ -1,9 +1,11 @@
-"""Per-client-address rate limiting of the device API (token buckets, in the web worker).
+"""Token buckets per client key: the device API per address (web), anonymous MQTT publishers per
+client id (broker), failed technician logins per address (web).
 
-Each address may make `rate` requests per second on average with bursts of `burst`; beyond that
-it gets 429 RATE_LIMITED with the envelope and a Retry-After. Addresses in `exempt` (the gateway
-itself: the demo's fleet, the ops tools) are not limited. At most `MAX_CLIENTS` buckets are kept
-(the least recently seen go first), so a flood of spoofed addresses cannot grow memory.
+Each key may pass `rate` times per second on average with bursts of `burst`; `check()` says how
+long the caller should wait otherwise (the web answers 429 RATE_LIMITED with a Retry-After, the
+broker drops the message). Keys in `exempt` (the gateway itself: the demo's fleet, the ops tools)
+are not limited. At most `MAX_CLIENTS` buckets are kept (the least recently seen go first), so a
+flood of spoofed addresses or client ids cannot grow memory.
 """
 
 from __future__ import annotations
@@ -26,14 +28,24 @@ class RateLimiter:
         self.limited = 0
 
     def check(self, addr: str | None, now: float | None = None) -> float:
-        """0 when the request may go on, else the seconds until it could."""
+        """Take a token: 0 when the request may go on, else the seconds until it could."""
+        return self._take(addr, now, take=True)
+
+    def peek(self, addr: str | None, now: float | None = None) -> float:
+        """What `check` would answer, without taking a token (to count only failures, say)."""
+        return self._take(addr, now, take=False)
+
+    def _take(self, addr: str | None, now: float | None, *, take: bool) -> float:
         if self.rate <= 0 or addr is None or addr in self.exempt:
             return 0.0
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, at = self._buckets.pop(addr, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)
-            if tokens >= 1.0:
+            if not take:
+                self._buckets[addr] = (tokens, now)
+                wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            elif tokens >= 1.0:
                 self._buckets[addr] = (tokens - 1.0, now)
                 wait = 0.0
             else:
