@@ -92,6 +92,9 @@ class MqttConfig:
     connect_timeout_sec: float = _f(10.0, min=1, max=300, doc="a connection must send CONNECT within this")
     client_rate_per_sec: float = _f(20.0, min=0, max=100000, doc="publishes per second per anonymous client; 0: no limit")
     client_rate_burst: int = _f(100, min=1, max=1000000)
+    flood_cooldown_sec: float = _f(60.0, min=0, max=86400,
+                                   doc="a client at more than twice its rate is cut off; its address waits this long")
+    ban_exempt: tuple[str, ...] = _f(("127.0.0.1", "::1"), doc="addresses never made to cool down")
 
 
 @dataclass(frozen=True, kw_only=True)

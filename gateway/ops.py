@@ -115,6 +115,16 @@ def outbox(cfg: Config, *, dead_limit: int = 20) -> int:
     return 0
 
 
+def _call_or_none(client: Any, method: str) -> Any:
+    from gateway.bus.client import BusUnavailable, RpcTimeout
+    from gateway.bus.rpc import RpcError
+
+    try:
+        return client.call(method, {}, timeout=3)
+    except (BusUnavailable, RpcTimeout, RpcError):
+        return None
+
+
 def status(cfg: Config, secrets: Secrets) -> int:
     from gateway.bus.client import BusClient
 
@@ -130,6 +140,7 @@ def status(cfg: Config, secrets: Secrets) -> int:
                 time.sleep(0.05)  # the retained health arrives right after the subscription
             health = client.health
         core = client.core_status
+        broker = _call_or_none(client, "broker.stats")
     finally:
         client.stop()
     if health is None:
@@ -137,6 +148,9 @@ def status(cfg: Config, secrets: Secrets) -> int:
     else:
         print(f"core: online since {(core or {}).get('since', '?')}, version {(core or {}).get('version', '?')}")
         plc = health.get("plc", {})
+        if broker is not None:
+            refused = ", ".join(f"{n} {why}" for why, n in sorted(broker["refused"].items())) or "none"
+            print(f"mqtt: {broker['clients']} clients connected; refused so far: {refused}")
         print(f"plc: {sum(plc.values())}/{len(plc)} bays answering" + "".join(
             f"; {b} OFFLINE" for b, up in plc.items() if not up))
         up = health.get("uplink") or {}

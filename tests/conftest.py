@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +121,8 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
 
-def start_process(site: Site, name: str, *, env: dict[str, str] | None = None, ready_timeout: float = 30.0) -> Proc:
+def start_process(site: Site, name: str, *, env: dict[str, str] | None = None, ready_timeout: float = 30.0,
+                  preexec_fn: Callable[[], None] | None = None) -> Proc:
     notify = NotifySocket(site.dir / f"{name}.notify")
     log_path = site.dir / f"{name}.log"
     with log_path.open("ab") as log:
@@ -130,6 +131,7 @@ def start_process(site: Site, name: str, *, env: dict[str, str] | None = None, r
             env=child_env(notify, **(env or {})),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     proc = Proc(popen, notify, log_path)
     try:

@@ -291,8 +291,9 @@ class RawClient:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, bus: LocalBus) -> RawClient:
-        return cls(*await asyncio.open_connection("127.0.0.1", port_of(bus)))
+    async def open(cls, bus: LocalBus, source: str = "127.0.0.1") -> RawClient:
+        """A TCP connection from `source` (any 127.x address is this machine: another LAN host)."""
+        return cls(*await asyncio.open_connection("127.0.0.1", port_of(bus), local_addr=(source, 0)))
 
     async def connect(self, client_id: str, username: str | None = None, password: str | None = None) -> int:
         """CONNECT; returns the CONNACK return code."""
@@ -340,6 +341,20 @@ async def test_oversized_packet_closes_that_connection_only() -> None:
         finally:
             for c in (big, small, web):
                 c.close()
+        # From a LAN address (127.0.0.1 is exempt as the gateway's own), the address then cools down.
+        lan = await RawClient.open(bus, source="127.0.0.5")
+        try:
+            assert await lan.connect("dev-lan") == 0
+            lan.writer.write(header)
+            assert await lan.closed_by_broker()
+        finally:
+            lan.close()
+        again = await RawClient.open(bus, source="127.0.0.5")
+        try:
+            assert await again.closed_by_broker()
+            assert bus.refusals.counts["cooldown"] == 1
+        finally:
+            again.close()
 
 
 async def test_silent_connections_are_closed_and_free_their_slot() -> None:
@@ -382,7 +397,7 @@ async def test_connection_beyond_the_maximum_is_closed_at_once_not_parked() -> N
 
 
 async def test_publish_flood_of_one_client_is_cut_to_its_rate() -> None:
-    async with running_bus(client_rate_per_sec=1.0, client_rate_burst=5) as bus:
+    async with running_bus(client_rate_per_sec=1.0, client_rate_burst=5, flood_cooldown_sec=0) as bus:
         seen: list[str | None] = []
         bus.subscribe("server/+/streaming", lambda topic, data, cid: seen.append(cid))
         flood, calm = await RawClient.open(bus), await RawClient.open(bus)
@@ -397,6 +412,39 @@ async def test_publish_flood_of_one_client_is_cut_to_its_rate() -> None:
         finally:
             flood.close()
             calm.close()
+
+
+async def test_a_flooder_is_cut_off_and_its_address_cools_down() -> None:
+    async with running_bus(client_rate_per_sec=1.0, client_rate_burst=5, flood_cooldown_sec=30) as bus:
+        flood = await RawClient.open(bus, source="127.0.0.2")
+        try:
+            assert await flood.connect("dev-flood") == 0
+            flood.writer.write(b"".join(_publish_packet("server/dev-flood/streaming", b"{}") for _ in range(50)))
+            assert await flood.closed_by_broker()
+        finally:
+            flood.close()
+        assert bus.refusals.counts["flood"] == 1
+        again = await RawClient.open(bus, source="127.0.0.2")
+        try:
+            assert await again.closed_by_broker()  # closed before CONNECT: no CONNACK at all
+        finally:
+            again.close()
+        assert bus.refusals.counts["cooldown"] == 1
+        # Other addresses are not affected; exempt ones (the gateway's own) are cut off but never wait.
+        for source in ("127.0.0.3", "127.0.0.1"):
+            c = await RawClient.open(bus, source=source)
+            try:
+                assert await c.connect(f"dev-{source}") == 0
+                c.writer.write(b"".join(_publish_packet(f"server/dev-{source}/streaming", b"{}") for _ in range(50)))
+                assert await c.closed_by_broker()
+            finally:
+                c.close()
+        back = await RawClient.open(bus, source="127.0.0.1")
+        try:
+            assert await back.connect("dev-back") == 0
+        finally:
+            back.close()
+        assert bus.refusals.counts["flood"] == 3 and bus.refusals.counts["cooldown"] == 1
 
 
 async def test_anonymous_client_ids_reserved_or_malformed_are_refused() -> None:

@@ -37,6 +37,7 @@ def test_status_outbox_backup_restore(site: Site, tmp_path: Path) -> None:
         st = run(site, "status")
         assert st.returncode == 0, st.stderr
         assert "core: online since" in st.stdout and "devices: 3 (0 online, 3 pending)" in st.stdout, st.stdout
+        assert "clients connected; refused so far: none" in st.stdout, st.stdout
         ob = run(site, "outbox")
         assert ob.returncode == 0 and "device.registered" in ob.stdout and "pending" in ob.stdout, ob.stdout
 

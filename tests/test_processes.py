@@ -38,6 +38,22 @@ def test_core_notify_ready_watchdog_stopping(site: Site) -> None:
     assert "Traceback" not in log
 
 
+def test_core_raises_its_descriptor_limit_for_max_connections(site: Site) -> None:
+    """systemd starts services with a soft RLIMIT_NOFILE of 1024: the core must raise it to what
+    mqtt.max_connections (2,000 here) needs, within the hard limit."""
+    import resource
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 8192))
+
+    proc = start_process(site, "core", preexec_fn=low_soft_limit)
+    try:
+        soft, hard = resource.prlimit(proc.popen.pid, resource.RLIMIT_NOFILE)
+        assert (soft, hard) == (site.config.mqtt.max_connections + 256, 8192)
+    finally:
+        assert proc.stop() == 0
+
+
 def test_watchdog_ignored_when_meant_for_another_pid(site: Site) -> None:
     n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)})
     assert n.watchdog_interval is None

@@ -12,14 +12,17 @@ Who may do what (docs/security.md explains why):
 retains) in-process; `subscribe()` registers a handler for messages that clients published and
 the ACL let through. Handlers run one at a time, in arrival order, on one task.
 
-Limits against LAN abuse (`BrokerSettings`, docs/security.md): packets larger than
-`max_packet_bytes` (anonymous) or `internal_max_packet_bytes` (the gateway's own users) close the
-connection before their body is read; a client that sends no CONNECT within `connect_timeout_sec`
-is dropped; past `max_connections` a new connection is closed at once (amqtt would park it without
-CONNACK); an anonymous client publishing faster than `client_rate_per_sec` (bursts of
-`client_rate_burst`) has the excess dropped; anonymous client ids are at most 128 printable ASCII
-characters and may not start with the gateway's own prefix `carwash-`. Every refusal is counted
-per reason (`LocalBus.refusals`) and logged once a minute per reason.
+Limits against LAN abuse (`BrokerLimits`, enforced by one `AbuseGuard` shared by the broker and
+its plugins; docs/security.md): packets larger than `max_packet_bytes` (anonymous) or
+`internal_max_packet_bytes` (the gateway's own users) close the connection before their body is
+read, and the address cools down (below); a client that sends no CONNECT within `connect_timeout_sec` is dropped; past
+`max_connections` a new connection is closed at once (amqtt would park it without CONNACK); an
+anonymous client publishing faster than `client_rate_per_sec` (bursts of `client_rate_burst`) has
+the excess dropped, and if it goes on at more than twice that rate it is disconnected and its
+address may not connect for `flood_cooldown_sec` (addresses in `ban_exempt`, the gateway's
+own, never); anonymous client ids are at most 128 printable ASCII characters and may not start
+with the gateway's own prefix `carwash-`. Every refusal is counted per reason
+(`LocalBus.refusals`) and logged once a minute per reason.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +86,7 @@ class GatewayAuthPlugin(BaseAuthPlugin):
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        self.refusals = Drops(log)  # LocalBus shares one counter between the plugins and the broker
+        self.guard = AbuseGuard(BrokerLimits())  # LocalBus replaces it with the one it shares
 
     async def authenticate(self, *, session: Session) -> bool | None:
         cfg = self.config
@@ -91,7 +95,7 @@ class GatewayAuthPlugin(BaseAuthPlugin):
                 return False
             problem = client_id_problem(session.client_id)
             if problem is not None:
-                self.refusals.drop("client_id", "connect", f"{problem}: {session.client_id[:40]!r}")
+                self.guard.refusals.drop("client_id", "connect", f"{problem}: {session.client_id[:40]!r}")
                 return False
             return True
         user_ok = hmac.compare_digest(session.username.encode(), cfg.internal_username.encode())
@@ -108,13 +112,10 @@ class GatewayTopicPlugin(BaseTopicPlugin):
     @dataclass
     class Config:
         internal_username: str = ""
-        client_rate_per_sec: float = 0.0  # 0: no limit
-        client_rate_burst: int = 100
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        self._rate = RateLimiter(self.config.client_rate_per_sec, self.config.client_rate_burst)
-        self.refusals = Drops(log)
+        self.guard = AbuseGuard(BrokerLimits())  # LocalBus replaces it with the one it shares
 
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
@@ -127,9 +128,7 @@ class GatewayTopicPlugin(BaseTopicPlugin):
             return True  # the subscription was checked when it was made
         if action == Action.PUBLISH:
             allowed = any(matches(f, topic) for f in ANON_PUBLISH)
-            if allowed and self._rate.check(session.client_id) > 0:
-                self.refusals.drop("rate", topic, f"client {session.client_id!r} publishes faster than "
-                                f"{self.config.client_rate_per_sec:g}/s (bursts of {self.config.client_rate_burst})")
+            if allowed and not await self.guard.may_publish(session, topic):
                 return False
         elif action == Action.SUBSCRIBE:
             allowed = (is_valid_filter(topic) and "+" not in topic and "#" not in topic
@@ -191,10 +190,10 @@ class GatewayBroker(Broker):
        a million matches (bench/commands.py measured seconds of delay).
     """
 
-    def __init__(self, config: dict[str, Any], limits: BrokerLimits | None = None) -> None:
+    def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None) -> None:
         super().__init__(config)
-        self.limits = limits or BrokerLimits()
-        self.refusals = Drops(log)
+        self.guard = guard or AbuseGuard(BrokerLimits())
+        self.guard.kick = self._kick
         self._subscriptions = _Subscriptions()
         self._wildcard_filters: set[str] = set()  # a superset: stale ones are dropped while routing
         self._session_filters: dict[str, set[str]] = {}  # client id -> the filters it holds
@@ -223,26 +222,38 @@ class GatewayBroker(Broker):
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
         server = self._servers.get(listener_name)
+        peer = writer.get_extra_info("peername")
         if server is not None and server.semaphore is not None and server.semaphore.locked():
             # amqtt would park the client, without CONNACK, until a slot frees: it could not tell
             # a full gateway from a dead one. Closed at once, it retries with its own backoff.
-            self.refusals.drop("max_connections", "connect",
-                               f"{server.max_connections} connections already; closed {writer.get_extra_info('peername')}")
+            self.guard.refusals.drop("max_connections", "connect",
+                                     f"{server.max_connections} connections already; closed {peer}")
             writer.close()
             return
-        guarded = _GuardedReader(reader, self.limits.max_packet_bytes, self.refusals, writer.get_extra_info("peername"))
+        if peer and self.guard.cooling_down(peer[0]):
+            # Before a byte is read: a flooder's reconnects cost an accept() and a close().
+            self.guard.refusals.drop("cooldown", "connect", f"{peer}: flooded a moment ago; closed")
+            writer.close()
+            return
+        guarded = _GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
         await self._client_connected(listener_name, guarded, StreamWriterAdapter(writer))
+
+    async def _kick(self, session: Session) -> None:
+        """Close a client's connection (amqtt then cleans its session up as for any lost client)."""
+        _, handler = self._sessions.get(session.client_id, (None, None))
+        if handler is not None and handler.writer is not None:
+            await handler.writer.close()
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> Any:
         """amqtt's, bounded: a connection that sends no complete CONNECT in time is closed (else a
         silent socket holds a connection slot forever)."""
         try:
-            async with asyncio.timeout(self.limits.connect_timeout_sec):
+            async with asyncio.timeout(self.guard.limits.connect_timeout_sec):
                 return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
         except TimeoutError as exc:
-            self.refusals.drop("connect_timeout", "connect", f"{remote_address}:{remote_port}: no CONNECT within "
-                               f"{self.limits.connect_timeout_sec:g} s; connection closed")
+            self.guard.refusals.drop("connect_timeout", "connect", f"{remote_address}:{remote_port}: no CONNECT "
+                                     f"within {self.guard.limits.connect_timeout_sec:g} s; connection closed")
             await writer.close()
             raise AMQTTError("connect timeout") from exc
         except PacketTooLarge as exc:  # counted by the reader
@@ -252,8 +263,8 @@ class GatewayBroker(Broker):
     async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session, *args: Any) -> None:
         # The internal users' RPCs carry request bodies (up to the web's body limit). Raised before
         # the password is checked, which is harmless: a refused login is closed right after CONNACK.
-        if isinstance(reader, _GuardedReader) and client_session.username == self.limits.internal_username:
-            reader.max_bytes = self.limits.internal_max_packet_bytes
+        if isinstance(reader, _GuardedReader) and client_session.username == self.guard.limits.internal_username:
+            reader.max_bytes = self.guard.limits.internal_max_packet_bytes
         await super()._handle_client_session(reader, writer, client_session, *args)
 
     def _routes(self, topic: str) -> list[tuple[Session, int]]:
@@ -310,16 +321,18 @@ class _GuardedReader(StreamReaderAdapter):
     """amqtt reads a packet's body with one `read(n)` once the fixed header announced it: refusing
     a large `n` refuses the packet before a byte of it is buffered."""
 
-    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, refusals: Drops, peer: Any) -> None:
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, guard: AbuseGuard, peer: Any) -> None:
         super().__init__(reader)
         self.max_bytes = max_bytes
-        self._refusals = refusals
+        self._guard = guard
         self._peer = peer
 
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_bytes:
-            self._refusals.drop("packet_size", "connection", f"{self._peer}: a packet of more than {n} bytes, "
-                                f"above the limit of {self.max_bytes}; connection closed")
+            self._guard.refusals.drop("packet_size", "connection", f"{self._peer}: a packet of more than {n} "
+                                      f"bytes, above the limit of {self.max_bytes}; connection closed, the address cools down")
+            # No device sends such packets: whoever does would otherwise reconnect and try again at once.
+            self._guard.cool_down(self._peer[0] if self._peer else None)
             raise PacketTooLarge(f"packet above {self.max_bytes} bytes")
         return await super().read(n)
 
@@ -332,6 +345,67 @@ class BrokerLimits:
     connect_timeout_sec: float = 10.0
     client_rate_per_sec: float = 20.0  # anonymous publishes per client id; 0: no limit
     client_rate_burst: int = 100
+    flood_cooldown_sec: float = 60.0  # 0: flooders are never disconnected
+    ban_exempt: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+KICKED = "carwash.kicked"  # in Session.attributes (amqtt's place for plugin-owned state)
+
+
+class AbuseGuard:
+    """The broker's limits with their state: per-client publish buckets, strikes, addresses cooling
+    down after a flood, and the refusal counts. `kick` is set by the broker."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, limits: BrokerLimits) -> None:
+        self.limits = limits
+        self.refusals = Drops(log)
+        self.kick: Callable[[Session], Awaitable[None]] | None = None
+        self._rate = RateLimiter(limits.client_rate_per_sec, limits.client_rate_burst)
+        self._excess = RateLimiter(limits.client_rate_per_sec, limits.client_rate_burst)  # drops, per client
+        self._cooling: OrderedDict[str, float] = OrderedDict()  # address -> monotonic time it may return
+
+    async def may_publish(self, session: Session, topic: str) -> bool:
+        """Take a token for an anonymous publish. Each dropped publish also takes a token from a
+        second bucket of the same size: a client that goes on at more than twice its rate empties
+        it, is disconnected, and its address cools down."""
+        if session.attributes.get(KICKED):
+            return False  # what it had sent before the cut is still being read
+        cid = session.client_id
+        if self._rate.check(cid) == 0:
+            return True
+        lim = self.limits
+        self.refusals.drop("rate", topic, f"client {cid!r} publishes faster than {lim.client_rate_per_sec:g}/s "
+                           f"(bursts of {lim.client_rate_burst})")
+        if lim.flood_cooldown_sec <= 0 or self._excess.check(cid) == 0:
+            return False
+        session.attributes[KICKED] = True
+        self.refusals.drop("flood", topic, f"client {cid!r} from {session.remote_address} disconnected; the address "
+                           f"cools down for {lim.flood_cooldown_sec:g} s unless exempt")
+        self.cool_down(session.remote_address)
+        if self.kick is not None:
+            await self.kick(session)
+        return False
+
+    def cool_down(self, address: str | None) -> None:
+        """Refuse connections from `address` for `flood_cooldown_sec` (unless exempt or 0)."""
+        lim = self.limits
+        if not address or address in lim.ban_exempt or lim.flood_cooldown_sec <= 0:
+            return
+        self._cooling[address] = time.monotonic() + lim.flood_cooldown_sec
+        self._cooling.move_to_end(address)
+        while len(self._cooling) > self.MAX_ADDRESSES:
+            self._cooling.popitem(last=False)
+
+    def cooling_down(self, address: str) -> bool:
+        until = self._cooling.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._cooling[address]
+        return False
 
 
 @dataclass(frozen=True)
@@ -347,11 +421,14 @@ class BrokerSettings:
     connect_timeout_sec: float = BrokerLimits.connect_timeout_sec
     client_rate_per_sec: float = BrokerLimits.client_rate_per_sec
     client_rate_burst: int = BrokerLimits.client_rate_burst
+    flood_cooldown_sec: float = BrokerLimits.flood_cooldown_sec
+    ban_exempt: tuple[str, ...] = BrokerLimits.ban_exempt
 
     @property
     def limits(self) -> BrokerLimits:
         return BrokerLimits(self.internal_username, self.max_packet_bytes, self.internal_max_packet_bytes,
-                            self.connect_timeout_sec, self.client_rate_per_sec, self.client_rate_burst)
+                            self.connect_timeout_sec, self.client_rate_per_sec, self.client_rate_burst,
+                            self.flood_cooldown_sec, self.ban_exempt)
 
 
 def broker_config(s: BrokerSettings) -> dict[str, Any]:
@@ -368,11 +445,7 @@ def broker_config(s: BrokerSettings) -> dict[str, Any]:
                 "internal_password": s.internal_password,
                 "allow_anonymous": s.allow_anonymous,
             },
-            f"{__name__}.GatewayTopicPlugin": {
-                "internal_username": s.internal_username,
-                "client_rate_per_sec": s.client_rate_per_sec,
-                "client_rate_burst": s.client_rate_burst,
-            },
+            f"{__name__}.GatewayTopicPlugin": {"internal_username": s.internal_username},
             f"{__name__}.GatewayBusPlugin": {},
         },
     }
@@ -389,7 +462,8 @@ class LocalBus:
         self._presence_changed = asyncio.Condition()
         self.clients: set[str] = set()
         self.dropped_handler_errors = 0
-        self.refusals = Drops(log)  # what the broker refused to whom, per reason (see the module doc)
+        self.guard = AbuseGuard(settings.limits)
+        self.refusals = self.guard.refusals  # what the broker refused to whom, per reason (module doc)
         self._publish_listeners: list[Callable[[str, bytes], None]] = []
 
     @property
@@ -404,12 +478,11 @@ class LocalBus:
 
     async def start(self) -> None:
         """Bind the listener; raises if the address cannot be bound."""
-        broker = GatewayBroker(broker_config(self._settings), self._settings.limits)
-        broker.refusals = self.refusals
+        broker = GatewayBroker(broker_config(self._settings), self.guard)
         for name in ("GatewayAuthPlugin", "GatewayTopicPlugin"):
-            guard = broker.plugins_manager.get_plugin(name)
-            assert isinstance(guard, (GatewayAuthPlugin, GatewayTopicPlugin))
-            guard.refusals = self.refusals
+            plugin_ = broker.plugins_manager.get_plugin(name)
+            assert isinstance(plugin_, (GatewayAuthPlugin, GatewayTopicPlugin))
+            plugin_.guard = self.guard
         plugin = broker.plugins_manager.get_plugin("GatewayBusPlugin")
         assert isinstance(plugin, GatewayBusPlugin)
         plugin.sink = self._enqueue

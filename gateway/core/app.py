@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import time
 from typing import Any
 
@@ -80,6 +81,24 @@ class Health:
                 "uplink": dict(self.uplink), "at": iso_z()}
 
 
+# Descriptors besides MQTT connections: database, WAL, serial ports, PLC and cloud sockets, logs.
+FD_RESERVE = 256
+
+
+def ensure_fd_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to `needed` (never above the hard limit) and return it. Under
+    systemd the soft limit is 1024 whatever the hard one: without this, `mqtt.max_connections`
+    above about 1000 would fail in accept() rather than be refused cleanly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("only %d file descriptors allowed (hard limit): mqtt.max_connections needs about %d", soft, needed)
+    return soft
+
+
 class CoreApp:
     def __init__(self, config: Config, secrets: Secrets, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -110,6 +129,7 @@ class CoreApp:
         if applied:
             log.info("applied schema migrations %s", applied)
         self.notifier.status("starting the MQTT broker")
+        ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
         self.bus = LocalBus(
             BrokerSettings(
                 bind=cfg.mqtt.bind,
@@ -123,6 +143,8 @@ class CoreApp:
                 connect_timeout_sec=cfg.mqtt.connect_timeout_sec,
                 client_rate_per_sec=cfg.mqtt.client_rate_per_sec,
                 client_rate_burst=cfg.mqtt.client_rate_burst,
+                flood_cooldown_sec=cfg.mqtt.flood_cooldown_sec,
+                ban_exempt=cfg.mqtt.ban_exempt,
             )
         )
         try:
@@ -272,7 +294,13 @@ class CoreApp:
             log.info("outbox: %s %d dead letters", action, changed)
             return {"changed": changed}
 
+        async def broker_stats(_params: dict[str, Any]) -> dict[str, Any]:
+            assert self.bus is not None
+            return {"clients": len(self.bus.clients), "refused": dict(self.bus.refusals.counts),
+                    "handler_errors": self.bus.dropped_handler_errors}
+
         rpc.register("ping", ping)
+        rpc.register("broker.stats", broker_stats)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             async def block(params: dict[str, Any]) -> dict[str, Any]:
                 # Test hook only (never set by the units): freeze the event loop as a hung handler
