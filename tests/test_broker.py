@@ -462,3 +462,32 @@ async def test_anonymous_client_ids_reserved_or_malformed_are_refused() -> None:
             assert await web.connect("carwash-web-0123456789ab", USER, PASSWORD) == 0
         finally:
             web.close()
+
+
+def _publish_qos1(topic: str, payload: bytes, packet_id: int) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode() + packet_id.to_bytes(2, "big") + payload
+    return b"\x32" + _remaining_length(len(body)) + body
+
+
+async def test_what_was_acknowledged_before_a_disconnect_is_delivered() -> None:
+    """amqtt 0.12.1 PUBACKs a QoS 1 message when it queues it, and dropped the queue when its
+    publisher left: a device that ACKs a RESTART and reboots lost its ACK."""
+    n = 500
+    async with running_bus(client_rate_per_sec=0) as bus:
+        seen: list[bytes] = []
+        bus.subscribe("server/+/ack", lambda topic, data, cid: seen.append(data))
+        for how in ("DISCONNECT", "connection lost"):
+            seen.clear()
+            c = await RawClient.open(bus)
+            try:
+                assert await c.connect("dev-burst") == 0
+                c.writer.write(b"".join(_publish_qos1("server/dev-burst/ack", b"%d" % i, i + 1) for i in range(n)))
+                pubacks = await asyncio.wait_for(c.reader.readexactly(4 * n), 10)
+                assert pubacks.count(b"\x40\x02") == n
+                if how == "DISCONNECT":
+                    c.writer.write(b"\xe0\x00")
+                    await c.writer.drain()
+            finally:
+                c.close()
+            await _wait(lambda: len(seen) == n, timeout=10)
+            assert seen == [b"%d" % i for i in range(n)], how  # all of them, in order

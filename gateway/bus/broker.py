@@ -176,7 +176,7 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
 
 
 class GatewayBroker(Broker):
-    """amqtt's Broker with two fixes.
+    """amqtt's Broker with three fixes (and the limits of the module doc).
 
     1. Retained messages go only to subscriptions a session holds: amqtt 0.12.1 publishes, to every
        client that connects, the retained messages of every filter *any* client subscribed to, and
@@ -188,6 +188,8 @@ class GatewayBroker(Broker):
        every message against every subscription filter (and formats a debug string for each miss),
        so with one `device/{id}/command` filter per device a bulk command to 1,000 devices cost
        a million matches (bench/commands.py measured seconds of delay).
+    3. Messages a client published (and had acknowledged) just before it disconnected are delivered
+       (`_client_message_loop`).
     """
 
     def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None) -> None:
@@ -237,6 +239,18 @@ class GatewayBroker(Broker):
             return
         guarded = _GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
         await self._client_connected(listener_name, guarded, StreamWriterAdapter(writer))
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        await super()._client_message_loop(client_session, handler)
+        # amqtt 0.12.1 ends this loop at the client's DISCONNECT (or lost connection) and dropped
+        # what it had queued but not yet broadcast: messages it had already PUBACKed (a device that
+        # ACKs a RESTART and reboots lost its ACK). Deliver them now, in order, as the loop would.
+        queue = client_session.delivered_message_queue
+        while not queue.empty():
+            message = asyncio.get_running_loop().create_future()
+            message.set_result(queue.get_nowait())
+            if not await self._handle_message_delivery(client_session, handler, message):
+                break
 
     async def _kick(self, session: Session) -> None:
         """Close a client's connection (amqtt then cleans its session up as for any lost client)."""
