@@ -491,3 +491,16 @@ async def test_what_was_acknowledged_before_a_disconnect_is_delivered() -> None:
                 c.close()
             await _wait(lambda: len(seen) == n, timeout=10)
             assert seen == [b"%d" % i for i in range(n)], how  # all of them, in order
+
+
+async def test_refused_logins_leave_no_session_behind() -> None:
+    async with running_bus() as bus:
+        before = len(bus.broker._sessions)
+        for i in range(30):
+            c = await RawClient.open(bus)
+            try:
+                assert await c.connect(f"guess-{i}", USER, f"wrong-{i}") != 0
+                assert await c.closed_by_broker()
+            finally:
+                c.close()
+        assert len(bus.broker._sessions) == before

@@ -176,7 +176,7 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
 
 
 class GatewayBroker(Broker):
-    """amqtt's Broker with three fixes (and the limits of the module doc).
+    """amqtt's Broker with four fixes (and the limits of the module doc).
 
     1. Retained messages go only to subscriptions a session holds: amqtt 0.12.1 publishes, to every
        client that connects, the retained messages of every filter *any* client subscribed to, and
@@ -190,6 +190,7 @@ class GatewayBroker(Broker):
        a million matches (bench/commands.py measured seconds of delay).
     3. Messages a client published (and had acknowledged) just before it disconnected are delivered
        (`_client_message_loop`).
+    4. A refused client's session is not kept (`_handle_client_session`).
     """
 
     def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None) -> None:
@@ -279,7 +280,20 @@ class GatewayBroker(Broker):
         # the password is checked, which is harmless: a refused login is closed right after CONNACK.
         if isinstance(reader, _GuardedReader) and client_session.username == self.guard.limits.internal_username:
             reader.max_bytes = self.guard.limits.internal_max_packet_bytes
-        await super()._handle_client_session(reader, writer, client_session, *args)
+        try:
+            await super()._handle_client_session(reader, writer, client_session, *args)
+        finally:
+            # amqtt 0.12.1 keeps a refused client's session in its table for good: refused logins
+            # with ever new client ids would grow it without bound.
+            if not client_session.attributes.get(AUTHENTICATED):
+                held, _ = self._sessions.get(client_session.client_id, (None, None))
+                if held is client_session:
+                    del self._sessions[client_session.client_id]
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        ok: bool = await super()._authenticate(session, listener)
+        session.attributes[AUTHENTICATED] = ok
+        return ok
 
     def _routes(self, topic: str) -> list[tuple[Session, int]]:
         out = list(self._subscriptions.get(topic, ()))
@@ -363,7 +377,9 @@ class BrokerLimits:
     ban_exempt: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
-KICKED = "carwash.kicked"  # in Session.attributes (amqtt's place for plugin-owned state)
+# Session.attributes is amqtt's place for plugin-owned state.
+KICKED = "carwash.kicked"
+AUTHENTICATED = "carwash.authenticated"
 
 
 class AbuseGuard:
