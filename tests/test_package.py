@@ -1,5 +1,5 @@
 """The Debian package, end to end (CI runs as root on a throwaway machine; elsewhere this skips):
-`make deb`, lintian with no errors, `systemd-analyze verify` silent on every installed unit and
+`make deb`, lintian with no errors or warnings, `systemd-analyze verify` silent on every installed unit and
 `systemd-analyze security --offline` under `SECURITY_MAX`, `dpkg -i`, the installed core and web
 started by hand as the `carwash` user with the installed config (no PID 1 systemd here),
 `/api/health` and an MQTT client, then `dpkg --purge` leaves nothing but what policy allows."""
@@ -47,8 +47,8 @@ def test_build_check_install_run_purge(tmp_path: Path) -> None:
     deb = sorted((REPO / "dist").glob("carwash-gateway_*.deb"))[-1]
 
     lint = sh("lintian", "--no-tag-display-limit", str(deb))
-    errors = [line for line in lint.stdout.splitlines() if line.startswith("E:")]
-    assert not errors, "\n".join(errors)
+    problems = [line for line in lint.stdout.splitlines() if line.startswith(("E:", "W:"))]
+    assert not problems, "\n".join(problems)
 
     inst = sh("dpkg", "-i", str(deb))
     assert inst.returncode == 0, inst.stdout + inst.stderr
