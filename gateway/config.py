@@ -343,6 +343,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, "", "permission denied") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes before parsing and lets this through
+        raise ConfigError(path, "", f"not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a file") from None
 
 
 def config_path(explicit: str | None = None) -> Path:

@@ -1,15 +1,18 @@
 """Property tests (hypothesis) of the parsers and codecs that face untrusted input: signatures,
-MQTT payloads, EMV QR data, PLC register decoding, ACK parsing. Any input either parses or fails
+MQTT payloads, EMV QR data, PLC register decoding, ACK parsing, configuration files. Any input either parses or fails
 with the module's own error naming the problem; any change to signed bytes is caught."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.commands.tracker import parse_ack
+from gateway.config import Config, ConfigError, load_config
 from gateway.devices.validate import Invalid
 from gateway.promptpay import build_promptpay, check_emv
 from gateway.signing import SignatureError, Verdict, http_signature, parse_signed_mqtt, sign_mqtt, verify_http
@@ -94,3 +97,63 @@ def test_ack_parser_takes_any_object(msg: dict) -> None:
         assert exc.field
     else:
         assert ack.device_id == "device-1" and ack.status in ("SUCCESS", "FAILED", "PROGRESS", "ERROR")
+
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "gateway" / "data" / "gateway.example.toml"
+
+
+def _example_keys() -> list[tuple[str, str]]:
+    """(section, key) of every `key = value` line of the example outside arrays of tables."""
+    keys, section = [], ""
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("["):
+            section = "" if line.startswith("[[") else line.strip("[] ")
+        elif section and " = " in line and not line.startswith("#"):
+            keys.append((section, line.split(" = ", 1)[0]))
+    return keys
+
+
+def _with_value(section: str, key: str, literal: str) -> str:
+    out, current = [], ""
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("["):
+            current = "" if line.startswith("[[") else line.strip("[] ")
+        elif current == section and line.startswith(f"{key} = "):
+            line = f"{key} = {literal}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+toml_literals = (st.booleans().map(lambda b: str(b).lower()) | st.integers(-2**40, 2**40).map(str)
+                 | st.floats(allow_nan=False, allow_infinity=False).map(repr)
+                 | st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=30).map(
+                     lambda t: json.dumps(t, ensure_ascii=False))
+                 | st.lists(st.text("abc-_.0123456789", max_size=8), max_size=3).map(json.dumps))
+
+
+@settings(max_examples=200, deadline=None)
+@given(where=st.sampled_from(_example_keys()), literal=toml_literals)
+def test_config_any_value_for_any_key_loads_or_names_that_key(where: tuple[str, str], literal: str) -> None:
+    """The example with one key set to anything: it loads, or the one-line error names that key."""
+    section, key = where
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "gateway.toml"
+        path.write_text(_with_value(section, key, literal))
+        try:
+            assert isinstance(load_config(path), Config)
+        except ConfigError as exc:
+            assert exc.key.startswith(f"{section}.{key}"), (literal, str(exc))
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(max_size=300))
+@example(raw=b"\x80")  # not UTF-8: tomllib let UnicodeDecodeError through (a traceback, not one line)
+def test_config_any_bytes_load_or_fail_with_a_config_error(raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "gateway.toml"
+        path.write_bytes(raw)
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            assert str(exc).startswith(str(path))
