@@ -198,3 +198,20 @@ def test_restart_mid_wash_resumes_session_from_plc() -> None:
     assert d.verdict is Verdict.IDEMPOTENT
     fx = m.on_poll(R(state="DONE", progress=100, ack_seq=7, course="BASIC", heartbeat=4, session_counter=4), 2001.0)
     assert fx.sessions == [CloseSession("DONE", None, 2001.0)]
+
+
+def test_after_a_restart_commands_are_numbered_after_the_plcs_last_ack() -> None:
+    # A new core (seq 0) meets a PLC still showing DONE of the wash the previous core started with
+    # seq 1. The poll already on the wire when the next START is judged reads that DONE again: it
+    # must not confirm the new START (same seq) and close its session as DONE.
+    m, c = BayMachine("bay1", COURSES, start_timeout=10, offline_after=3), Clock()
+    m.on_poll(R(state="DONE", ack_seq=1, course="BASIC", progress=100, session_counter=5, heartbeat=c.hb), c.next())
+    d, fx = m.command("START", "BASIC", "after-restart", c.t, "g")
+    assert d.verdict is Verdict.ACCEPTED and fx.writes[0].seq != 1
+    fx = poll(m, c, R(state="DONE", ack_seq=1, course="BASIC", progress=100, session_counter=5), dt=0.02)
+    assert m.view.state == "STARTING" and not fx.sessions
+    seq = m.pending.seq if m.pending else -1
+    fx = poll(m, c, R(state="STARTING", ack_seq=seq, course="BASIC", session_counter=6), dt=0.2)
+    assert m.view.state == "STARTING" and not fx.sessions  # the accepted session goes on: no second one
+    poll(m, c, R(state="WASHING", ack_seq=seq, course="BASIC", progress=5, session_counter=6))
+    assert m.view.state == "WASHING" and m.view.request_id == "after-restart"

@@ -272,6 +272,12 @@ class BayMachine:
     def _recover(self, r: PlcStatus, now: float) -> Effects:
         """First valid answer after start or after OFFLINE: the PLC's state wins."""
         fx = Effects(publish=True, persist=True)
+        # Number our next command after the last one the PLC took. A new core starts at seq 0, and
+        # the PLC still shows the ack_seq of the previous core's last command: were our next START
+        # to reuse it, a poll read before the write landed (DONE/CANCELED of the previous wash,
+        # that ack_seq) would confirm it, close its session as DONE at once and record the real wash
+        # as a second, PLC-local session (one wash, two wash.session facts).
+        self.seq = r.ack_seq
         plc_state = "ERROR" if r.error_code else r.state
         if self.session_open and plc_state not in ACTIVE:
             if plc_state in ("DONE", "CANCELED"):
