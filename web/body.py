@@ -9,6 +9,10 @@ from flask import request
 
 from web.errors import ApiError
 
+# The largest SQLite INTEGER. A larger Python int cannot be bound to a query (OverflowError, a 500):
+# ids and sequence numbers from a request are checked against it first.
+SQLITE_MAX_INT = 2**63 - 1
+
 
 def raw_body() -> bytes:
     """The body exactly as received (the limit was enforced before reading)."""

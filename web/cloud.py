@@ -10,15 +10,18 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from web.auth import require_technician
-from web.body import read_json
+from web.body import SQLITE_MAX_INT, read_json
 from web.context import ask_core
 from web.errors import ApiError
 from web.openapi import doc
 
 bp = Blueprint("cloud", __name__)
 
+MAX_SEQ = SQLITE_MAX_INT  # outbox seq are SQLite rowids
+MAX_SEQS = 1000  # per call: more than the cloud page ever lists (100), well below SQLite's variable limit
 SEQ_REQ = {"type": "object", "required": ["seq"],
-           "properties": {"seq": {"type": "array", "items": {"type": "integer"}, "minItems": 1}}}
+           "properties": {"seq": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_SEQ},
+                                  "minItems": 1, "maxItems": MAX_SEQS}}}
 
 
 @bp.get("/api/v1/outbox/state")
@@ -30,9 +33,12 @@ def outbox_state() -> Any:
 
 
 def _seqs() -> list[int]:
+    """The outbox sequence numbers of the body; 400 unless 1 to MAX_SEQS integers in 1..MAX_SEQ
+    (a larger integer made the core's query fail: SQLite cannot bind it, a 500)."""
     seq = read_json().get("seq")
-    if not isinstance(seq, list) or not seq or not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
-        raise ApiError(400, "VALIDATION_FAILED", "seq must be a non-empty list of integers")
+    if (not isinstance(seq, list) or not 1 <= len(seq) <= MAX_SEQS
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_SEQ for x in seq)):
+        raise ApiError(400, "VALIDATION_FAILED", f"seq must be a list of 1 to {MAX_SEQS} outbox sequence numbers")
     return seq
 
 

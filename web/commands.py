@@ -16,9 +16,10 @@ from flask import Blueprint, Response, jsonify, request, stream_with_context
 from peewee import fn
 
 from gateway.clock import iso_z
+from gateway.commands.catalogue import catalogue
 from gateway.store.models import BulkOperation, Command, CommandResult, FirmwareImage, OperationEvent
 from web.auth import require_technician
-from web.body import read_json
+from web.body import SQLITE_MAX_INT, read_json
 from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.firmware import download_url
@@ -34,9 +35,18 @@ APPLY_REQ = {"type": "object", "required": ["device_ids", "configs"],
              "properties": {"device_ids": DEVICE_IDS, "configs": {"type": "object"}}}
 RESTART_REQ = {"type": "object", "required": ["device_ids"],
                "properties": {"device_ids": DEVICE_IDS, "delay_seconds": {"type": "integer", "minimum": 0}}}
-COMMAND_REQ = {"type": "object", "required": ["command"],
+# Each command's payload as the core's catalogue (gateway/data/commands.json) checks it, and the
+# web's UPDATE_FIRMWARE by stored image (`firmware_id`): the document says what is valid.
+FIRMWARE_BY_ID = {"type": "object", "required": ["firmware_id"], "additionalProperties": False,
+                  "properties": {"firmware_id": {"type": "integer", "minimum": 1, "maximum": SQLITE_MAX_INT},
+                                 "reboot_after": {"type": "boolean"},
+                                 "timeout_sec": {"type": "integer", "minimum": 5, "maximum": 3600}}}
+PAYLOADS = [{"properties": {"command": {"const": ct.name}, "payload": ct.validator.schema}}
+            for ct in catalogue().values()]
+PAYLOADS.append({"properties": {"command": {"const": "UPDATE_FIRMWARE"}, "payload": FIRMWARE_BY_ID}})
+COMMAND_REQ = {"type": "object", "required": ["command"], "anyOf": PAYLOADS,
                "properties": {"command": {"enum": COMMAND_NAMES}, "payload": {"type": "object"}}}
-BULK_REQ = {"type": "object", "required": ["device_ids", "command"],
+BULK_REQ = {"type": "object", "required": ["device_ids", "command"], "anyOf": PAYLOADS,
             "properties": {"device_ids": DEVICE_IDS, "command": {"enum": COMMAND_NAMES},
                            "payload": {"type": "object"}}}
 INITIATED = {"type": "object", "properties": {"setup_id": {"type": "string"}, "command_id": {"type": "string"},
@@ -65,7 +75,8 @@ def _firmware_payload(payload: dict[str, Any]) -> dict[str, Any]:
     fid = payload["firmware_id"]
     if isinstance(fid, bool) or not isinstance(fid, int):
         raise ApiError(400, "VALIDATION_FAILED", "payload.firmware_id must be an integer")
-    image = FirmwareImage.get_or_none(FirmwareImage.id == fid)
+    # Beyond SQLite's integers no image can exist (and the query could not even be built: a 500).
+    image = FirmwareImage.get_or_none(FirmwareImage.id == fid) if fid <= SQLITE_MAX_INT else None
     if image is None:
         raise ApiError(404, "NOT_FOUND", f"no firmware image {fid}")
     rest = {k: v for k, v in payload.items() if k != "firmware_id"}

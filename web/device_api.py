@@ -26,23 +26,54 @@ from web.openapi import doc
 bp = Blueprint("device_api", __name__)
 
 SIGNED_ERRORS = (400, 401, 404, 413, 415)
+# The request schemas state the rules of device-api.md §3 that `gateway.devices.validate` enforces,
+# so that a client (and the fuzzer, tests/fuzzing.py) can tell a valid request from an invalid one.
+DEVICE_ID = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+EPOCH_MS = {"type": "integer", "minimum": 0, "maximum": validate.MAX_INT}
 REGISTER_REQ = {"type": "object", "required": ["chip_id", "mac_address", "firmware_version"],
                 "properties": {"chip_id": {"type": "string", "pattern": "^[0-9A-Fa-f]{6,16}$"},
-                               "mac_address": {"type": "string"}, "firmware_version": {"type": "string"}}}
+                               "mac_address": {"type": "string", "pattern": "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"},
+                               "firmware_version": {"type": "string", "minLength": 1, "maxLength": 64,
+                                                    "description": "printable characters"}}}
 LIFECYCLE_REQ = {"type": "object", "required": ["topic_request", "device_id"],
-                 "properties": {"topic_request": {"enum": ["startup", "shutdown"]}, "device_id": {"type": "string"},
+                 "properties": {"topic_request": {"enum": ["startup", "shutdown"]}, "device_id": DEVICE_ID,
                                 "device_status": {"enum": list(validate.DEVICE_STATUSES)},
-                                "payload": {"type": "object"}, "timestamp": {"type": "integer"}}}
+                                "payload": {"type": "object", "properties": {"configs": {"type": "object"}}},
+                                "timestamp": EPOCH_MS}}
+
+
+def _counts(keys: tuple[str, ...]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False,
+            "properties": {k: {"type": "integer", "minimum": 0, "maximum": 1_000_000} for k in keys}}
+
+
+LOG_ITEM = {"type": "object", "required": ["type", "status", "timestamp", "total_amount"],
+            "properties": {"type": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]{0,31}$"},
+                           "status": {"enum": list(validate.PAYMENT_STATUSES)}, "timestamp": EPOCH_MS,
+                           "total_amount": {**EPOCH_MS, "description": "baht"},
+                           "qr": {"type": "object", "properties": {"chargeId": {"type": "string", "maxLength": 128},
+                                                                   "net_amount": EPOCH_MS}},
+                           "bank": _counts(validate.BANKNOTES), "coin": _counts(validate.COINS)}}
 LOGS_REQ = {"type": "object", "required": ["device_id", "items"],
-            "properties": {"device_id": {"type": "string"},
-                           "items": {"type": "array", "minItems": 1, "maxItems": validate.MAX_ITEMS}}}
+            "properties": {"device_id": DEVICE_ID,
+                           "items": {"type": "array", "minItems": 1, "maxItems": validate.MAX_ITEMS,
+                                     "items": LOG_ITEM}}}
+
+def signed_target() -> str:
+    """What a request without a body signs: its target (path and query string) as received,
+    escapes included. Not `request.path`: that is percent-decoded, so a device that signed the
+    path it sent (`/payments/a%20b/status`) was refused (device-api.md §2: the bytes received,
+    never a re-serialisation). gunicorn and Werkzeug give the target as RAW_URI."""
+    raw = request.environ.get("RAW_URI")
+    if isinstance(raw, str) and raw.startswith("/"):
+        return raw
+    return request.full_path.rstrip("?") if request.query_string else request.path
 
 
 def verify_signature() -> None:
     """401 MISSING_SIGNATURE / INVALID_SIGNATURE unless `x-signature` matches the raw request."""
     c = ctx()
-    path = request.full_path.rstrip("?") if request.query_string else request.path
-    verdict = verify_http(request.headers.get("x-signature"), body=raw_body(), path_with_query=path,
+    verdict = verify_http(request.headers.get("x-signature"), body=raw_body(), path_with_query=signed_target(),
                           key=c.secrets.device_signing_key, schemes=c.config.signatures.http_schemes,
                           legacy_empty_body=c.config.signatures.legacy_empty_body_signature)
     if verdict is Verdict.MISSING:

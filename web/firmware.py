@@ -23,6 +23,7 @@ from gateway.clock import iso_z, utc_now
 from gateway.store import write_tx
 from gateway.store.models import FirmwareImage
 from web.auth import require_technician
+from web.body import SQLITE_MAX_INT
 from web.context import ctx, require_db
 from web.errors import ApiError
 from web.openapi import doc
@@ -30,8 +31,9 @@ from web.openapi import doc
 bp = Blueprint("firmware", __name__)
 
 UPLOAD_PATH = "/api/v1/firmware"
-VERSION_RE = re.compile(r"^[\x21-\x7e]{1,64}$")
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: Python's `$` also matches before a trailing newline.
+VERSION_RE = re.compile(r"^[\x21-\x7e]{1,64}\Z")
+SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
 DEVICE_TYPES = ("CAR_WASH", "HELMET_DRYER")
 CHUNK = 64 * 1024
 
@@ -54,7 +56,9 @@ def _view(image: FirmwareImage) -> dict[str, Any]:
 @doc("Upload a firmware image (raw bytes); answers its id, sha256, size and download URL", tags=("firmware",),
      request={"type": "string", "format": "binary"}, request_content_type="application/octet-stream",
      response={"type": "object"}, status=201, errors=(400, 401, 413, 415),
-     params={"version": {"type": "string"}, "device_type": {"enum": list(DEVICE_TYPES)}}, security="bearer")
+     params={"version": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,64}$"},
+             "device_type": {"enum": list(DEVICE_TYPES)}},
+     required_params=("version",), security="bearer")
 def upload() -> Any:
     require_technician()
     version, device_type = request.args.get("version", ""), request.args.get("device_type") or None
@@ -113,7 +117,8 @@ def list_images() -> Any:
      security="bearer")
 def delete_image(image_id: int) -> Any:
     require_technician()
-    image = FirmwareImage.get_or_none(FirmwareImage.id == image_id)
+    # Beyond SQLite's integers no image can exist (and the query could not even be built: a 500).
+    image = FirmwareImage.get_or_none(FirmwareImage.id == image_id) if image_id <= SQLITE_MAX_INT else None
     if image is None:
         raise ApiError(404, "NOT_FOUND", f"no firmware image {image_id}")
     with write_tx(require_db()):

@@ -41,10 +41,12 @@ def doc(
     errors: tuple[int, ...] = (),
     security: str | None = None,
     params: dict[str, dict[str, Any]] | None = None,
+    required_params: tuple[str, ...] = (),
     content_type: str = "application/json",
     request_content_type: str = "application/json",
 ) -> Callable[[F], F]:
-    """Attach OpenAPI metadata to a view. `security`: "device-signature" or "bearer"."""
+    """Attach OpenAPI metadata to a view. `security`: "device-signature" or "bearer";
+    `required_params`: the query parameters (of `params`) the view refuses to go without."""
 
     def wrap(fn: F) -> F:
         fn.__openapi__ = {  # type: ignore[attr-defined]
@@ -56,6 +58,7 @@ def doc(
             "errors": errors,
             "security": security,
             "params": params or {},
+            "required_params": required_params,
             "content_type": content_type,
             "request_content_type": request_content_type,
         }
@@ -65,6 +68,9 @@ def doc(
 
 
 _CONVERTER = re.compile(r"<(?:(\w+):)?(\w+)>")
+# Path parameters the URL converter already restricts (Werkzeug's `int` takes digits only; the
+# views answer 404 past SQLite's integers, where no row can be).
+_CONVERTER_SCHEMAS: dict[str, dict[str, Any]] = {"int": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}}
 
 
 def build_spec(app: Flask) -> dict[str, Any]:
@@ -75,7 +81,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
         view = app.view_functions[rule.endpoint]
         meta: dict[str, Any] | None = getattr(view, "__openapi__", None)
         path = _CONVERTER.sub(lambda m: "{" + m.group(2) + "}", rule.rule)
-        path_params = [m.group(2) for m in _CONVERTER.finditer(rule.rule)]
+        path_params = {m.group(2): _CONVERTER_SCHEMAS.get(m.group(1) or "", {"type": "string"})
+                       for m in _CONVERTER.finditer(rule.rule)}
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             op: dict[str, Any] = {"operationId": f"{rule.endpoint}.{method.lower()}"}
             if meta is None:
@@ -104,14 +111,15 @@ def build_spec(app: Flask) -> dict[str, Any]:
     }
 
 
-def _operation(meta: dict[str, Any], path_params: list[str]) -> dict[str, Any]:
+def _operation(meta: dict[str, Any], path_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`path_params`: name -> the schema its URL converter implies (a view's `params` win)."""
     op: dict[str, Any] = {"summary": meta["summary"], "tags": meta["tags"]}
     parameters = [
-        {"name": p, "in": "path", "required": True, "schema": meta["params"].get(p, {"type": "string"})}
-        for p in path_params
+        {"name": p, "in": "path", "required": True, "schema": meta["params"].get(p, implied)}
+        for p, implied in path_params.items()
     ]
     parameters += [
-        {"name": name, "in": "query", "required": False, "schema": schema}
+        {"name": name, "in": "query", "required": name in meta["required_params"], "schema": schema}
         for name, schema in meta["params"].items()
         if name not in path_params
     ]

@@ -29,14 +29,14 @@ from gateway.promptpay import check_emv, satang_from_decimal_js
 from gateway.store.models import Device, Payment
 from web.body import raw_body
 from web.context import ctx
-from web.device_api import SIGNED_ERRORS, _body, _write, verify_signature
+from web.device_api import DEVICE_ID, SIGNED_ERRORS, _body, _write, verify_signature
 from web.errors import ApiError
 from web.openapi import doc
 
 bp = Blueprint("payments", __name__)
 
 PAYMENT_REQ = {"type": "object", "required": ["device_id", "amount", "payment_method"],
-               "properties": {"device_id": {"type": "string"},
+               "properties": {"device_id": DEVICE_ID,
                               "amount": {"type": "integer", "minimum": 1, "maximum": 10_000_000},
                               "payment_method": {"const": "QR_PROMPT_PAY"},
                               "description": {"type": "string", "maxLength": 255}}}

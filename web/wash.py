@@ -48,12 +48,12 @@ SESSION = {
         "requestId": {"type": ["string", "null"]},
     },
 }
+FIELD = {"type": "string", "minLength": 1, "maxLength": 128}  # what _str_field accepts
 START_REQ = {
     "type": "object", "required": ["bayId", "course"],
-    "properties": {"bayId": {"type": "string"}, "course": {"type": "string"},
-                   "requestId": {"type": "string", "maxLength": 128}},
+    "properties": {"bayId": FIELD, "course": FIELD, "requestId": FIELD},
 }
-STOP_REQ = {"type": "object", "required": ["bayId"], "properties": {"bayId": {"type": "string"}}}
+STOP_REQ = {"type": "object", "required": ["bayId"], "properties": {"bayId": FIELD}}
 RANGE_PARAMS = {"from": {"type": "string", "format": "date-time"}, "to": {"type": "string", "format": "date-time"}}
 
 
@@ -162,10 +162,12 @@ def _parse_time(name: str) -> dt.datetime | None:
         return None
     try:
         t = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        if t.tzinfo is not None:
+            # OverflowError: a time at either end of the calendar has no UTC equivalent
+            # ("0001-01-01T00:00:00+01:00"), which was a 500.
+            t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         raise ApiError(400, "VALIDATION_FAILED", f"{name} must be an ISO 8601 date-time") from None
-    if t.tzinfo is not None:
-        t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return t
 
 

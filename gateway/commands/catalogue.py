@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
-from gateway.devices.schemas import validate_configs
+from gateway.devices.schemas import Validator, validate_configs
 from gateway.devices.validate import Invalid
 
 ACK_STATUSES = ("SUCCESS", "FAILED", "PROGRESS", "ERROR")
@@ -29,7 +27,7 @@ MAX_DEVICES = 5000  # one request; a site has at most a few hundred devices
 class CommandType:
     name: str
     require_ack: bool
-    validator: Draft202012Validator
+    validator: Any  # gateway.devices.schemas.Validator
 
 
 @functools.cache
@@ -39,8 +37,8 @@ def catalogue() -> dict[str, CommandType]:
     for name, entry in raw.items():
         if name.startswith("$"):
             continue
-        Draft202012Validator.check_schema(entry["payload"])
-        out[name] = CommandType(name, bool(entry["require_ack"]), Draft202012Validator(entry["payload"]))
+        Validator.check_schema(entry["payload"])
+        out[name] = CommandType(name, bool(entry["require_ack"]), Validator(entry["payload"]))
     return out
 
 

@@ -9,14 +9,49 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from gateway.devices.validate import Invalid
 
 SCHEMA_FILES = {"CAR_WASH": "car_wash.configs.schema.json", "HELMET_DRYER": "helmet_dryer.configs.schema.json"}
+
+
+@functools.lru_cache(maxsize=256)
+def python_regex(pattern: str) -> re.Pattern[str]:
+    """A JSON Schema (ECMA-262) `pattern` for Python's `re`: an unescaped `$` outside a character
+    class becomes `\\Z`. In ECMA-262 `$` is the end of the string; in Python it also matches before
+    a trailing newline, so "http://x/a.bin\\n" passed `^https?://[^\\s]+$`."""
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "$":
+            c = "\\Z"
+        out.append(c)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Iterator[ValidationError]:
+    # jsonschema's own `pattern` with `re.search(pattern, ...)`, on the pattern read as ECMA-262.
+    if validator.is_type(instance, "string") and not python_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# The validator of every JSON Schema the gateway checks input with (configs, command payloads).
+Validator = validators.extend(Draft202012Validator, {"pattern": _pattern})
 
 
 @functools.cache
@@ -28,10 +63,10 @@ def schema(device_type: str) -> dict[str, Any]:
 
 
 @functools.cache
-def _validator(device_type: str) -> Draft202012Validator:
+def _validator(device_type: str) -> Any:
     s = schema(device_type)
-    Draft202012Validator.check_schema(s)
-    return Draft202012Validator(s)
+    Validator.check_schema(s)
+    return Validator(s)
 
 
 def validate_configs(device_type: str, configs: Any, *, prefix: str = "configs") -> None:

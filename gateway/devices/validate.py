@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-CHIP_RE = re.compile(r"^[0-9A-Fa-f]{6,16}$")
-MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-UPPER_WORD_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+# \Z, not $: Python's `$` also matches before a trailing newline ("24AB3C91\n" was a chip id).
+CHIP_RE = re.compile(r"^[0-9A-Fa-f]{6,16}\Z")
+MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+UPPER_WORD_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}\Z")
 PAYMENT_STATUSES = ("PENDING", "SUCCEEDED", "FAILED", "CANCELLED")
 DEVICE_STATUSES = ("NORMAL", "ERROR", "OFFLINE")
 BANKNOTES = ("20", "50", "100", "500", "1000")

@@ -176,6 +176,11 @@ class WashService:
         if not (isinstance(first, int) and isinstance(last, int) and 1 <= first <= last <= 247
                 and last - first < SCAN_MAX_UNITS):
             raise RpcError("VALIDATION_FAILED", f"first..last: unit ids 1..247, at most {SCAN_MAX_UNITS}", 400)
+        if not scheduler.connected:
+            # A down bus answers nothing, and each read would wait for the next failed reconnect
+            # (up to RECONNECT_MAX): a scan took minutes, and held up every other RPC meanwhile
+            # (the bus dispatches messages one at a time).
+            raise RpcError("PLC_OFFLINE", f"bus {bus} is down; nothing to scan", 503)
         units = []
         for unit in range(first, last + 1):
             entry: dict[str, Any] = {"unit": unit}
