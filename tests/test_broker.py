@@ -172,6 +172,41 @@ async def test_rpc_round_trip_error_unknown_method_and_timeout() -> None:
             await asyncio.to_thread(client.stop)
 
 
+async def test_a_concurrent_rpc_does_not_hold_up_the_bus() -> None:
+    """A handler waiting on slow I/O (the cloud, a PLC scan) registered `concurrent`: other RPCs
+    and client messages are handled meanwhile. An ordinary handler keeps the arrival order."""
+    async with running_bus() as bus:
+        rpc = RpcServer(bus)
+        release = asyncio.Event()
+        seen: list[str] = []
+        bus.subscribe("server/+/ack", lambda topic, data, cid: seen.append(topic))
+
+        async def slow(params: dict) -> dict:
+            await release.wait()
+            return {"slow": True}
+
+        async def echo(params: dict) -> dict:
+            return params
+
+        rpc.register("slow", slow, concurrent=True)
+        rpc.register("echo", echo)
+        client = BusClient("127.0.0.1", port_of(bus), USER, PASSWORD, name="test")
+        client.start()
+        try:
+            assert await asyncio.to_thread(client.wait_connected, 5)
+            pending = asyncio.ensure_future(asyncio.to_thread(client.call, "slow", {}, timeout=10))
+            assert await asyncio.to_thread(client.call, "echo", {"n": 1}, timeout=3) == {"n": 1}
+            with Probe(port_of(bus)) as device:
+                await asyncio.to_thread(device.connect)
+                await asyncio.to_thread(device.publish, "server/d1/ack", b"{}")
+                await _wait(lambda: seen == ["server/d1/ack"])
+            assert not pending.done()
+            release.set()
+            assert await pending == {"slow": True}
+        finally:
+            await asyncio.to_thread(client.stop)
+
+
 async def test_malformed_rpc_requests_are_counted_not_fatal() -> None:
     async with running_bus() as bus:
         rpc = RpcServer(bus)

@@ -11,6 +11,7 @@ with a paho connection (`RpcClient` in web/bus_client.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -46,16 +47,27 @@ class AfterReply:
 
 
 class RpcServer:
+    """Answers `gateway/rpc/{method}` requests. A handler runs on the bus's dispatcher, in arrival
+    order with every other message (a wash command is decided before the next one is read), unless
+    it is registered `concurrent`: then it runs as a task of its own."""
+
     def __init__(self, bus: LocalBus) -> None:
         self._bus = bus
         self._methods: dict[str, RpcHandler] = {}
+        self._concurrent: set[str] = set()
+        self._running: set[asyncio.Task[None]] = set()
         self.bad_requests = 0
         bus.subscribe(RPC_REQUEST_FILTER, self._on_request)
 
-    def register(self, method: str, handler: RpcHandler) -> None:
+    def register(self, method: str, handler: RpcHandler, *, concurrent: bool = False) -> None:
+        """`concurrent` is for handlers that wait on slow I/O (a PLC bus scan, the cloud) and whose
+        order relative to other messages does not matter: awaited on the dispatcher, they held up
+        every ACK, streaming message and RPC of the site meanwhile."""
         if method in self._methods:
             raise ValueError(f"rpc method {method!r} registered twice")
         self._methods[method] = handler
+        if concurrent:
+            self._concurrent.add(method)
 
     async def _on_request(self, topic: str, data: bytes, client_id: str | None) -> None:
         method = topic.rsplit("/", 1)[-1]
@@ -70,6 +82,14 @@ class RpcServer:
             self.bad_requests += 1
             log.warning("rpc: bad request on %s from %r: %s", topic, client_id, exc)
             return
+        if method in self._concurrent:
+            task = asyncio.create_task(self._answer(method, req_id, reply_to, params), name=f"rpc {method}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            return
+        await self._answer(method, req_id, reply_to, params)
+
+    async def _answer(self, method: str, req_id: str, reply_to: str, params: dict[str, Any]) -> None:
         handler = self._methods.get(method)
         reply: dict[str, Any]
         after: Callable[[], None] | None = None

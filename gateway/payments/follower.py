@@ -83,7 +83,7 @@ class PaymentFollower:
     async def start(self, rpc: RpcServer) -> None:
         await self._rescan()
         rpc.register("payments.track", self._rpc_track)
-        rpc.register("payments.refresh", self._rpc_refresh)
+        rpc.register("payments.refresh", self._rpc_refresh, concurrent=True)  # asks the cloud (up to its timeout)
 
     def services(self) -> list[tuple[str, Any]]:
         return [("payment-follower", self._run)]

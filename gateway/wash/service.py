@@ -117,7 +117,7 @@ class WashService:
         self.bus.subscribe(WASH_CMD_FILTER, self._on_mqtt_command)
         rpc.register("wash.command", self._rpc_command)
         rpc.register("wash.diagnostics", self._rpc_diagnostics)
-        rpc.register("wash.scan", self._rpc_scan)
+        rpc.register("wash.scan", self._rpc_scan, concurrent=True)  # units × the bus timeout
         self._report_health()
 
     def services(self) -> list[tuple[str, Callable[[], Any]]]:
