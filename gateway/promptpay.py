@@ -32,7 +32,7 @@ MAX_AMOUNT_SATANG = 99_999_999_999  # tag 54 holds at most 13 characters: 999999
 # Templates whose value is itself a TLV list: merchant account information (26-51) and the
 # additional data field (62). Other tags are opaque strings.
 _NESTED_TAGS = frozenset({f"{t:02d}" for t in range(26, 52)} | {"62"})
-_REFERENCE_RE = re.compile(r"^[\x20-\x7E]{1,25}$")  # EMV "ans", at most 25 characters
+_REFERENCE_RE = re.compile(r"^[\x20-\x7E]{1,25}\Z")  # EMV "ans", at most 25 characters
 
 
 def crc16_ccitt(data: bytes) -> int:

@@ -13,7 +13,7 @@ from gateway.clock import utc_now
 from gateway.store import write_tx
 from gateway.store.models import TechnicianUser
 
-USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")  # \Z: `$` would take a trailing newline
 MIN_PASSWORD = 4
 
 _hasher = PasswordHasher()

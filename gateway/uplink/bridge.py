@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CloudCallback = Callable[[str, bytes], Awaitable[None]]
 
-ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # bay, device and charge ids: one safe topic level
+# Bay, device and charge ids: one safe topic level (\Z: `$` would also take a trailing newline).
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 STATUS_TOPIC = "sites/{site_id}/gateway/status"
 WASH_STATUS_TOPIC = "sites/{site_id}/wash/{bay_id}/status"
 DEVICE_PRESENCE_TOPIC = "sites/{site_id}/devices/{device_id}/presence"
