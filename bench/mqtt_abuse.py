@@ -34,31 +34,13 @@ from typing import Any
 from bench.common import Result, log, start_notified, temp_dir
 from gateway.demo import free_port, write_demo_site
 from gateway.procs import gateway_command, stop_process
+from tests import mqtt_raw
 
 NAME = "mqtt_abuse"
 PHASES = ("baseline", "flood", "storm", "oversize")
 
 
 # --- the attacker (a process of its own) -------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _connect(client_id: str) -> bytes:
-    body = b"\x00\x04MQTT\x04\x02" + (60).to_bytes(2, "big") + len(client_id).to_bytes(2, "big") + client_id.encode()
-    return b"\x10" + _varint(len(body)) + body
-
-
-def _publish(topic: str, payload: bytes) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic.encode() + payload
-    return b"\x30" + _varint(len(body)) + body
 
 
 # Each phase attacks from an address of its own (any 127.x is this machine; the gateway exempts only
@@ -73,14 +55,14 @@ async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
 
 async def _session(port: int, client_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await _open(port)
-    writer.write(_connect(client_id))
+    writer.write(mqtt_raw.connect(client_id, keepalive=60))
     await reader.readexactly(4)  # CONNACK
     return reader, writer
 
 
 async def _flooder(port: int, i: int, stop: float) -> int:
     sent = 0
-    packet = _publish(f"server/flood-{i}/streaming", b'{"rssi":-60,"status":"NORMAL","uptime":1}' + b" " * 150)
+    packet = mqtt_raw.publish(f"server/flood-{i}/streaming", b'{"rssi":-60,"status":"NORMAL","uptime":1}' + b" " * 150)
     while time.monotonic() < stop:
         try:
             _, writer = await _session(port, f"flood-{i}")
@@ -115,11 +97,11 @@ async def _holder(port: int, i: int, stop: float, silent: bool) -> int:
 
 async def _oversizer(port: int, i: int, stop: float) -> int:
     tries = 0
-    header = b"\x30" + _varint(1024 * 1024) + (len("server/x/streaming")).to_bytes(2, "big") + b"server/x/streaming"
+    header = mqtt_raw.publish("server/x/streaming", b"x" * (1024 * 1024))[:4096]
     while time.monotonic() < stop:
         try:
             reader, writer = await _session(port, f"big-{i}")
-            writer.write(header + b"x" * 4096)
+            writer.write(header)
             tries += 1
             await asyncio.wait_for(reader.read(), 5)
             writer.close()

@@ -20,6 +20,7 @@ from gateway.bus.broker import BrokerSettings, LocalBus
 from gateway.bus.client import BusClient, BusUnavailable, RpcTimeout
 from gateway.bus.rpc import RpcError, RpcServer
 from gateway.demo import free_port
+from tests import mqtt_raw
 from tests.mqtt_probe import Probe
 
 USER, PASSWORD = "carwash-gateway", "internal-password-0123456789"
@@ -298,29 +299,6 @@ async def _settled(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyp
 # --- limits against LAN abuse (raw MQTT 3.1.1 packets: exact control of what is sent) -------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _connect_packet(client_id: str, username: str | None = None, password: str | None = None) -> bytes:
-    flags = 0x02 | (0xC0 if username is not None else 0)
-    body = b"\x00\x04MQTT\x04" + bytes([flags]) + (30).to_bytes(2, "big")
-    for field in (client_id, username, password):
-        if field is not None:
-            body += len(field.encode()).to_bytes(2, "big") + field.encode()
-    return b"\x10" + _remaining_length(len(body)) + body
-
-
-def _publish_packet(topic: str, payload: bytes) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic.encode() + payload
-    return b"\x30" + _remaining_length(len(body)) + body
-
-
 class RawClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -332,9 +310,9 @@ class RawClient:
 
     async def connect(self, client_id: str, username: str | None = None, password: str | None = None) -> int:
         """CONNECT; returns the CONNACK return code."""
-        self.writer.write(_connect_packet(client_id, username, password))
+        self.writer.write(mqtt_raw.connect(client_id, username, password))
         connack = await asyncio.wait_for(self.reader.readexactly(4), 5)
-        assert connack[:2] == b"\x20\x02", connack
+        assert connack[:2] == mqtt_raw.CONNACK_PREFIX, connack
         return connack[3]
 
     async def closed_by_broker(self, timeout: float = 5.0) -> bool:
@@ -364,13 +342,13 @@ async def test_oversized_packet_closes_that_connection_only() -> None:
             assert await small.connect("dev-small") == 0
             assert await web.connect("carwash-web-1", USER, PASSWORD) == 0
             # Only the header of the big one is sent: the broker must refuse on the announced length.
-            header = _publish_packet("server/dev-big/streaming", b"x" * 4000)[:40]
+            header = mqtt_raw.publish("server/dev-big/streaming", b"x" * 4000)[:40]
             big.writer.write(header)
             assert await big.closed_by_broker()
             assert bus.refusals.counts["packet_size"] == 1
             # The others are unaffected; the internal user may send request-sized packets.
-            small.writer.write(_publish_packet("server/dev-small/streaming", b"y" * 1500))
-            web.writer.write(_publish_packet("gateway/rpc/echo", b"z" * 200_000))
+            small.writer.write(mqtt_raw.publish("server/dev-small/streaming", b"y" * 1500))
+            web.writer.write(mqtt_raw.publish("gateway/rpc/echo", b"z" * 200_000))
             await _wait(lambda: len(seen) == 2)
             assert sorted(seen) == [("gateway/rpc/echo", 200_000), ("server/dev-small/streaming", 1500)]
         finally:
@@ -438,11 +416,11 @@ async def test_publish_flood_of_one_client_is_cut_to_its_rate() -> None:
         flood, calm = await RawClient.open(bus), await RawClient.open(bus)
         try:
             assert await flood.connect("dev-flood") == 0 and await calm.connect("dev-calm") == 0
-            flood.writer.write(b"".join(_publish_packet("server/dev-flood/streaming", b"{}") for _ in range(50)))
+            flood.writer.write(b"".join(mqtt_raw.publish("server/dev-flood/streaming", b"{}") for _ in range(50)))
             await _wait(lambda: seen.count("dev-flood") + bus.refusals.counts["rate"] == 50)
             passed = seen.count("dev-flood")
             assert 5 <= passed <= 6, passed  # the burst, plus at most one refilled token
-            calm.writer.write(_publish_packet("server/dev-calm/streaming", b"{}"))
+            calm.writer.write(mqtt_raw.publish("server/dev-calm/streaming", b"{}"))
             await _wait(lambda: "dev-calm" in seen)  # another device is not limited by the flood
         finally:
             flood.close()
@@ -454,7 +432,7 @@ async def test_a_flooder_is_cut_off_and_its_address_cools_down() -> None:
         flood = await RawClient.open(bus, source="127.0.0.2")
         try:
             assert await flood.connect("dev-flood") == 0
-            flood.writer.write(b"".join(_publish_packet("server/dev-flood/streaming", b"{}") for _ in range(50)))
+            flood.writer.write(b"".join(mqtt_raw.publish("server/dev-flood/streaming", b"{}") for _ in range(50)))
             assert await flood.closed_by_broker()
         finally:
             flood.close()
@@ -470,7 +448,7 @@ async def test_a_flooder_is_cut_off_and_its_address_cools_down() -> None:
             c = await RawClient.open(bus, source=source)
             try:
                 assert await c.connect(f"dev-{source}") == 0
-                c.writer.write(b"".join(_publish_packet(f"server/dev-{source}/streaming", b"{}") for _ in range(50)))
+                c.writer.write(b"".join(mqtt_raw.publish(f"server/dev-{source}/streaming", b"{}") for _ in range(50)))
                 assert await c.closed_by_broker()
             finally:
                 c.close()
@@ -499,11 +477,6 @@ async def test_anonymous_client_ids_reserved_or_malformed_are_refused() -> None:
             web.close()
 
 
-def _publish_qos1(topic: str, payload: bytes, packet_id: int) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic.encode() + packet_id.to_bytes(2, "big") + payload
-    return b"\x32" + _remaining_length(len(body)) + body
-
-
 async def test_what_was_acknowledged_before_a_disconnect_is_delivered() -> None:
     """amqtt 0.12.1 PUBACKs a QoS 1 message when it queues it, and dropped the queue when its
     publisher left: a device that ACKs a RESTART and reboots lost its ACK."""
@@ -516,11 +489,11 @@ async def test_what_was_acknowledged_before_a_disconnect_is_delivered() -> None:
             c = await RawClient.open(bus)
             try:
                 assert await c.connect("dev-burst") == 0
-                c.writer.write(b"".join(_publish_qos1("server/dev-burst/ack", b"%d" % i, i + 1) for i in range(n)))
+                c.writer.write(b"".join(mqtt_raw.publish("server/dev-burst/ack", b"%d" % i, packet_id=i + 1) for i in range(n)))
                 pubacks = await asyncio.wait_for(c.reader.readexactly(4 * n), 10)
-                assert pubacks.count(b"\x40\x02") == n
+                assert pubacks.count(mqtt_raw.PUBACK_PREFIX) == n
                 if how == "DISCONNECT":
-                    c.writer.write(b"\xe0\x00")
+                    c.writer.write(mqtt_raw.DISCONNECT)
                     await c.writer.drain()
             finally:
                 c.close()

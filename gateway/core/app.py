@@ -9,6 +9,7 @@ Later components (bays, devices, commands, uplink) are added as services and RPC
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from gateway.bus.rpc import RpcError, RpcServer
 from gateway.bus.topics import HEALTH, STATUS
 from gateway.clock import iso_z
 from gateway.commands.service import CommandService
-from gateway.config import Config, Secrets
+from gateway.config import Config, MqttConfig, Secrets
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
@@ -85,6 +86,12 @@ class Health:
 FD_RESERVE = 256
 
 
+def broker_settings(mqtt: MqttConfig, internal_password: str) -> BrokerSettings:
+    """The `[mqtt]` section as the broker takes it (BrokerSettings uses the same names)."""
+    names = {f.name for f in dataclasses.fields(BrokerSettings)} - {"internal_password"}
+    return BrokerSettings(internal_password=internal_password, **{n: getattr(mqtt, n) for n in names})
+
+
 def ensure_fd_limit(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to `needed` (never above the hard limit) and return it. Under
     systemd the soft limit is 1024 whatever the hard one: without this, `mqtt.max_connections`
@@ -130,23 +137,7 @@ class CoreApp:
             log.info("applied schema migrations %s", applied)
         self.notifier.status("starting the MQTT broker")
         ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
-        self.bus = LocalBus(
-            BrokerSettings(
-                bind=cfg.mqtt.bind,
-                port=cfg.mqtt.port,
-                internal_username=cfg.mqtt.internal_username,
-                internal_password=self.secrets.mqtt_internal_password,
-                allow_anonymous=cfg.mqtt.allow_anonymous,
-                max_connections=cfg.mqtt.max_connections,
-                max_packet_bytes=cfg.mqtt.max_packet_bytes,
-                internal_max_packet_bytes=cfg.mqtt.internal_max_packet_bytes,
-                connect_timeout_sec=cfg.mqtt.connect_timeout_sec,
-                client_rate_per_sec=cfg.mqtt.client_rate_per_sec,
-                client_rate_burst=cfg.mqtt.client_rate_burst,
-                flood_cooldown_sec=cfg.mqtt.flood_cooldown_sec,
-                ban_exempt=cfg.mqtt.ban_exempt,
-            )
-        )
+        self.bus = LocalBus(broker_settings(cfg.mqtt, self.secrets.mqtt_internal_password))
         try:
             await self.bus.start()
             self.rpc = RpcServer(self.bus)
