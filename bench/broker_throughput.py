@@ -12,7 +12,9 @@ Clients and topic are the same for both brokers: the publisher connects anonymou
 publishes `server/bench/streaming` (a device's path into the gateway: ACL-checked, handed to
 the core's LocalBus); the subscriber logs in as the gateway's internal user (the only one
 allowed to subscribe outside `device/#`). mosquitto runs with `allow_anonymous true` and no
-password file, so it accepts the same CONNECTs and does no ACL work.
+password file, so it accepts the same CONNECTs and does no ACL work. The core's per-client
+publish limit of anonymous clients (`mqtt.client_rate_per_sec`) is off here: it would cut the
+publisher at 20 messages/s.
 
 Targets: (a) the real core process started as in core_start (fresh data dir), (b)
 /usr/sbin/mosquitto with a minimal config on a free port (queue unlimited, as amqtt's). Repetitions alternate between the two
@@ -34,7 +36,7 @@ from typing import Any
 from bench.common import Result, log, readline, tail, temp_dir, wait_port
 from bench.core_start import run_core
 from gateway.config import load_config, load_secrets
-from gateway.demo import free_port
+from gateway.demo import free_port, write_demo_site
 
 NAME = "broker_throughput"
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -158,7 +160,10 @@ def run(quick: bool) -> list[Result]:
     counts = {0: 10_000, 1: 5_000} if quick else {0: 20_000, 1: 10_000}
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with temp_dir() as d, ExitStack() as stack:
-        core = stack.enter_context(run_core(d))
+        # The per-client publish limit of anonymous clients (20/s) is off: this measures the broker.
+        port = free_port()
+        config = write_demo_site(d, web_port=free_port(), mqtt_port=port, extra_toml="client_rate_per_sec = 0\n")
+        core = stack.enter_context(run_core(d, config=config, mqtt_port=port))
         cfg = load_config(core.config)
         secrets = load_secrets(cfg)
         amqtt = Target("amqtt (core)", core.mqtt_port, cfg.mqtt.internal_username, secrets.mqtt_internal_password)
