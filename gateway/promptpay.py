@@ -58,7 +58,7 @@ def _proxy(target: str) -> tuple[str, str]:
     digits = re.sub(r"[\s-]", "", text)
     international = digits.startswith("+")
     digits = digits.lstrip("+")
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         raise ValueError(f"PromptPay target {target!r} must contain only digits, spaces, '-' and a leading '+'")
     if international or (len(digits) == 11 and digits.startswith("66")):
         if not (digits.startswith("66") and len(digits) == 11):

@@ -25,7 +25,7 @@ class Notifier:
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         wd_for_us = not pid or pid == str(os.getpid())
-        self.watchdog_usec = int(usec) if usec.isdigit() and int(usec) > 0 and wd_for_us else 0
+        self.watchdog_usec = int(usec) if usec.isascii() and usec.isdigit() and int(usec) > 0 and wd_for_us else 0
         # The library reads the environment itself; use it only when it would see the same socket.
         self._use_lib = _sd_daemon is not None and environ is None
 

@@ -246,7 +246,7 @@ def claim_device(device_id: str) -> Any:
     name, pin = body.get("name"), body.get("pin")
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
         raise ApiError(400, "VALIDATION_FAILED", "name: 1 to 64 characters")
-    if pin is not None and (not isinstance(pin, str) or len(pin) != 4 or not pin.isdigit()):
+    if pin is not None and (not isinstance(pin, str) or len(pin) != 4 or not (pin.isascii() and pin.isdigit())):
         raise ApiError(400, "VALIDATION_FAILED", "pin: 4 digits")
     try:
         db, site_id = require_db(), ctx().config.site.id

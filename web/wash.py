@@ -187,7 +187,8 @@ def _finished_between() -> Any:
              **RANGE_PARAMS}, errors=(400,))
 def history() -> Any:
     raw = request.args.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+    # isascii: str.isdigit() is true for "¹" and other digits int() refuses (a 500).
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 500:
         raise ApiError(400, "VALIDATION_FAILED", "limit must be an integer from 1 to 500")
     q = _finished_between()
     bay_id = request.args.get("bayId")
