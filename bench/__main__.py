@@ -13,12 +13,16 @@ from pathlib import Path
 from bench import (
     bridge,
     broker_throughput,
+    chaos,
     commands,
     connect_storm,
     core_start,
     devices,
+    fuzz_api,
     memory,
+    mqtt_abuse,
     payments,
+    soak,
     uplink_drain,
     wash_bays,
 )
@@ -35,6 +39,10 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     payments.NAME: payments.run,
     bridge.NAME: bridge.run,
     connect_storm.NAME: connect_storm.run,
+    mqtt_abuse.NAME: mqtt_abuse.run,
+    chaos.NAME: chaos.run,
+    soak.NAME: soak.run,
+    fuzz_api.NAME: fuzz_api.run,
 }
 
 
