@@ -13,16 +13,18 @@ retains) in-process; `subscribe()` registers a handler for messages that clients
 the ACL let through. Handlers run one at a time, in arrival order, on one task.
 
 Limits against LAN abuse (`BrokerLimits`, enforced by one `AbuseGuard` shared by the broker and
-its plugins; docs/security.md): packets larger than `max_packet_bytes` (anonymous) or
-`internal_max_packet_bytes` (the gateway's own users) close the connection before their body is
-read, and the address cools down (below); a client that sends no CONNECT within `connect_timeout_sec` is dropped; past
-`max_connections` a new connection is closed at once (amqtt would park it without CONNACK); an
-anonymous client publishing faster than `client_rate_per_sec` (bursts of `client_rate_burst`) has
-the excess dropped, and if it goes on at more than twice that rate it is disconnected and its
-address may not connect for `flood_cooldown_sec` (addresses in `ban_exempt`, the gateway's
-own, never); anonymous client ids are at most 128 printable ASCII characters and may not start
-with the gateway's own prefix `carwash-`. Every refusal is counted per reason
-(`LocalBus.refusals`) and logged once a minute per reason.
+its plugins; docs/security.md):
+- a packet larger than `max_packet_bytes` (anonymous) or `internal_max_packet_bytes` (the
+  gateway's own users) closes the connection before its body is read, and the address cools down;
+- a connection that sends no CONNECT within `connect_timeout_sec` is closed;
+- past `max_connections` a new connection is closed at once (amqtt would park it without CONNACK);
+- an anonymous client publishing faster than `client_rate_per_sec` (bursts of `client_rate_burst`)
+  has the excess dropped; at more than twice that rate it is disconnected and its address cools
+  down: no connection from it for `flood_cooldown_sec` (never for the `ban_exempt` addresses, the
+  gateway's own);
+- anonymous client ids are at most 128 printable ASCII characters and may not start with the
+  gateway's own prefix `carwash-`.
+Every refusal is counted per reason (`LocalBus.refusals`) and logged once a minute per reason.
 """
 
 from __future__ import annotations
