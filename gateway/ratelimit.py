@@ -42,16 +42,12 @@ class RateLimiter:
         with self._lock:
             tokens, at = self._buckets.pop(addr, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)
-            if not take:
-                self._buckets[addr] = (tokens, now)
-                wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
-            elif tokens >= 1.0:
-                self._buckets[addr] = (tokens - 1.0, now)
-                wait = 0.0
-            else:
-                self._buckets[addr] = (tokens, now)
-                wait = (1.0 - tokens) / self.rate
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            if take and not wait:
+                tokens -= 1.0
+            elif take:
                 self.limited += 1
+            self._buckets[addr] = (tokens, now)
             while len(self._buckets) > MAX_CLIENTS:
                 self._buckets.popitem(last=False)
         return wait

@@ -14,9 +14,9 @@ import jwt
 from flask import Blueprint, current_app, jsonify, request
 
 from gateway import users
+from gateway.clock import iso_z
 from gateway.config import Config
 from gateway.ratelimit import RateLimiter, retry_after
-from gateway.clock import iso_z
 from gateway.store.models import TechnicianUser
 from web.body import read_json
 from web.context import ctx

@@ -97,11 +97,11 @@ def ensure_fd_limit(needed: int) -> int:
     systemd the soft limit is 1024 whatever the hard one: without this, `mqtt.max_connections`
     above about 1000 would fail in accept() rather than be refused cleanly."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    if soft != resource.RLIM_INFINITY and soft < needed:
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < needed:
         log.warning("only %d file descriptors allowed (hard limit): mqtt.max_connections needs about %d", soft, needed)
     return soft
 
