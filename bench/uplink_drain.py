@@ -31,9 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Result, log, tail, temp_dir
-from gateway.clock import iso_z
 from gateway.cloudsim import CloudSim
-from gateway.outbox import new_event_id
+from gateway.outbox import add_events
 from gateway.procs import child_env, stop_process
 from gateway.promptpay import check_emv
 from gateway.signing import http_signature
@@ -49,27 +48,20 @@ DRAIN_TIMEOUT = 600.0
 
 
 def build_backlog(path: Path, n: int, seed: int = 1) -> None:
-    """n pending events in seq order, in the exact stored form of add_event (not timed)."""
+    """n pending events in seq order, stored by add_events (not timed)."""
     rng = random.Random(seed)
     kinds = [t for t, w in TYPES for _ in range(w)]
     db = open_database(path)
     migrate(db)
-    rows = []
+    events = []
     for i in range(n):
         device = f"device-{rng.randrange(DEVICES):04d}"
-        typ = kinds[i % len(kinds)]
-        eid = new_event_id()
-        occurred = iso_z()
         payload = {"device_id": device, "items": [{"type": "PAYMENT", "status": "SUCCEEDED",
                                                    "timestamp": 1758358335794 + i, "total_amount": 40,
                                                    "bank": {"20": 2}, "coin": {}}]}
-        text = json.dumps({"id": eid, "type": typ, "occurred_at": occurred, "site_id": SITE, "payload": payload},
-                          separators=(",", ":"), ensure_ascii=False)
-        rows.append((eid, typ, device, occurred, text, len(text.encode())))
+        events.append((kinds[i % len(kinds)], payload, device))
     with write_tx(db):  # one IMMEDIATE transaction on this thread's connection
-        db.connection().executemany(
-            'INSERT INTO "outbox_event" ("event_id", "type", "partition", "occurred_at", "payload", "size") '
-            "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        add_events(db, events, site_id=SITE)
     db.close()
 
 

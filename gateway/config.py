@@ -114,6 +114,7 @@ class DevicesConfig:
     pin_ttl_sec: int = _f(600, min=30, max=86400)
     pairing_requires_button: bool = _f(False)
     pairing_window_sec: int = _f(120, min=10, max=3600)
+    presence_save_sec: float = _f(60.0, min=1, max=3600)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +123,7 @@ class WashConfig:
     offline_after: int = _f(3, min=1, max=100, doc="failed or frozen polls in a row before OFFLINE")
     poll_period_ms: int = _f(200, min=20, max=60000)
     offline_backoff_max_sec: float = _f(5.0, min=0.1, max=300)
+    status_save_sec: float = _f(30.0, min=0.1, max=3600)
     extra_profiles: tuple[str, ...] = _f((), doc="profile TOML files added to the shipped ones", path=True)
 
 
@@ -181,6 +183,7 @@ class OutboxConfig:
     delivered_retention_days: int = _f(7, min=0, max=365)
     backoff_min_sec: float = _f(1.0, min=0.05, max=60)
     backoff_max_sec: float = _f(300.0, min=1, max=3600)
+    mark_sent_delay_sec: float = _f(60.0, min=0, max=600)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -86,6 +86,13 @@ def restore(cfg: Config, source: Path) -> int:
     finally:
         db.close()
     print(f"restore: {source} has schema version {version}" + ("" if ok else " (the core will migrate it)"))
+    # In WAL mode SQLite cannot take the page size of a backup from an older install (4 KiB pages;
+    # new databases have 1 KiB): leave WAL mode first (this checkpoints); the core sets it again.
+    live = sqlite3.connect(cfg.paths.database, timeout=10)
+    try:
+        live.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        live.close()
     _copy(source, cfg.paths.database, "restore")
     print(f"restore: {cfg.paths.database} replaced, integrity ok")
     return 0
@@ -106,8 +113,8 @@ def outbox(cfg: Config, *, dead_limit: int = 20) -> int:
         print("outbox: empty")
     for state, kind, n, size in by_state:
         print(f"  {state:8s} {kind:24s} {n:8d} events {size or 0:12d} bytes")
-    dead = _rows(cfg, 'SELECT "seq", "type", "occurred_at", "last_error" FROM "outbox_event" WHERE "state" = ? '
-                      'ORDER BY "seq" DESC LIMIT ?', ("dead", dead_limit))
+    dead = _rows(cfg, 'SELECT "seq", "type", "occurred_at", "last_error" FROM "outbox_event" WHERE "state" = \'dead\' '
+                      'ORDER BY "seq" DESC LIMIT ?', (dead_limit,))
     if dead:
         print(f"dead letters (newest {len(dead)}; resend or discard them on the technician page, Cloud):")
         for seq, kind, at, err in dead:
@@ -163,6 +170,6 @@ def status(cfg: Config, secrets: Secrets) -> int:
     (total, online, pending), = _rows(cfg, 'SELECT COUNT(*), SUM("online"), SUM(NOT "claimed" AND NOT "rejected") '
                                           'FROM "device"')
     print(f"devices: {total} ({online or 0} online, {pending or 0} pending)")
-    (pending_events,), = _rows(cfg, 'SELECT COUNT(*) FROM "outbox_event" WHERE "state" = ?', ("pending",))
+    (pending_events,), = _rows(cfg, 'SELECT COUNT(*) FROM "outbox_event" WHERE "state" = \'pending\'')
     print(f"outbox: {pending_events} events waiting")
     return 0

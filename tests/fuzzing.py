@@ -804,10 +804,19 @@ def _command_rules(r: dict[str, Any]) -> Iterator[str]:
 
 
 def _outbox_rules(r: dict[str, Any]) -> Iterator[str]:
-    if not isinstance(_json(r["payload"]), dict):
-        yield "payload not a JSON object"
     if r["state"] not in ("pending", "sent", "dead"):
         yield f"state {r['state']!r}"
+
+
+def _outbox_payload_rules(r: dict[str, Any]) -> Iterator[str]:
+    v = r["payload"]
+    try:  # TEXT, or zlib-compressed JSON as a BLOB (docs/decisions.md, Storage)
+        text = v if isinstance(v, str) else zlib.decompress(v).decode()
+    except (zlib.error, UnicodeDecodeError, TypeError):
+        yield "payload neither JSON text nor a zlib-compressed JSON BLOB"
+        return
+    if not isinstance(_json(text), dict):
+        yield "payload not a JSON object"
 
 
 TABLE_RULES: dict[str, Rule] = {
@@ -818,6 +827,7 @@ TABLE_RULES: dict[str, Rule] = {
     "payment": _payment_rules,
     "command": _command_rules,
     "outbox_event": _outbox_rules,
+    "outbox_payload": _outbox_payload_rules,
 }
 
 
@@ -840,6 +850,9 @@ def audit_database(database: Path, firmware_dir: Path, report: Report) -> dict[s
                     bad(table, key, problem)
         for table, rowid, parent, _fk in db.execute("PRAGMA foreign_key_check"):
             bad(table, rowid, f"refers to a {parent} row that does not exist")
+        for (seq,) in db.execute('SELECT e.seq FROM "outbox_event" e LEFT JOIN "outbox_payload" p '
+                                 'ON p.seq = e.seq WHERE p.seq IS NULL'):
+            bad("outbox_event", seq, "has no payload")
         # Re-uploading the same item stores nothing new (device-api.md §3).
         same = db.execute('SELECT device_id, timestamp_ms, type, status, total_amount, qr_charge_id, qr_net_amount, '
                           'bank, coin, COUNT(*) FROM "event_log_item" GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9 '

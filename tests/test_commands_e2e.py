@@ -19,6 +19,7 @@ import pytest
 
 from gateway.demo import ensure_demo_user
 from gateway.fleet import Fleet, FleetThread
+from gateway.outbox import stored_events
 from gateway.signing import sign_mqtt
 from gateway.store import open_database
 from gateway.store.models import CommandResult, Device, DeviceConfig, OperationEvent, OutboxEvent
@@ -152,8 +153,7 @@ def test_the_seeds_three_device_example(rig: Rig) -> None:
         assert not DeviceConfig.select().where((DeviceConfig.device == bad) & (DeviceConfig.source == "apply")).exists()
         results = {r.device_id: r.status for r in CommandResult.select().where(CommandResult.command == cid)}
         assert results == {ok: "SUCCESS", bad: "FAILED", mute: "TIMEOUT"}
-        outbox = [json.loads(o.payload)["payload"]
-                  for o in OutboxEvent.select().where(OutboxEvent.type == "command.result")]
+        outbox = [body["payload"] for _, body in stored_events(OutboxEvent.type == "command.result")]
         mine = sorted((o["device_id"], o["status"]) for o in outbox if o["command_id"] == cid)
         assert mine == sorted(results.items())
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from gateway.procs import child_env, gateway_command
 from tests.conftest import Site, start_process
@@ -18,12 +19,20 @@ def run(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def devices_in(path: Path) -> int:
+def scalar(path: Path, sql: str) -> Any:
     conn = sqlite3.connect(path)
     try:
-        return int(conn.execute('SELECT COUNT(*) FROM "device"').fetchone()[0])
+        return conn.execute(sql).fetchone()[0]
     finally:
         conn.close()
+
+
+def devices_in(path: Path) -> int:
+    return int(scalar(path, 'SELECT COUNT(*) FROM "device"'))
+
+
+def page_size(path: Path) -> int:
+    return int(scalar(path, "PRAGMA page_size"))
 
 
 def test_status_outbox_backup_restore(site: Site, tmp_path: Path) -> None:
@@ -61,3 +70,21 @@ def test_status_outbox_backup_restore(site: Site, tmp_path: Path) -> None:
     assert devices_in(Path(site.config.paths.database)) == 3
     down = run(site, "status")
     assert down.returncode == 0 and "core: not answering" in down.stdout
+    # A backup of an older install (4 KiB pages; new databases have 1 KiB) restores onto this one:
+    # SQLite cannot change the page size of a database in WAL mode, so restore leaves WAL first.
+    older = tmp_path / "older.db"
+    src, dst = sqlite3.connect(backup), sqlite3.connect(older)
+    try:
+        dst.execute("PRAGMA page_size = 4096")
+        dst.executescript("\n".join(src.iterdump()))
+    finally:
+        src.close()
+        dst.close()
+    live = Path(site.config.paths.database)
+    assert page_size(live) == 1024 and page_size(older) == 4096
+    restored = run(site, "restore", str(older))
+    assert restored.returncode == 0 and "integrity ok" in restored.stdout, restored.stderr
+    assert devices_in(live) == 3 and page_size(live) == 4096
+    core = start_process(site, "core")  # WAL again, and the schema is current
+    assert core.stop() == 0
+    assert scalar(live, "PRAGMA journal_mode") == "wal"

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.cloudsim import CloudSim
 from gateway.demo import DEMO_CLOUD_KEY
+from gateway.outbox import stored_events
 from gateway.promptpay import check_emv, satang_from_decimal_js
 from gateway.signing import http_signature, parse_signed_mqtt
 from gateway.store import open_database
@@ -113,8 +114,7 @@ def test_a_full_payment_and_the_fallback(tmp_path) -> None:  # type: ignore[no-u
         assert payment_row(site, other).status == "FAILED"
         db = open_database(site.config.paths.database)
         try:
-            updates = [json.loads(o.payload)["payload"] for o in OutboxEvent.select()
-                       .where(OutboxEvent.type == "payment.updated").order_by(OutboxEvent.seq)]
+            updates = [body["payload"] for _, body in stored_events(OutboxEvent.type == "payment.updated")]
         finally:
             db.close()
         assert [(u["charge_id"], u["status"]) for u in updates] == [

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
 import pytest
-from peewee import SqliteDatabase
+from peewee import IntegrityError, SqliteDatabase
 
 from gateway.clock import utc_now
+from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
+from gateway.devices.registry import upload_logs
+from gateway.devices.validate import log_upload
+from gateway.outbox import add_event, state_is, stored_events
 from gateway.store import LATEST, SchemaError, current_version, migrate, open_database, schema_status, write_tx
 from gateway.store.migrations import MIGRATIONS
-from gateway.store.models import MODELS, Device, OutboxEvent, SchemaVersion
+from gateway.store.models import MODELS, Device, EventLogItem, OutboxEvent, SchemaVersion
+from gateway.uplink import OutboxDrainer
 
 
 @pytest.fixture
@@ -26,6 +32,24 @@ def test_pragmas(db: SqliteDatabase) -> None:
     assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert db.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute_sql("PRAGMA busy_timeout").fetchone()[0] == 5000
+    assert db.execute_sql("PRAGMA page_size").fetchone()[0] == 1024  # a new database
+
+
+def test_an_existing_database_keeps_its_page_size(tmp_path: Path) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "old.db")
+    con.execute("PRAGMA page_size = 4096")
+    con.execute("PRAGMA journal_mode = wal")
+    con.execute("CREATE TABLE t (x)")
+    con.close()
+    d = open_database(tmp_path / "old.db")
+    try:
+        assert d.execute_sql("PRAGMA page_size").fetchone()[0] == 4096
+        assert d.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert migrate(d) == [m.version for m in MIGRATIONS]
+    finally:
+        d.close()
 
 
 def test_migrate_from_empty(db: SqliteDatabase) -> None:
@@ -52,6 +76,7 @@ def test_migrate_from_previous_version_keeps_rows(db: SqliteDatabase) -> None:
     assert (dev.chip_id, dev.claimed, dev.online) == ("24AB3C91", False, False)
     ev = OutboxEvent.get(OutboxEvent.event_id == "e1")
     assert (ev.state, ev.attempts, ev.coalesce_key) == ("pending", 0, None)
+    assert [(row.event_id, body) for row, body in stored_events()] == [("e1", {})]  # the payload moved (3)
 
 
 def test_models_match_migrated_schema(db: SqliteDatabase) -> None:
@@ -102,8 +127,8 @@ def test_immediate_transactions_serialise_read_then_write_across_connections(tmp
                 # atomic() on our database is IMMEDIATE: the read below cannot go stale.
                 with conn.atomic():
                     (count,) = conn.execute_sql('SELECT COUNT(*) FROM "outbox_event"').fetchone()
-                    conn.execute_sql('INSERT INTO "outbox_event" ("event_id","type","occurred_at","payload","size")'
-                                     " VALUES (?,?,?,?,?)", (f"{n}-{i}-{count}", "t", "x", "{}", 2))
+                    conn.execute_sql('INSERT INTO "outbox_event" ("event_id","type","occurred_at","size")'
+                                     " VALUES (?,?,?,?)", (f"{n}-{i}-{count}", "t", "x", 2))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -118,3 +143,81 @@ def test_immediate_transactions_serialise_read_then_write_across_connections(tmp
     check = open_database(path)
     assert OutboxEvent.select().count() == 200
     check.close()
+
+
+def test_hot_queries_read_through_indexes_never_the_whole_table(db: SqliteDatabase) -> None:
+    """The statements the gateway runs on its two big tables (the outbox: 7 days of events; the
+    device event logs: forever), captured as they execute, are planned on an index: an upload's
+    duplicate check, the coalescing delete, the drainer's queue, marks and housekeeping, the
+    technician's dead letters. A full scan of either table is a failure."""
+    migrate(db)
+    with write_tx(db):
+        Device.create(device_id="device-24ab3c91", chip_id="24AB3C91", mac_address="24:6F:28:AB:3C:91",
+                      device_type="CAR_WASH", firmware_version="car_wash_v1.00", registered_at=utc_now())
+    body = {"device_id": "device-24ab3c91",
+            "items": [{"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": 1_760_000_000_000 + i, "total_amount": 20,
+                       "bank": {"20": 1}, "coin": {}} for i in range(10)]}
+    dev, items = log_upload(body)
+    config = Config(site=SiteConfig(id="site-1"), cloud=CloudConfig(url="http://127.0.0.1:9"),
+                    outbox=OutboxConfig(mark_sent_delay_sec=300))
+    drainer = OutboxDrainer(config, "key", db)
+    captured: list[str] = []
+    db.connection().set_trace_callback(captured.append)  # expanded SQL, as executed
+    try:
+        assert upload_logs(db, dev, items, site_id="site-1").stored == 10
+        assert upload_logs(db, dev, items, site_id="site-1").stored == 0  # every item known
+        for n in range(2):
+            with write_tx(db):
+                add_event("wash.status", {"n": n}, site_id="site-1", partition="bay:bay1",
+                          coalesce_key="wash.status:bay1")
+        rows, _ = drainer._fetch()
+        drainer._mark_sent(rows)
+        assert drainer.write_marks() == 2
+        drainer.housekeeping()
+        list(OutboxEvent.select().where(state_is("dead")).order_by(OutboxEvent.seq.desc()).limit(100))
+        OutboxEvent.select().where(state_is("pending")).count()
+    finally:
+        db.connection().set_trace_callback(None)
+    used: set[str] = set()
+    checked = 0
+    for sql in captured:
+        if not re.search(r'"(outbox_event|event_log_item)"', sql) or sql.lstrip().upper().startswith(
+                ("INSERT", "BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")):
+            continue
+        plan = [row[3] for row in db.execute_sql("EXPLAIN QUERY PLAN " + sql).fetchall()]
+        checked += 1
+        scans = [line for line in plan if re.fullmatch(r"SCAN \w+", line)]
+        assert not scans, f"full table scan: {sql}\n{plan}"
+        used.update(re.findall(r"INDEX (\w+)", " ".join(plan)))
+    assert checked >= 8
+    assert {"event_log_item_device_time_key", "outbox_event_coalesce_pending", "outbox_event_pending",
+            "outbox_event_dead", "outbox_event_sent"} <= used, used
+
+
+def test_event_log_items_stay_unique_per_device_after_migration_3(db: SqliteDatabase) -> None:
+    migrate(db)
+    now = utc_now()
+    with write_tx(db):
+        Device.create(device_id="device-1", chip_id="1", mac_address="m", device_type="CAR_WASH",
+                      firmware_version="v", registered_at=now)
+    row = {"device": "device-1", "dedup_key": "k", "type": "PAYMENT", "status": "SUCCESS", "timestamp_ms": 1,
+           "total_amount": 20, "received_at": now}
+    with write_tx(db):
+        EventLogItem.insert(row).execute()
+    with pytest.raises(IntegrityError), write_tx(db):
+        EventLogItem.insert(row).execute()
+
+
+def test_long_payloads_stored_compressed_short_ones_as_text(db: SqliteDatabase) -> None:
+    migrate(db)
+    items = [{"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": 1_760_000_000_000 + i, "total_amount": 40,
+              "bank": {"20": 2, "50": 0, "100": 0, "500": 0, "1000": 0}, "coin": {"1": 0, "2": 0, "5": 0, "10": 0},
+              "dedup_key": f"{i:064x}"} for i in range(10)]
+    with write_tx(db):
+        add_event("device.event_logs", {"device_id": "device-1", "items": items}, site_id="site-1")
+        add_event("wash.status", {"bayId": "bay1", "state": "IDLE"}, site_id="site-1")
+    stored = [v for (v,) in db.execute_sql('SELECT "payload" FROM "outbox_payload" ORDER BY "seq"')]
+    (logs, logs_body), (status, status_body) = stored_events()
+    assert isinstance(stored[0], bytes) and len(stored[0]) * 3 < logs.size  # an upload's items: a third or less
+    assert isinstance(stored[1], str) and len(stored[1].encode()) == status.size
+    assert logs_body["payload"]["items"] == items and status_body["payload"]["state"] == "IDLE"

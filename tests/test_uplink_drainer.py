@@ -28,13 +28,15 @@ from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
 from gateway.outbox import add_event
 from gateway.procs import child_env, stop_process
 from gateway.store import migrate, open_database, write_tx
-from gateway.store.models import OutboxEvent
+from gateway.store.models import OutboxEvent, OutboxPayload
 from gateway.uplink import OutboxDrainer
 from gateway.uplink.drainer import KEY_ENV
 
 KEY = "uplink-test-key"
 SITE = "site-7"
-FAST = {"backoff_min_sec": 0.05, "backoff_max_sec": 0.2}
+# Marks deferred a little: every test goes through the deferred path (write_marks) and still sees
+# "sent" rows soon after delivery.
+FAST = {"backoff_min_sec": 0.05, "backoff_max_sec": 0.2, "mark_sent_delay_sec": 0.2}
 
 
 @pytest.fixture
@@ -68,6 +70,13 @@ def add_events(db: SqliteDatabase, n: int, partitions: int, *, start: int = 0,
             eid = add_event(event_type, {"device_id": part, "n": i}, site_id=SITE, partition=part)
             out.append((eid, part))
     return out
+
+
+def stored_row(*, payload: str, **fields: Any) -> OutboxEvent:
+    """An outbox event with chosen fields (inside the caller's transaction)."""
+    row = OutboxEvent.create(**fields)
+    OutboxPayload.create(seq=row.seq, payload=payload)
+    return row
 
 
 def expected_by_partition(events: list[tuple[str, str]]) -> dict[str | None, list[str]]:
@@ -244,11 +253,34 @@ async def test_cancel_mid_batch_then_restart_loses_nothing(db: SqliteDatabase, s
     assert sim.received == 500
 
 
+def drainer_command(tmp_path: Path, sim: CloudSim, *args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.uplink.drainer", "--database", str(tmp_path / "gateway.db"),
+            "--url", sim.url, "--site-id", SITE, "--backoff-min", "0.05", "--backoff-max", "0.2", *args]
+
+
+def drain_to_the_end(tmp_path: Path, db: SqliteDatabase, sim: CloudSim, cmd: list[str],
+                     cloud_done: Callable[[CloudSim], bool], total: int) -> None:
+    """Run a drainer process until `cloud_done` holds at the cloud and all `total` events are
+    marked sent, then stop it (SIGTERM: exit 0)."""
+    with (tmp_path / "drainer2.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, env={**child_env(), KEY_ENV: KEY}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        sim.wait_for(cloud_done, 20)
+        deadline = time.monotonic() + 10
+        while states(db) != {"sent": total}:
+            assert time.monotonic() < deadline, f"not all sent: {states(db)}"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, (tmp_path / "drainer2.log").read_text()
+    finally:
+        stop_process(proc)
+
+
 def test_sigkill_of_a_draining_process_then_resume(tmp_path: Path, db: SqliteDatabase, sim: CloudSim) -> None:
+    """Killed while the cloud holds a batch it committed. Marks are deferred (the default), but a
+    full batch of them is written at once: only the held batch is sent again."""
     events = add_events(db, 1000, partitions=5)
-    cmd = [sys.executable, "-m", "gateway.uplink.drainer", "--database", str(tmp_path / "gateway.db"),
-           "--url", sim.url, "--site-id", SITE, "--batch-max-events", "50", "--backoff-min", "0.05",
-           "--backoff-max", "0.2"]
+    cmd = drainer_command(tmp_path, sim, "--batch-max-events", "50")
     env = child_env()
     env[KEY_ENV] = KEY
     with (tmp_path / "drainer1.log").open("wb") as log1:
@@ -265,20 +297,67 @@ def test_sigkill_of_a_draining_process_then_resume(tmp_path: Path, db: SqliteDat
     sim.release()
     assert sim.unique == held_at and held_at % 50 == 0
     assert states(db) == {"sent": held_at - 50, "pending": 1000 - held_at + 50}
-    with (tmp_path / "drainer2.log").open("wb") as log2:
-        second = subprocess.Popen(cmd, env=env, stdout=log2, stderr=subprocess.STDOUT)
-    try:
-        sim.wait_for(lambda s: s.unique == 1000, 20)
-        deadline = time.monotonic() + 10
-        while states(db) != {"sent": 1000}:  # the last answer is marked just after the cloud sent it
-            assert time.monotonic() < deadline, f"not all sent: {states(db)}"
-            time.sleep(0.01)
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(10) == 0, (tmp_path / "drainer2.log").read_text()
-    finally:
-        stop_process(second)
+    # 20 full batches: each batch's marks are written at once.
+    drain_to_the_end(tmp_path, db, sim, cmd, lambda s: s.unique == 1000, 1000)
     assert_delivered_once_in_order(sim, events)
     assert sim.duplicates == 50  # the batch the cloud committed but the killed process never confirmed
+
+
+def test_sigkill_before_deferred_marks_sends_them_again(tmp_path: Path, db: SqliteDatabase, sim: CloudSim) -> None:
+    """What deferred marks cost: a process killed after delivering, before marking, leaves the
+    events pending; the next one sends them again and the cloud drops the repeats by id."""
+    events = add_events(db, 30, partitions=3)
+    cmd = drainer_command(tmp_path, sim, "--batch-max-events", "50", "--mark-sent-delay", "600")
+    with (tmp_path / "drainer1.log").open("wb") as log1:
+        first = subprocess.Popen(cmd, env={**child_env(), KEY_ENV: KEY}, stdout=log1, stderr=subprocess.STDOUT)
+    try:
+        sim.wait_for(lambda s: s.unique == 30, 20)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+    finally:
+        stop_process(first)
+    assert states(db) == {"pending": 30}
+    # The next drainer marks at once, so that the database shows when it has read the answers.
+    drain_to_the_end(tmp_path, db, sim, [*cmd[:-1], "0"], lambda s: s.duplicates == 30, 30)
+    assert_delivered_once_in_order(sim, events)
+
+
+async def test_deferred_marks_one_write_never_a_second_send(db: SqliteDatabase, sim: CloudSim) -> None:
+    """Delivered events stay pending in the database until their marks are due, but are never sent
+    again meanwhile, and do not hold back later events; housekeeping, a full batch of marks and an
+    orderly stop each write them."""
+    first = add_events(db, 5, partitions=1)
+    drainer = OutboxDrainer(make_config(sim.url, batch_max_events=10, mark_sent_delay_sec=300), KEY, db,
+                            poll_interval_sec=0.05, housekeeping_interval_sec=300)
+    async with running(drainer):
+        await sim_until(sim, lambda s: s.unique == 5)
+        requests = sim.stats()["requests"]
+        # Many reads of the queue (every 50 ms) while the 5 delivered rows are still pending.
+        polls = drainer.state()["polls"]
+        await until(lambda: drainer.state()["polls"] >= polls + 10, 5, "ten more reads of the queue")
+        assert states(db) == {"pending": 5}
+        assert sim.stats()["requests"] == requests, "a delivered event was sent again"
+        assert drainer.state()["sent"] == 5
+        # Later events pass the unmarked ones; the tenth delivery fills a batch of marks: written.
+        second = add_events(db, 5, partitions=1, start=5)
+        drainer.wake()
+        await sim_until(sim, lambda s: s.unique == 10)
+        await until(lambda: states(db) == {"sent": 10}, 5, "ten marks written at once")
+        third = add_events(db, 3, partitions=1, start=10)
+        drainer.wake()
+        await sim_until(sim, lambda s: s.unique == 13)
+        await until(lambda: drainer.state()["phase"] == "idle", 5, "idle")
+        assert states(db) == {"sent": 10, "pending": 3}
+        await asyncio.to_thread(drainer.housekeeping)  # marks first, then pruning and figures
+        assert states(db) == {"sent": 13}
+        assert drainer.state()["backlog"] == 0
+        fourth = add_events(db, 2, partitions=1, start=13)
+        drainer.wake()
+        await sim_until(sim, lambda s: s.unique == 15)
+        assert states(db) == {"sent": 13, "pending": 2}
+    assert states(db) == {"sent": 15}, "an orderly stop writes the waiting marks"
+    assert_delivered_once_in_order(sim, first + second + third + fourth)
+    assert sim.duplicates == 0
 
 
 # --- retention and housekeeping (no cloud needed) ---------------------------------------------
@@ -293,12 +372,12 @@ def _fill_fixed_size(db: SqliteDatabase, rounds: int) -> list[tuple[int, str]]:
     with write_tx(db):
         for r in range(rounds):
             for typ in ROUND:
-                row = OutboxEvent.create(event_id=f"{typ}-{r}", type=typ, occurred_at="2026-01-01T00:00:00.000Z",
-                                         payload=json.dumps({"id": f"{typ}-{r}"}), size=1000)
+                row = stored_row(event_id=f"{typ}-{r}", type=typ, occurred_at="2026-01-01T00:00:00.000Z",
+                                 payload=json.dumps({"id": f"{typ}-{r}"}), size=1000)
                 out.append((row.seq, typ))
         # Delivered rows are not part of the cap and are never dropped by it.
-        OutboxEvent.create(event_id="old-sent", type="wash.status", occurred_at="x", payload="{}", size=10**6,
-                           state="sent", sent_at=utc_now())
+        stored_row(event_id="old-sent", type="wash.status", occurred_at="x", payload="{}", size=10**6,
+                   state="sent", sent_at=utc_now())
     return out
 
 
@@ -344,8 +423,8 @@ async def test_housekeeping_prunes_delivered_and_runs_without_cloud(db: SqliteDa
     now = utc_now()
     with write_tx(db):
         for name, days, state in (("sent-8d", 8, "sent"), ("sent-6d", 6, "sent"), ("dead-30d", 30, "dead")):
-            OutboxEvent.create(event_id=name, type="wash.session", occurred_at="x", payload="{}", size=2,
-                               state=state, sent_at=now - dt.timedelta(days=days))
+            stored_row(event_id=name, type="wash.session", occurred_at="x", payload="{}", size=2,
+                       state=state, sent_at=now - dt.timedelta(days=days))
     add_events(db, 3, partitions=1)
     drainer = OutboxDrainer(make_config("", delivered_retention_days=7), KEY, db, housekeeping_interval_sec=3600)
     assert not drainer.enabled

@@ -78,7 +78,7 @@ class CloudSite:
 @contextlib.contextmanager
 def cloud_site(tmp_path: Path, extra_toml: str = "") -> Iterator[CloudSite]:
     sim = CloudSim(DEMO_CLOUD_KEY, site_id="demo-site").start()
-    cs = CloudSite(sim, make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\n'
+    cs = CloudSite(sim, make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\nmark_sent_delay_sec = 0.2\n'
                                                      "backoff_max_sec = 1\n" + extra_toml))
     try:
         cs.core = start_process(cs.site, "core")
@@ -166,8 +166,9 @@ def test_dead_letters_are_listed_requeued_and_discarded(tmp_path: Path) -> None:
                                headers=auth)
         assert code == 200 and body["data"]["changed"] == 1
         sim.wait_for(lambda s: rows[0].event_id in s.event_ids(), 20)
-        after = {r.seq: r.state for r in outbox(site)}
-        assert after[rows[0].seq] == "sent" and rows[1].seq not in after
+        # Marked sent shortly after delivery (mark_sent_delay_sec).
+        sim.wait_for(lambda s: {r.seq: r.state for r in outbox(site)}.get(rows[0].seq) == "sent", 20)
+        assert rows[1].seq not in {r.seq for r in outbox(site)}
         code, body = http_json(site.web_url + "/api/v1/outbox/requeue", method="POST", body={"seq": "all"},
                                headers=auth)
         assert code == 400

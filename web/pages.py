@@ -24,6 +24,7 @@ from markupsafe import Markup, escape
 
 from gateway.clock import iso_z, utc_now
 from gateway.devices.schemas import SCHEMA_FILES, schema
+from gateway.outbox import state_is
 from gateway.store.models import (
     Command,
     Device,
@@ -414,8 +415,8 @@ def firmware_page(user: str) -> Response:
 @page
 def cloud(user: str) -> Response:
     health = (ctx().bus.health or {}) if ctx().bus else {}
-    dead = list(OutboxEvent.select().where(OutboxEvent.state == "dead").order_by(OutboxEvent.seq.desc()).limit(100))
-    pending = OutboxEvent.select().where(OutboxEvent.state == "pending").count()
+    dead = list(OutboxEvent.select().where(state_is("dead")).order_by(OutboxEvent.seq.desc()).limit(100))
+    pending = OutboxEvent.select().where(state_is("pending")).count()
     return render("cloud.html", user, health=health, dead=dead, pending=pending, cloud_url=ctx().config.cloud.url)
 
 

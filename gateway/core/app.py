@@ -57,12 +57,13 @@ def _log_stuck(what: str) -> None:
 
 def _dead_letters(db: SqliteDatabase | None, seqs: list[int], action: str) -> int:
     """Requeue (pending again, attempts reset) or discard dead outbox events; others are untouched."""
+    from gateway.outbox import state_is
     from gateway.store import write_tx
     from gateway.store.models import OutboxEvent
 
     assert db is not None
     with write_tx(db):
-        q = OutboxEvent.seq.in_(seqs) & (OutboxEvent.state == "dead")
+        q = OutboxEvent.seq.in_(seqs) & state_is("dead")
         if action == "requeue":
             return int(OutboxEvent.update(state="pending", attempts=0, last_error=None).where(q).execute())
         return int(OutboxEvent.delete().where(q).execute())

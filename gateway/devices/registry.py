@@ -22,6 +22,11 @@ from gateway.store import write_tx
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem
 
 
+# How stale a device's stored last_seen_at may be before an upload rewrites it (presence writes it
+# every minute for devices that stream).
+LAST_SEEN_PRECISION = dt.timedelta(minutes=2)
+
+
 class DeviceNotFound(LookupError):
     pass
 
@@ -103,9 +108,12 @@ def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_i
     with write_tx(db):
         if not Device.select().where(Device.device_id == dev_id).exists():
             raise DeviceNotFound(dev_id)
-        # Two statements for the whole upload: which items are known already, then the new rows.
+        # Two statements for the whole upload: which items are known already (through the unique
+        # index on device, time and key), then the new rows.
         known = {k for (k,) in EventLogItem.select(EventLogItem.dedup_key)
-                 .where(EventLogItem.dedup_key.in_([k for k, _ in keyed])).tuples()}
+                 .where((EventLogItem.device == dev_id)
+                        & EventLogItem.timestamp_ms.in_(sorted({it.timestamp_ms for _, it in keyed}))
+                        & EventLogItem.dedup_key.in_([k for k, _ in keyed])).tuples()}
         rows = []
         for key, it in keyed:
             if key in known:
@@ -127,7 +135,12 @@ def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_i
             EventLogItem.insert_many(rows).execute()
             add_event("device.event_logs", {"device_id": dev_id, "items": stored, "received_at": iso_z(now)},
                       site_id=site_id, partition=dev_id)
-        Device.update(last_seen_at=now).where(Device.device_id == dev_id).execute()
+        # Presence keeps last_seen_at for streaming devices; an upload rewrites it only when it is
+        # older than LAST_SEEN_PRECISION, so most uploads leave the device's page untouched.
+        (Device.update(last_seen_at=now)
+         .where((Device.device_id == dev_id)
+                & (Device.last_seen_at.is_null() | (Device.last_seen_at < now - LAST_SEEN_PRECISION)))
+         .execute())
     return Uploaded(len(items), len(stored), mismatches)
 
 

@@ -120,6 +120,36 @@ MIGRATIONS: tuple[Migration, ...] = (
             'CREATE INDEX "outbox_event_coalesce" ON "outbox_event" ("coalesce_key", "state")',
         ),
     ),
+    Migration(
+        3,
+        "indexes that write fewer pages: event logs unique per device and time, partial outbox indexes",
+        (
+            # A unique index on a random hash put each uploaded item on its own index page; keyed by
+            # device and time an upload's items land together (the hash still decides uniqueness, and
+            # it covers the old (device_id, timestamp_ms) index).
+            'DROP INDEX "event_log_item_dedup_key"',
+            'DROP INDEX "event_log_item_device_id"',
+            'CREATE UNIQUE INDEX "event_log_item_device_time_key" ON "event_log_item" '
+            '("device_id", "timestamp_ms", "dedup_key")',
+            # One small index per state that is looked up: the drainer's queue and its byte count
+            # (pending), the technician's dead letters, and pruning by delivery time (sent), so no
+            # housekeeping query reads the whole table (7 days of events).
+            'DROP INDEX "outbox_event_state"',
+            'DROP INDEX "outbox_event_coalesce"',
+            """CREATE INDEX "outbox_event_pending" ON "outbox_event" ("seq", "size") WHERE "state" = 'pending'""",
+            """CREATE INDEX "outbox_event_dead" ON "outbox_event" ("seq") WHERE "state" = 'dead'""",
+            """CREATE INDEX "outbox_event_sent" ON "outbox_event" ("sent_at") WHERE "state" = 'sent'""",
+            """CREATE INDEX "outbox_event_coalesce_pending" ON "outbox_event" ("coalesce_key")
+            WHERE "coalesce_key" IS NOT NULL AND "state" = 'pending'""",
+            # The payload (kilobytes, on overflow pages) in a table of its own, written once: marking
+            # an event sent changes the length of its row, and SQLite rewrites a row whose length
+            # changed in full, overflow pages and all. New payloads are zlib BLOBs (gateway.outbox).
+            """CREATE TABLE "outbox_payload" ("seq" INTEGER NOT NULL PRIMARY KEY, "payload" BLOB NOT NULL,
+            FOREIGN KEY ("seq") REFERENCES "outbox_event" ("seq") ON DELETE CASCADE)""",
+            'INSERT INTO "outbox_payload" ("seq", "payload") SELECT "seq", "payload" FROM "outbox_event"',
+            'ALTER TABLE "outbox_event" DROP COLUMN "payload"',
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

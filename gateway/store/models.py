@@ -15,6 +15,7 @@ from peewee import (
     CompositeKey,
     DatabaseProxy,
     DateTimeField,
+    Field,
     FloatField,
     ForeignKeyField,
     IntegerField,
@@ -29,6 +30,13 @@ class JSONField(TextField):
     """JSON kept as text; the caller decides what goes in (configs are stored as sent)."""
 
     field_type = "TEXT"
+
+
+class TextOrBlobField(Field):
+    """Stored as given: a str as TEXT, bytes as a BLOB (SQLite keeps each value's type; Peewee's
+    BlobField would turn a str into a BLOB)."""
+
+    field_type = "BLOB"
 
 
 class BaseModel(Model):
@@ -107,7 +115,7 @@ class EventLogItem(BaseModel):
 
     id = IntegerField(primary_key=True)
     device = ForeignKeyField(Device, column_name="device_id", on_delete="RESTRICT")
-    dedup_key = TextField(unique=True)
+    dedup_key = TextField()  # unique with (device_id, timestamp_ms): migration 3
     type = TextField()
     status = TextField()
     timestamp_ms = BigIntegerField()
@@ -240,13 +248,21 @@ class OutboxEvent(BaseModel):
     type = TextField()
     partition = TextField(null=True)  # e.g. device id: order is kept per partition
     occurred_at = TextField()
-    payload = JSONField()
-    size = IntegerField()
+    size = IntegerField()  # of the payload
     state = TextField(default="pending")  # pending | sent | dead
     attempts = IntegerField(default=0)
     last_error = TextField(null=True)
     sent_at = DateTimeField(null=True)
     coalesce_key = TextField(null=True)
+
+
+class OutboxPayload(BaseModel):
+    """The event JSON of an outbox event as it is sent: TEXT, or zlib-compressed as a BLOB
+    (`gateway.outbox.payload_bytes` reads both); written once, deleted with its event.
+    owner: as OutboxEvent."""
+
+    seq = ForeignKeyField(OutboxEvent, column_name="seq", primary_key=True, on_delete="CASCADE")
+    payload = TextOrBlobField()
 
 
 class TechnicianUser(BaseModel):
@@ -275,5 +291,6 @@ MODELS: tuple[type[BaseModel], ...] = (
     Bay,
     WashSession,
     OutboxEvent,
+    OutboxPayload,
     TechnicianUser,
 )

@@ -7,10 +7,13 @@ Contract
   element is the stored event JSON, sent byte for byte), signed `x-signature` =
   sha256(raw body || key). Batches hold at most `outbox.batch_max_events` events and
   `outbox.batch_max_bytes` bytes of body (an event larger than that travels alone). Ids the cloud
-  lists in `data.accepted` become `sent` (with `sent_at`); the others stay pending and are retried
-  after a backoff (a cloud that accepts only part of a batch has chosen its own order for them).
-  A batch may be delivered twice (crash or kill after the cloud's commit, before ours): delivery
-  is at-least-once and the cloud deduplicates by id.
+  lists in `data.accepted` are delivered: this drainer never sends them again, and marks them
+  `sent` (with `sent_at`) in one write per `outbox.mark_sent_delay_sec` (at once when it is 0 or
+  when `batch_max_events` wait, before housekeeping, and when it stops): on an SD card one write
+  for many deliveries instead of one each. The others stay pending and are retried after a
+  backoff (a cloud that accepts only part of a batch has chosen its own order for them). A batch
+  may be delivered twice (a crash or kill after the cloud's commit, before our mark): delivery is
+  at-least-once and the cloud deduplicates by id.
 - Order: batches are taken strictly in `seq` order and sent one at a time, so an event never
   reaches the cloud before an earlier *pending* event of its partition (or of any partition).
 - Failures (no connection, timeout, 5xx, 408, 429, an unreadable answer): exponential backoff
@@ -71,6 +74,7 @@ from peewee import SqliteDatabase
 
 from gateway.clock import iso_z, utc_now
 from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
+from gateway.outbox import payload_bytes
 from gateway.signing import http_signature
 from gateway.store.db import write_tx
 
@@ -82,6 +86,7 @@ RETRYABLE_4XX = frozenset({408, 429})
 CHANNEL_4XX = frozenset({401, 403, 404, 405})  # the site/key/URL is wrong, not the event
 KEY_ENV = "CARWASH_UPLINK_KEY"
 
+_MARKS_PER_STATEMENT = 500  # bound parameters per UPDATE
 _BODY_HEAD = b'{"events":['
 _BODY_TAIL = b"]}"
 _STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
@@ -132,6 +137,7 @@ class _Counters:
     over_cap: bool = False
     channel_error: str | None = None
     phase: str = "stopped"  # stopped | housekeeping | sending | backoff | idle
+    polls: int = 0  # reads of the queue
     dropped_by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -165,6 +171,10 @@ class OutboxDrainer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
         self._running = False
+        # Delivered but not yet marked sent in the database (event ids), and the monotonic
+        # time by which they must be written; both under _lock (housekeeping may run in any thread).
+        self._unmarked: set[str] = set()
+        self._marks_due: float | None = None
 
     # --- public surface ----------------------------------------------------------------------
 
@@ -223,6 +233,7 @@ class OutboxDrainer:
                 "consecutive_failures": c.consecutive_failures,
                 "next_attempt_at": c.next_attempt_at,
                 "phase": c.phase,
+                "polls": c.polls,
             }
 
     async def run(self) -> None:
@@ -257,6 +268,9 @@ class OutboxDrainer:
                     log.exception("uplink: drain step failed")
                     self._note_failure(f"{type(exc).__name__}: {exc}")
                     step = _Step(_Kind.RETRY)
+                due_in = self._marks_due_in()
+                if due_in <= 0 or (step.kind is _Kind.RETRY and due_in < float("inf")):  # a backoff may be long
+                    await self._write_marks_in(loop, executor)
                 if step.kind is _Kind.PROGRESS:
                     failures = 0
                     continue
@@ -271,7 +285,7 @@ class OutboxDrainer:
                         self._c.next_attempt_at = None
                     continue
                 failures = 0
-                timeout = max(0.0, min(self._poll_interval, next_housekeeping - loop.time()))
+                timeout = max(0.0, min(self._poll_interval, next_housekeeping - loop.time(), self._marks_due_in()))
                 self._phase("idle")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_event.wait(), timeout)
@@ -299,16 +313,19 @@ class OutboxDrainer:
     # --- housekeeping (any thread; the drainer runs it in its worker) --------------------------
 
     def housekeeping(self) -> None:
-        """Prune delivered events, enforce the size cap, refresh the backlog figures."""
+        """Write waiting marks, prune delivered events, enforce the size cap, refresh the backlog
+        figures."""
+        self.write_marks()
         self.prune_delivered()
         self.enforce_retention()
-        rows = self._db.execute_sql(
-            'SELECT "state", COUNT(*), COALESCE(SUM("size"), 0) FROM "outbox_event" GROUP BY "state"'
-        ).fetchall()
-        by_state = {state: (int(n), int(size)) for state, n, size in rows}
+        # Each through its partial index: housekeeping never reads the whole table.
+        (pending, pending_bytes), = self._db.execute_sql(
+            'SELECT COUNT(*), COALESCE(SUM("size"), 0) FROM "outbox_event" WHERE "state" = \'pending\'').fetchall()
+        (dead,), = self._db.execute_sql(
+            'SELECT COUNT(*) FROM "outbox_event" WHERE "state" = \'dead\'').fetchall()
         with self._lock:
-            self._c.backlog, self._c.pending_bytes = by_state.get("pending", (0, 0))
-            self._c.dead_total = by_state.get("dead", (0, 0))[0]
+            self._c.backlog, self._c.pending_bytes = int(pending), int(pending_bytes)
+            self._c.dead_total = int(dead)
 
     def prune_delivered(self) -> int:
         """Delete sent events older than delivered_retention_days; returns how many."""
@@ -399,15 +416,24 @@ class OutboxDrainer:
 
     def _fetch(self) -> tuple[list[_Row], bool]:
         """The head of the queue within the batch limits; and whether it is the whole queue."""
-        limit = self._outbox.batch_max_events
+        # Delivered rows not yet marked are still pending in the database: read past them.
+        with self._lock:
+            skip = set(self._unmarked)
+            self._c.polls += 1
+        limit = self._outbox.batch_max_events + len(skip)
         cur = self._db.execute_sql(
-            'SELECT "seq", "event_id", "type", "payload" FROM "outbox_event" WHERE "state" = \'pending\' '
-            'ORDER BY "seq" LIMIT ?', (limit,))
+            'SELECT e."seq", e."event_id", e."type", p."payload" FROM "outbox_event" e '
+            'JOIN "outbox_payload" p ON p."seq" = e."seq" WHERE e."state" = \'pending\' ORDER BY e."seq" LIMIT ?',
+            (limit,))
         fetched = cur.fetchall()  # fetch everything: the read snapshot ends here
         rows: list[_Row] = []
         size = len(_BODY_HEAD) + len(_BODY_TAIL)
         for seq, event_id, typ, payload in fetched:
-            data = payload.encode() if isinstance(payload, str) else bytes(payload)
+            if event_id in skip:
+                continue
+            if len(rows) == self._outbox.batch_max_events:
+                return rows, False
+            data = payload_bytes(payload)
             add = len(data) + (1 if rows else 0)
             if rows and size + add > self._outbox.batch_max_bytes:
                 return rows, False
@@ -472,8 +498,13 @@ class OutboxDrainer:
                     sock.shutdown(socket.SHUT_RDWR)
 
     def _close_worker(self) -> None:
-        """In the worker thread at the end: its HTTP connection and its database connection."""
+        """In the worker thread at the end: the delivered events' marks, its HTTP connection and its
+        database connection."""
         self._close_conn()
+        try:
+            self.write_marks()
+        except Exception:  # as after a crash: they stay pending, are sent again and deduplicated
+            log.exception("uplink: marking %d delivered events sent failed", len(self._unmarked))
         self._db.close()  # Peewee connections are per thread: this closes the worker's only
 
     def _post(self, rows: list[_Row]) -> _Answer:
@@ -541,18 +572,57 @@ class OutboxDrainer:
     # --- database writes (worker thread) -----------------------------------------------------
 
     def _mark_sent(self, rows: list[_Row]) -> None:
+        """Delivered: never sent again by this drainer; marked in the database by write_marks()."""
         if not rows:
             return
-        # By event_id, not seq: a coalesced event deleted meanwhile may have left its seq to a
-        # new, never sent row (seq has no AUTOINCREMENT).
-        marks = ",".join("?" * len(rows))
-        with write_tx(self._db):
-            self._db.execute_sql(
-                f'UPDATE "outbox_event" SET "state" = \'sent\', "sent_at" = ?, "attempts" = "attempts" + 1 '
-                f'WHERE "state" = \'pending\' AND "event_id" IN ({marks})',
-                (_now_text(), *(r.event_id for r in rows)))
         with self._lock:
+            if not self._unmarked:
+                self._marks_due = time.monotonic() + self._outbox.mark_sent_delay_sec
+            self._unmarked.update(r.event_id for r in rows)
             self._c.sent += len(rows)
+            waiting = len(self._unmarked)
+        if self._outbox.mark_sent_delay_sec <= 0 or waiting >= self._outbox.batch_max_events:
+            self.write_marks()
+
+    def write_marks(self) -> int:
+        """Mark every delivered event sent, in one transaction; returns how many."""
+        with self._lock:
+            ids = list(self._unmarked)
+        if not ids:
+            return 0
+        now = _now_text()
+        # By event_id, not seq: a coalesced event deleted meanwhile may have left its seq to a
+        # new, never sent row (seq has no AUTOINCREMENT). A delivered row deleted meanwhile
+        # (coalesced, or dropped over the cap) matches nothing.
+        try:
+            with write_tx(self._db):
+                for i in range(0, len(ids), _MARKS_PER_STATEMENT):
+                    chunk = ids[i:i + _MARKS_PER_STATEMENT]
+                    self._db.execute_sql(
+                        f'UPDATE "outbox_event" SET "state" = \'sent\', "sent_at" = ?, "attempts" = "attempts" + 1 '
+                        f'WHERE "state" = \'pending\' AND "event_id" IN ({",".join("?" * len(chunk))})',
+                        (now, *chunk))
+        except Exception:
+            with self._lock:  # try again later, not in a tight loop
+                self._marks_due = time.monotonic() + self._outbox.backoff_min_sec
+            raise
+        with self._lock:
+            self._unmarked.difference_update(ids)
+            if not self._unmarked:
+                self._marks_due = None
+        return len(ids)
+
+    async def _write_marks_in(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+        try:
+            await loop.run_in_executor(executor, self.write_marks)
+        except Exception:
+            log.exception("uplink: marking %d delivered events sent failed; retrying", len(self._unmarked))
+
+    def _marks_due_in(self) -> float:
+        """Seconds until delivered events must be marked (inf when none wait)."""
+        with self._lock:
+            due = self._marks_due
+        return float("inf") if due is None else max(0.0, due - time.monotonic())
 
     def _mark_attempt(self, rows: list[_Row], error: str) -> None:
         marks = ",".join("?" * len(rows))
@@ -617,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-bytes", type=int, default=defaults.max_bytes)
     ap.add_argument("--backoff-min", type=float, default=defaults.backoff_min_sec)
     ap.add_argument("--backoff-max", type=float, default=defaults.backoff_max_sec)
+    ap.add_argument("--mark-sent-delay", type=float, default=defaults.mark_sent_delay_sec)
     ap.add_argument("--poll-interval", type=float, default=5.0)
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
@@ -629,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         cloud=CloudConfig(url=args.url, timeout_sec=args.timeout),
         outbox=OutboxConfig(batch_max_events=args.batch_max_events, batch_max_bytes=args.batch_max_bytes,
                             max_bytes=args.max_bytes, backoff_min_sec=args.backoff_min,
-                            backoff_max_sec=args.backoff_max),
+                            backoff_max_sec=args.backoff_max, mark_sent_delay_sec=args.mark_sent_delay),
     )
     db = open_database(args.database)
     current, version = schema_status(db)
