@@ -1,13 +1,15 @@
 """Device presence from `server/{device_id}/streaming` (device-api.md §4), owned by the core.
 
 Each message is verified (`sha256`, unless `signatures.mqtt = "off"`), then updates the device's
-last seen, rssi, status and uptime in memory. The store is written in batches: at most one
-transaction every `FLUSH_SEC` for the devices that streamed, plus one at once for each online /
-offline transition (with its lifecycle row and a coalesced `device.status` outbox event). A device
-silent for `offline_after_intervals` streaming intervals is offline; its next message brings it
-back. History is one `device_status_sample` row per device per `BUCKET_MIN` minutes (min/max/last
-rssi), kept `HISTORY_DAYS` days. Dropped messages are counted per reason and logged at most once
-a minute per reason.
+last seen, rssi, status and uptime in memory, and the rssi history of its `BUCKET_MIN`-minute
+bucket (min/max/last over every message). The store is written in batches: at most one
+transaction every `devices.presence_save_sec` for the devices that streamed (SD-card wear: the
+online state, which pages and the bridge need at once, does not wait), plus one at once for each
+online / offline transition (with its lifecycle row and a coalesced `device.status` outbox event).
+A device silent for `offline_after_intervals` streaming intervals is offline; its next message
+brings it back. History is one `device_status_sample` row per device per bucket, kept
+`HISTORY_DAYS` days. Dropped messages are counted per reason and logged at most once a minute per
+reason.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ log = logging.getLogger(__name__)
 
 STREAMING_FILTER = "server/+/streaming"
 PRESENCE_TOPIC = "gateway/presence/{device_id}"
-FLUSH_SEC = 10.0
 CHECK_SEC = 1.0
 BUCKET_MIN = 15
 HISTORY_DAYS = 7
@@ -56,6 +57,27 @@ class _Seen:
     dirty: bool = True
 
 
+@dataclass
+class _Sample:
+    """The rssi history of one device and bucket since the last save."""
+
+    rssi_min: int | None = None
+    rssi_max: int | None = None
+    rssi_last: int | None = None
+    status: str | None = None
+    samples: int = 0
+
+    def add(self, rssi: int | None, status: str | None) -> None:
+        if rssi is not None:
+            self.rssi_min = rssi if self.rssi_min is None else min(self.rssi_min, rssi)
+            self.rssi_max = rssi if self.rssi_max is None else max(self.rssi_max, rssi)
+        self.rssi_last, self.status, self.samples = rssi, status, self.samples + 1
+
+
+def _bucket(at: dt.datetime) -> dt.datetime:
+    return at.replace(minute=at.minute - at.minute % BUCKET_MIN, second=0, microsecond=0)
+
+
 class PresenceService:
     def __init__(self, config: Config, secrets: Secrets, db: SqliteDatabase, bus: LocalBus) -> None:
         self.config = config
@@ -63,7 +85,9 @@ class PresenceService:
         self.db = db
         self.bus = bus
         self.timeout = config.devices.streaming_interval_sec * config.devices.offline_after_intervals
+        self.save_every = config.devices.presence_save_sec
         self.seen: dict[str, _Seen] = {}
+        self._samples: dict[tuple[str, dt.datetime], _Sample] = {}
         self.known: set[str] = set()
         self._drops = Drops(log, LOG_EVERY_SEC)
         self.dropped = self._drops.counts
@@ -79,7 +103,7 @@ class PresenceService:
         return [("device-presence", self._run)]
 
     async def stop(self) -> None:
-        await self._in_db(self._flush, self._take_dirty())
+        await self._in_db(self._flush, *self._take_dirty())
         self._db_thread.shutdown(wait=True)
 
     # --- messages ------------------------------------------------------------------------------
@@ -124,7 +148,9 @@ class PresenceService:
         self.accepted += 1
         prev = self.seen.get(dev)
         was_online = prev.online if prev else False
-        self.seen[dev] = _Seen(time.monotonic(), utc_now(), rssi, status, uptime, True)
+        wall = utc_now()
+        self.seen[dev] = _Seen(time.monotonic(), wall, rssi, status, uptime, True)
+        self._samples.setdefault((dev, _bucket(wall)), _Sample()).add(rssi, status)
         if not was_online:
             await self._in_db(self._transition, dev, True, self.seen[dev])
             await self._publish(dev, self.seen[dev])
@@ -141,9 +167,9 @@ class PresenceService:
                     s.online = False
                     await self._in_db(self._transition, dev, False, s)
                     await self._publish(dev, s)
-            if now - last_flush >= FLUSH_SEC:
+            if now - last_flush >= self.save_every:
                 last_flush = now
-                await self._in_db(self._flush, self._take_dirty())
+                await self._in_db(self._flush, *self._take_dirty())
 
     async def _publish(self, dev: str, s: _Seen) -> None:
         """Online/offline transitions, retained on `gateway/presence/{device_id}` (internal users)."""
@@ -151,13 +177,14 @@ class PresenceService:
                 "last_seen_at": iso_z(s.wall)}
         await self.bus.publish(PRESENCE_TOPIC.format(device_id=dev), json.dumps(body).encode(), qos=1, retain=True)
 
-    def _take_dirty(self) -> dict[str, _Seen]:
+    def _take_dirty(self) -> tuple[dict[str, _Seen], dict[tuple[str, dt.datetime], _Sample]]:
         out = {}
         for dev, s in self.seen.items():
             if s.dirty:
                 out[dev] = _Seen(s.at, s.wall, s.rssi, s.status, s.uptime, s.online, True)
                 s.dirty = False
-        return out
+        samples, self._samples = self._samples, {}
+        return out, samples
 
     async def _in_db(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
@@ -176,24 +203,25 @@ class PresenceService:
                       site_id=self.config.site.id, partition=dev, coalesce_key=f"device.status:{dev}")
         log.info("device %s %s", dev, "online" if online else "offline")
 
-    def _flush(self, batch: dict[str, _Seen]) -> None:
-        if not batch:
+    def _flush(self, batch: dict[str, _Seen], samples: dict[tuple[str, dt.datetime], _Sample]) -> None:
+        if not batch and not samples:
             return
         with write_tx(self.db):
             for dev, s in batch.items():
                 Device.update(last_seen_at=s.wall, rssi=s.rssi, status=s.status, uptime_min=s.uptime).where(
                     Device.device_id == dev).execute()
-                bucket = s.wall.replace(minute=s.wall.minute - s.wall.minute % BUCKET_MIN, second=0, microsecond=0)
+            for (dev, bucket), smp in samples.items():
                 row = DeviceStatusSample.get_or_none((DeviceStatusSample.device == dev)
                                                      & (DeviceStatusSample.bucket == bucket))
                 if row is None:
-                    DeviceStatusSample.create(device=dev, bucket=bucket, rssi_min=s.rssi, rssi_max=s.rssi,
-                                              rssi_last=s.rssi, status=s.status, samples=1)
-                else:
-                    if s.rssi is not None:
-                        row.rssi_min = s.rssi if row.rssi_min is None else min(row.rssi_min, s.rssi)
-                        row.rssi_max = s.rssi if row.rssi_max is None else max(row.rssi_max, s.rssi)
-                    row.rssi_last, row.status, row.samples = s.rssi, s.status, row.samples + 1
-                    row.save()
+                    DeviceStatusSample.create(device=dev, bucket=bucket, rssi_min=smp.rssi_min, rssi_max=smp.rssi_max,
+                                              rssi_last=smp.rssi_last, status=smp.status, samples=smp.samples)
+                    continue
+                if smp.rssi_min is not None:
+                    row.rssi_min = smp.rssi_min if row.rssi_min is None else min(row.rssi_min, smp.rssi_min)
+                if smp.rssi_max is not None:
+                    row.rssi_max = smp.rssi_max if row.rssi_max is None else max(row.rssi_max, smp.rssi_max)
+                row.rssi_last, row.status, row.samples = smp.rssi_last, smp.status, row.samples + smp.samples
+                row.save()
             cutoff = utc_now() - dt.timedelta(days=HISTORY_DAYS)
             DeviceStatusSample.delete().where(DeviceStatusSample.bucket < cutoff).execute()

@@ -6,6 +6,14 @@ the cloud bridge): one function, one set of rules. Poll results and timers drive
 their effects are carried out here: PLC writes through the bus scheduler, session and bay rows
 (with their outbox events) through one database thread, status on `wash/{bayId}/status`
 (retained, QoS 1), and the outcome of every MQTT command on `wash/{bayId}/cmd/result`.
+
+Writes (SD-card wear): a session's start and end are stored at once, with the bay row and its
+`wash.status` event in the same transaction, and so are the unsaved views of the other bays.
+Other state changes (WASHING, IDLE, OFFLINE, an error outside a session) only replace the bay's
+unsaved view; the unsaved views of all bays are stored in one transaction every
+`wash.status_save_sec` (when no session write took them meanwhile) and at stop. `wash.status` is coalescible
+(uplink.md): the cloud learns the latest state of each bay, not every step, and its live view
+comes from the bridge.
 """
 
 from __future__ import annotations
@@ -54,12 +62,17 @@ class _Bay:
     logged: tuple[str, str | None] = ("", None)
     day: str = ""
     day_seq: int = 0
+    unsaved: View | None = None  # the latest view to store that no write has carried yet
 
 
 @dataclass(frozen=True)
 class _Batch:
     fx: Effects
     view: View
+
+
+# What one transaction stores for a bay: id, name, the view, its sessions to open or close.
+_Persist = tuple[str, str, View, list[OpenSession | CloseSession]]
 
 
 def _dt(ts: float) -> dt.datetime:
@@ -127,7 +140,10 @@ class WashService:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._db_thread.shutdown(wait=True)
+        try:
+            await self._save_unsaved()
+        finally:
+            self._db_thread.shutdown(wait=True)
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -255,6 +271,8 @@ class WashService:
             self._spawn(self._apply(bay, fx))
 
     async def _ticker(self) -> None:
+        save_every = self.config.wash.status_save_sec
+        next_save = time.monotonic() + save_every
         while True:
             await asyncio.sleep(TICK_SEC)
             now = time.time()
@@ -262,6 +280,31 @@ class WashService:
                 fx = bay.machine.tick(now)
                 if fx.writes or fx.sessions or fx.publish or fx.persist:
                     await self._apply(bay, fx)
+            if time.monotonic() >= next_save:
+                next_save = time.monotonic() + save_every
+                await self._save_unsaved()
+
+    async def _save_unsaved(self) -> None:
+        """Store every bay's unsaved view in one transaction."""
+        items = self._take_unsaved()
+        if items:
+            await self._store(items)
+
+    def _take_unsaved(self) -> list[_Persist]:
+        items: list[_Persist] = [(b.id, b.name, b.unsaved, []) for b in self.bays.values() if b.unsaved is not None]
+        for bay in self.bays.values():
+            bay.unsaved = None
+        return items
+
+    async def _store(self, items: list[_Persist]) -> None:
+        """Persist in one transaction; unsaved views taken for it are given back if it fails."""
+        try:
+            await self._in_db(self._persist, items)
+        except BaseException:
+            for bay_id, _name, view, sessions in items:  # unless a newer view came meanwhile
+                if not sessions and self.bays[bay_id].unsaved is None:
+                    self.bays[bay_id].unsaved = view
+            raise
 
     # --- effects ----------------------------------------------------------------------------
 
@@ -278,8 +321,12 @@ class WashService:
         for w in fx.writes:
             self._spawn(self._write(bay, w))
         async with bay.lock:  # FIFO: effects of one bay are stored and published in order
-            if fx.sessions or fx.persist:
-                await self._in_db(self._persist, bay.id, bay.name, view, fx.sessions)
+            if fx.sessions:
+                bay.unsaved = None  # this write carries a newer view
+                # The other bays' unsaved views ride along: one commit instead of two.
+                await self._store([(bay.id, bay.name, view, fx.sessions), *self._take_unsaved()])
+            elif fx.persist:
+                bay.unsaved = view
             if fx.publish or fx.sessions:
                 if (view.state, view.error_code) != bay.logged:
                     log.info("%s: %s%s", bay.id, view.state, f" ({view.error_code})" if view.error_code else "")
@@ -355,36 +402,41 @@ class WashService:
                     Bay.create(bay_id=bay.id, name=bay.name, state=v.state, progress=v.progress, course=v.course,
                                error_code=v.error_code, updated_at=_dt(v.changed_at))
 
-    def _persist(self, bay_id: str, name: str, v: View, sessions: list[OpenSession | CloseSession]) -> None:
-        site = self.config.site.id
+    def _persist(self, items: list[_Persist]) -> None:
+        """Store bays' views (bay row, coalesced wash.status) and their sessions in one transaction."""
         with write_tx(self.db):
-            for s in sessions:
-                if isinstance(s, OpenSession):
-                    local_day, seq = v.session_id.split("-")[0], int(v.session_id.rsplit("-", 1)[1])  # type: ignore[union-attr]
-                    WashSession.create(session_id=v.session_id, bay=bay_id, local_day=local_day, seq=seq,
-                                       course=s.course, state="STARTING", request_id=s.request_id,
-                                       start_time=_dt(s.at))
-                else:
-                    row = (WashSession.select().where((WashSession.bay == bay_id) & WashSession.end_time.is_null())
-                           .order_by(WashSession.id.desc()).first())
-                    if row is None:
-                        continue
-                    row.state, row.error_code, row.end_time = s.state, s.error_code, _dt(s.at)
-                    row.course = row.course or v.course
-                    row.save()
-                    add_event("wash.session", {
-                        "sessionId": row.session_id, "bayId": bay_id, "course": row.course, "state": row.state,
-                        "errorCode": row.error_code, "requestId": row.request_id,
-                        "startTime": iso_z(row.start_time), "endTime": iso_z(row.end_time)},
-                        site_id=site, partition=f"bay:{bay_id}")
-            values = {"name": name, "state": v.state, "progress": v.progress, "course": v.course,
-                      "error_code": v.error_code, "session_id": v.session_id, "request_id": v.request_id,
-                      "updated_at": _dt(v.changed_at)}
-            # An upsert, not REPLACE: REPLACE deletes the row, which sessions reference.
-            Bay.insert(bay_id=bay_id, **values).on_conflict(conflict_target=[Bay.bay_id], update=values).execute()
-            add_event("wash.status", {"bayId": bay_id, "state": v.state, "course": v.course, "errorCode": v.error_code,
-                                      "sessionId": v.session_id, "timestampUtc": iso_z(_dt(v.changed_at))},
-                      site_id=site, partition=f"bay:{bay_id}", coalesce_key=f"wash.status:{bay_id}")
+            for bay_id, name, view, sessions in items:
+                self._persist_bay(bay_id, name, view, sessions)
+
+    def _persist_bay(self, bay_id: str, name: str, v: View, sessions: list[OpenSession | CloseSession]) -> None:
+        site = self.config.site.id
+        for s in sessions:
+            if isinstance(s, OpenSession):
+                local_day, seq = v.session_id.split("-")[0], int(v.session_id.rsplit("-", 1)[1])  # type: ignore[union-attr]
+                WashSession.create(session_id=v.session_id, bay=bay_id, local_day=local_day, seq=seq,
+                                   course=s.course, state="STARTING", request_id=s.request_id,
+                                   start_time=_dt(s.at))
+            else:
+                row = (WashSession.select().where((WashSession.bay == bay_id) & WashSession.end_time.is_null())
+                       .order_by(WashSession.id.desc()).first())
+                if row is None:
+                    continue
+                row.state, row.error_code, row.end_time = s.state, s.error_code, _dt(s.at)
+                row.course = row.course or v.course
+                row.save()
+                add_event("wash.session", {
+                    "sessionId": row.session_id, "bayId": bay_id, "course": row.course, "state": row.state,
+                    "errorCode": row.error_code, "requestId": row.request_id,
+                    "startTime": iso_z(row.start_time), "endTime": iso_z(row.end_time)},
+                    site_id=site, partition=f"bay:{bay_id}")
+        values = {"name": name, "state": v.state, "progress": v.progress, "course": v.course,
+                  "error_code": v.error_code, "session_id": v.session_id, "request_id": v.request_id,
+                  "updated_at": _dt(v.changed_at)}
+        # An upsert, not REPLACE: REPLACE deletes the row, which sessions reference.
+        Bay.insert(bay_id=bay_id, **values).on_conflict(conflict_target=[Bay.bay_id], update=values).execute()
+        add_event("wash.status", {"bayId": bay_id, "state": v.state, "course": v.course, "errorCode": v.error_code,
+                                  "sessionId": v.session_id, "timestampUtc": iso_z(_dt(v.changed_at))},
+                  site_id=site, partition=f"bay:{bay_id}", coalesce_key=f"wash.status:{bay_id}")
 
 
 def _copy_view(v: View) -> View:
