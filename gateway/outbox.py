@@ -27,7 +27,7 @@ from gateway.store.models import OutboxEvent, OutboxPayload
 _INSERT = ('INSERT INTO "outbox_event" ("event_id", "type", "partition", "occurred_at", "size", "state", "attempts") '
            "VALUES (?, ?, ?, ?, ?, 'pending', 0)")
 COMPRESS_OVER = 256
-_INSERT_PAYLOAD = 'INSERT INTO "outbox_payload" ("seq", "payload") SELECT "seq", ? FROM "outbox_event" WHERE "event_id" = ?'
+_INSERT_PAYLOAD = 'INSERT INTO "outbox_payload" ("seq", "payload") VALUES (?, ?)'
 
 
 def state_is(state: str) -> Expression:
@@ -65,19 +65,20 @@ def add_event(event_type: str, payload: dict[str, Any], *, site_id: str, partiti
 
 
 def add_events(db: SqliteDatabase, events: Iterable[tuple[str, dict[str, Any], str | None]], *, site_id: str) -> int:
-    """Insert many non-coalescing events `(type, payload, partition)` with one statement (inside the
-    caller's IMMEDIATE transaction, in order); returns how many. For bulk facts (command results)."""
+    """Insert many non-coalescing events `(type, payload, partition)` with prepared statements
+    (inside the caller's IMMEDIATE transaction, in order); returns how many. For bulk facts
+    (command results)."""
     occurred = iso_z()
     rows = []
     for event_type, payload, partition in events:
         event_id = new_event_id()
         body = {"id": event_id, "type": event_type, "occurred_at": occurred, "site_id": site_id, "payload": payload}
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        rows.append(((event_id, event_type, partition, occurred, len(data)), (_stored_form(data), event_id)))
-    if rows:
-        cur = db.cursor()
-        cur.executemany(_INSERT, [event for event, _ in rows])
-        cur.executemany(_INSERT_PAYLOAD, [payload for _, payload in rows])
+        rows.append(((event_id, event_type, partition, occurred, len(data)), _stored_form(data)))
+    cur = db.cursor()
+    for event, stored in rows:
+        cur.execute(_INSERT, event)
+        cur.execute(_INSERT_PAYLOAD, (cur.lastrowid, stored))
     return len(rows)
 
 

@@ -354,6 +354,7 @@ async def test_deferred_marks_one_write_never_a_second_send(db: SqliteDatabase, 
         fourth = add_events(db, 2, partitions=1, start=13)
         drainer.wake()
         await sim_until(sim, lambda s: s.unique == 15)
+        await until(lambda: drainer.state()["sent"] == 15, 5, "the cloud's answer read")
         assert states(db) == {"sent": 13, "pending": 2}
     assert states(db) == {"sent": 15}, "an orderly stop writes the waiting marks"
     assert_delivered_once_in_order(sim, first + second + third + fourth)

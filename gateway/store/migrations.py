@@ -133,8 +133,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             '("device_id", "timestamp_ms", "dedup_key")',
             # One small index per state that is looked up: the drainer's queue and its byte count
             # (pending), the technician's dead letters, and pruning by delivery time (sent), so no
-            # housekeeping query reads the whole table (7 days of events).
+            # housekeeping query reads the whole table (7 days of events). Event ids (UUIDv7) are
+            # not looked up: the drainer addresses rows by seq and checks the id.
             'DROP INDEX "outbox_event_state"',
+            'DROP INDEX "outbox_event_event_id"',
             'DROP INDEX "outbox_event_coalesce"',
             """CREATE INDEX "outbox_event_pending" ON "outbox_event" ("seq", "size") WHERE "state" = 'pending'""",
             """CREATE INDEX "outbox_event_dead" ON "outbox_event" ("seq") WHERE "state" = 'dead'""",

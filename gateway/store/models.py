@@ -244,7 +244,7 @@ class OutboxEvent(BaseModel):
     fact inserts, core drains."""
 
     seq = IntegerField(primary_key=True)  # delivery order
-    event_id = TextField(unique=True)
+    event_id = TextField()  # UUIDv7; not indexed (migration 3): rows are addressed by seq
     type = TextField()
     partition = TextField(null=True)  # e.g. device id: order is kept per partition
     occurred_at = TextField()

@@ -86,7 +86,9 @@ RETRYABLE_4XX = frozenset({408, 429})
 CHANNEL_4XX = frozenset({401, 403, 404, 405})  # the site/key/URL is wrong, not the event
 KEY_ENV = "CARWASH_UPLINK_KEY"
 
-_MARKS_PER_STATEMENT = 500  # bound parameters per UPDATE
+# A pending row by seq (its primary key), checked against its event id: a coalesced event deleted
+# meanwhile may have left its seq to a new, never sent row (seq has no AUTOINCREMENT).
+_BY_ROW = 'UPDATE "outbox_event" SET {set} WHERE "seq" = ? AND "event_id" = ? AND "state" = \'pending\''
 _BODY_HEAD = b'{"events":['
 _BODY_TAIL = b"]}"
 _STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
@@ -171,9 +173,9 @@ class OutboxDrainer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_event: asyncio.Event | None = None
         self._running = False
-        # Delivered but not yet marked sent in the database (event ids), and the monotonic
+        # Delivered but not yet marked sent in the database (event id -> seq), and the monotonic
         # time by which they must be written; both under _lock (housekeeping may run in any thread).
-        self._unmarked: set[str] = set()
+        self._unmarked: dict[str, int] = {}
         self._marks_due: float | None = None
 
     # --- public surface ----------------------------------------------------------------------
@@ -578,7 +580,7 @@ class OutboxDrainer:
         with self._lock:
             if not self._unmarked:
                 self._marks_due = time.monotonic() + self._outbox.mark_sent_delay_sec
-            self._unmarked.update(r.event_id for r in rows)
+            self._unmarked.update((r.event_id, r.seq) for r in rows)
             self._c.sent += len(rows)
             waiting = len(self._unmarked)
         if self._outbox.mark_sent_delay_sec <= 0 or waiting >= self._outbox.batch_max_events:
@@ -587,30 +589,26 @@ class OutboxDrainer:
     def write_marks(self) -> int:
         """Mark every delivered event sent, in one transaction; returns how many."""
         with self._lock:
-            ids = list(self._unmarked)
-        if not ids:
+            marks = dict(self._unmarked)
+        if not marks:
             return 0
         now = _now_text()
-        # By event_id, not seq: a coalesced event deleted meanwhile may have left its seq to a
-        # new, never sent row (seq has no AUTOINCREMENT). A delivered row deleted meanwhile
-        # (coalesced, or dropped over the cap) matches nothing.
+        # A delivered row deleted meanwhile (coalesced, or dropped over the cap) matches nothing.
         try:
             with write_tx(self._db):
-                for i in range(0, len(ids), _MARKS_PER_STATEMENT):
-                    chunk = ids[i:i + _MARKS_PER_STATEMENT]
-                    self._db.execute_sql(
-                        f'UPDATE "outbox_event" SET "state" = \'sent\', "sent_at" = ?, "attempts" = "attempts" + 1 '
-                        f'WHERE "state" = \'pending\' AND "event_id" IN ({",".join("?" * len(chunk))})',
-                        (now, *chunk))
+                self._db.cursor().executemany(
+                    _BY_ROW.format(set='"state" = \'sent\', "sent_at" = ?, "attempts" = "attempts" + 1'),
+                    [(now, seq, event_id) for event_id, seq in marks.items()])
         except Exception:
             with self._lock:  # try again later, not in a tight loop
                 self._marks_due = time.monotonic() + self._outbox.backoff_min_sec
             raise
         with self._lock:
-            self._unmarked.difference_update(ids)
+            for event_id in marks:
+                del self._unmarked[event_id]
             if not self._unmarked:
                 self._marks_due = None
-        return len(ids)
+        return len(marks)
 
     async def _write_marks_in(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
         try:
@@ -625,18 +623,15 @@ class OutboxDrainer:
         return float("inf") if due is None else max(0.0, due - time.monotonic())
 
     def _mark_attempt(self, rows: list[_Row], error: str) -> None:
-        marks = ",".join("?" * len(rows))
         with write_tx(self._db):
-            self._db.execute_sql(
-                f'UPDATE "outbox_event" SET "attempts" = "attempts" + 1, "last_error" = ? '
-                f'WHERE "state" = \'pending\' AND "event_id" IN ({marks})',
-                (error[:500], *(r.event_id for r in rows)))
+            self._db.cursor().executemany(_BY_ROW.format(set='"attempts" = "attempts" + 1, "last_error" = ?'),
+                                          [(error[:500], r.seq, r.event_id) for r in rows])
 
     def _mark_dead(self, row: _Row, error: str) -> None:
         with write_tx(self._db):
             self._db.execute_sql(
-                'UPDATE "outbox_event" SET "state" = \'dead\', "attempts" = "attempts" + 1, "last_error" = ? '
-                'WHERE "state" = \'pending\' AND "event_id" = ?', (error[:500], row.event_id))
+                _BY_ROW.format(set='"state" = \'dead\', "attempts" = "attempts" + 1, "last_error" = ?'),
+                (error[:500], row.seq, row.event_id))
         with self._lock:
             self._c.dead += 1
             self._c.dead_total += 1
