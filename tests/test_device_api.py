@@ -193,6 +193,52 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
 
 
 
+def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SD-card wear: only the online transition is written at once; last seen and rssi wait for
+    the next save (here: the orderly stop), and the history bucket covers every message."""
+    from gateway.signing import sign_mqtt
+    from gateway.store import open_database
+    from gateway.store.models import Device, DeviceStatusSample
+    from tests.conftest import make_site, start_process
+    from tests.mqtt_probe import Probe
+
+    site = make_site(tmp_path / "site", "[devices]\npresence_save_sec = 3600\n")
+    core = start_process(site, "core")
+    web = start_process(site, "web")
+
+    def stored() -> tuple[int | None, list[tuple[int | None, int | None, int | None, int]]]:
+        db = open_database(site.config.paths.database)
+        try:
+            return Device.get_by_id(DEVICE).rssi, [(r.rssi_min, r.rssi_max, r.rssi_last, r.samples)
+                                                    for r in DeviceStatusSample.select()]
+        finally:
+            db.close()
+
+    try:
+        web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
+        post(site.web_url + "/api/v1/devices/need-register", REGISTER_BODY)
+        with Probe(site.mqtt_port) as device, Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+                                                    password=site.secrets.mqtt_internal_password,
+                                                    client_id="presence-test") as watch:
+            watch.connect()
+            watch.subscribe(f"gateway/presence/{DEVICE}")
+            watch.subscribe("gateway/reply/presence-test")
+            device.connect()
+            for rssi in (-80, -60, -70):
+                device.publish(f"server/{DEVICE}/streaming", sign_mqtt({"rssi": rssi, "status": "NORMAL"}, KEY))
+            assert json.loads(watch.expect(f"gateway/presence/{DEVICE}").payload)["online"] is True
+            # The core handles client messages in arrival order: once this RPC is answered, it has
+            # taken the three streaming messages.
+            watch.publish("gateway/rpc/commands.stats",
+                          json.dumps({"id": "1", "reply_to": "gateway/reply/presence-test", "params": {}}))
+            assert json.loads(watch.expect("gateway/reply/presence-test", 10).payload)["ok"] is True
+        assert stored() == (-80, [])  # the online transition only
+    finally:
+        web.stop()
+        assert core.stop() == 0
+    assert stored() == (-70, [(-80, -60, -70, 3)])  # saved at the stop, over every message
+
+
 def login(api: str) -> dict[str, str]:
     code, body = http_json(api + "/api/v1/auth/login", method="POST", body={"username": "demo", "password": "demo"})
     assert code == 200, body

@@ -11,9 +11,9 @@ Writes (SD-card wear): a session's start and end are stored at once, with the ba
 `wash.status` event in the same transaction, and so are the unsaved views of the other bays.
 Other state changes (WASHING, IDLE, OFFLINE, an error outside a session) only replace the bay's
 unsaved view; the unsaved views of all bays are stored in one transaction every
-`wash.status_save_sec` (when no session write took them meanwhile) and at stop. `wash.status` is coalescible
-(uplink.md): the cloud learns the latest state of each bay, not every step, and its live view
-comes from the bridge.
+`wash.status_save_sec` (unless a session write took them meanwhile) and at stop. `wash.status`
+is coalescible (uplink.md): the cloud learns the latest state of each bay, not every step, and
+its live view comes from the bridge.
 """
 
 from __future__ import annotations
