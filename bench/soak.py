@@ -30,6 +30,10 @@ from the end of warm-up to the last sample.
 
 Duration: 1 h, `--quick` 10 min; `CARWASH_SOAK_SECONDS` overrides both (development). The data
 directory is made under $TMPDIR (it must be a disk, not tmpfs, for write_bytes to mean anything).
+
+`CARWASH_SOAK_LOAD=demo` leaves out the washes and bulk commands this benchmark adds: the demo's
+own traffic (its devices streaming and uploading), the claims, the dashboard and the warm-up
+uploads only. The default, `busy`, is everything above.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ from gateway.signing import http_signature
 
 NAME = "soak"
 ENV_SECONDS = "CARWASH_SOAK_SECONDS"
+ENV_LOAD = "CARWASH_SOAK_LOAD"
+LOADS = ("busy", "demo")
 FULL_SECONDS, QUICK_SECONDS = 3600.0, 600.0
 WARMUP_SHARE = 0.2
 WASH_EVERY = 240.0  # per bay: 6 bays -> 90 washes an hour, a busy site
@@ -198,6 +204,7 @@ class Load:
     duration: float
     warmup: float
     key: str
+    kind: str = "busy"  # LOADS
     stop: threading.Event = field(default_factory=threading.Event)
     counts: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
@@ -239,9 +246,10 @@ class Load:
         self.devices = body["data"]
         status, body = self.api.call("GET", "/api/bays")
         self.bays = [b["bayId"] for b in body]
-        for i, bay in enumerate(self.bays):
-            self.at(5.0 + i * WASH_EVERY / len(self.bays) / 4, "wash", bay, 0)  # all bays within the warm-up
-        self.at(20.0, "bulk", 0)
+        if self.kind == "busy":
+            for i, bay in enumerate(self.bays):
+                self.at(5.0 + i * WASH_EVERY / len(self.bays) / 4, "wash", bay, 0)  # all bays within the warm-up
+            self.at(20.0, "bulk", 0)
         self.at(0.0, "probe")
         for i, d in enumerate(self.devices):  # spread over the first half of the warm-up
             self.at(10.0 + i * self.warmup / 2 / max(1, len(self.devices)), "upload", d["device_id"])
@@ -565,6 +573,13 @@ class WalWatch:
 # --- the run ----------------------------------------------------------------------------------
 
 
+def load_kind() -> str:
+    kind = os.environ.get(ENV_LOAD, "busy")
+    if kind not in LOADS:
+        raise RuntimeError(f"{ENV_LOAD} must be one of {', '.join(LOADS)}, not {kind!r}")
+    return kind
+
+
 def duration_for(quick: bool) -> float:
     env = os.environ.get(ENV_SECONDS)
     if env:
@@ -612,6 +627,7 @@ def run(quick: bool) -> list[Result]:
 
 
 def _run(quick: bool) -> list[Result]:
+    kind = load_kind()
     duration = duration_for(quick)
     interval = max(1.0, min(10.0 if quick else 30.0, duration / 30))
     warmup = duration * WARMUP_SHARE
@@ -648,10 +664,10 @@ def _run(quick: bool) -> list[Result]:
             wal = WalWatch(db)
             wal.start()
             t0 = time.monotonic()
-            load = Load(Api(web.group(1)), t0, duration, warmup, spec_test_key())
+            load = Load(Api(web.group(1)), t0, duration, warmup, spec_test_key(), kind=kind)
             load.prepare()
             log(f"{NAME}: demo up (core {core_p.pid}, web {arbiter_p.pid}/{worker_p.pid}), {len(load.devices)} "
-                f"devices claimed, {len(load.bays)} bays; {duration:.0f} s, warm-up {warmup:.0f} s, "
+                f"devices claimed, {len(load.bays)} bays; load {load.kind}; {duration:.0f} s, warm-up {warmup:.0f} s, "
                 f"a sample every {interval:g} s; data on {fs}")
             _print_header()
             k = 0
@@ -781,7 +797,7 @@ def _results(samples: list[dict[str, Any]], warmup: float, load: Load | None, ou
                           notes=f"/proc/pid/io write_bytes over {span}; wchar {wc:.2f} MB/h (all write(2): "
                                 f"sockets, pipes); CPU {cpu:.1f} %"))
     res.append(Result(NAME, "core+web disk writes at steady state", "MB/h", [total],
-                      notes=f"goal <= {GOAL_WRITES_MB_H:g} MB/h; data dir on {fs}"))
+                      notes=f"goal <= {GOAL_WRITES_MB_H:g} MB/h; load {load.kind}; data dir on {fs}"))
     # Files and database.
     res.append(Result(NAME, "max WAL size", "MB", [max(s["wal_mb"] for s in samples)],
                       notes=f"at end {samples[-1]['wal_mb']:.2f} MB; main DB {samples[0]['db_mb']:.2f} -> "
