@@ -171,5 +171,6 @@ def status(cfg: Config, secrets: Secrets) -> int:
                                           'FROM "device"')
     print(f"devices: {total} ({online or 0} online, {pending or 0} pending)")
     (pending_events,), = _rows(cfg, 'SELECT COUNT(*) FROM "outbox_event" WHERE "state" = \'pending\'')
-    print(f"outbox: {pending_events} events waiting")
+    print(f"outbox: {pending_events} events not marked sent (delivered ones are marked up to "
+          f"{cfg.outbox.mark_sent_delay_sec:g} s later)")
     return 0

@@ -76,9 +76,10 @@ class CloudSite:
 
 
 @contextlib.contextmanager
-def cloud_site(tmp_path: Path, extra_toml: str = "") -> Iterator[CloudSite]:
+def cloud_site(tmp_path: Path, extra_toml: str = "", mark_sent_delay_sec: float = 0.2) -> Iterator[CloudSite]:
     sim = CloudSim(DEMO_CLOUD_KEY, site_id="demo-site").start()
-    cs = CloudSite(sim, make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\nmark_sent_delay_sec = 0.2\n'
+    cs = CloudSite(sim, make_site(tmp_path / "site", f'[cloud]\nurl = "{sim.url}"\n[outbox]\nbackoff_min_sec = 0.05\n'
+                                                     f"mark_sent_delay_sec = {mark_sent_delay_sec}\n"
                                                      "backoff_max_sec = 1\n" + extra_toml))
     try:
         cs.core = start_process(cs.site, "core")
@@ -172,3 +173,36 @@ def test_dead_letters_are_listed_requeued_and_discarded(tmp_path: Path) -> None:
         code, body = http_json(site.web_url + "/api/v1/outbox/requeue", method="POST", body={"seq": "all"},
                                headers=auth)
         assert code == 400
+
+
+def test_delivered_events_are_not_shown_as_waiting_before_their_marks(tmp_path: Path) -> None:
+    """With sent marks deferred (here 600 s), what the technician and `status` call waiting is the
+    drainer's backlog, not the rows still unmarked in the database."""
+    import re
+
+    import requests
+
+    from tests.test_ops_cli import run
+
+    with cloud_site(tmp_path, mark_sent_delay_sec=600) as cs:
+        sim, site = cs.sim, cs.site
+        for i in range(3):
+            body = {"chip_id": f"AB1E00{i:02X}", "mac_address": f"24:0A:C4:00:07:{i:02X}",
+                    "firmware_version": "car_wash_v1.00"}
+            signed_post(site, "/api/v1/devices/need-register", body)
+        ids = {r.event_id for r in outbox(site)}
+        sim.wait_for(lambda s: ids <= set(s.event_ids()), 20)
+        assert {r.state for r in outbox(site)} == {"pending"}  # delivered, not yet marked
+        page = requests.Session()
+        page.cookies.set("lang", "en")
+        page.get(site.web_url + "/login", timeout=10)
+        page.post(site.web_url + "/login", timeout=10, data={
+            "username": "demo", "password": "demo", "csrf": page.cookies["cw_csrf"], "next": "/cloud"})
+        waiting = lambda: re.search(r"Events waiting: (\d+)", page.get(site.web_url + "/cloud", timeout=10).text)  # noqa: E731
+        deadline = time.monotonic() + 15  # the core republishes its health every 2 s when it changed
+        while (m := waiting()) is None or m.group(1) != "0":
+            assert time.monotonic() < deadline, m and m.group(0)
+            time.sleep(0.2)
+        st = run(site, "status")
+        assert "backlog 0" in st.stdout and f"outbox: {len(ids)} events not marked sent" in st.stdout, st.stdout
+    assert {r.state for r in outbox(site)} == {"sent"}  # marked at the orderly stop

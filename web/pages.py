@@ -416,7 +416,10 @@ def firmware_page(user: str) -> Response:
 def cloud(user: str) -> Response:
     health = (ctx().bus.health or {}) if ctx().bus else {}
     dead = list(OutboxEvent.select().where(state_is("dead")).order_by(OutboxEvent.seq.desc()).limit(100))
-    pending = OutboxEvent.select().where(state_is("pending")).count()
+    # The drainer's own figure (delivered events are marked sent up to outbox.mark_sent_delay_sec
+    # later, so the database still counts them); the database's when the core is silent.
+    backlog = (health.get("uplink") or {}).get("backlog")
+    pending = backlog if backlog is not None else OutboxEvent.select().where(state_is("pending")).count()
     return render("cloud.html", user, health=health, dead=dead, pending=pending, cloud_url=ctx().config.cloud.url)
 
 
