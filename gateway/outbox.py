@@ -104,4 +104,5 @@ def stored_events(*where: Expression) -> list[tuple[OutboxEvent, dict[str, Any]]
     query = OutboxEvent.select(OutboxEvent, OutboxPayload.payload).join(OutboxPayload)
     for condition in where:
         query = query.where(condition)
-    return [(row, json.loads(payload_bytes(row.outboxpayload.payload))) for row in query.order_by(OutboxEvent.seq)]
+    return [(row, json.loads(payload_bytes(row.outboxpayload.payload)))  # type: ignore[attr-defined]  # the join's
+            for row in query.order_by(OutboxEvent.seq)]
