@@ -24,9 +24,9 @@ from peewee import SQL, Expression, SqliteDatabase
 from gateway.clock import iso_z
 from gateway.store.models import OutboxEvent, OutboxPayload
 
+COMPRESS_OVER = 256
 _INSERT = ('INSERT INTO "outbox_event" ("event_id", "type", "partition", "occurred_at", "size", "state", "attempts") '
            "VALUES (?, ?, ?, ?, ?, 'pending', 0)")
-COMPRESS_OVER = 256
 _INSERT_PAYLOAD = 'INSERT INTO "outbox_payload" ("seq", "payload") VALUES (?, ?)'
 
 
@@ -69,17 +69,16 @@ def add_events(db: SqliteDatabase, events: Iterable[tuple[str, dict[str, Any], s
     (inside the caller's IMMEDIATE transaction, in order); returns how many. For bulk facts
     (command results)."""
     occurred = iso_z()
-    rows = []
+    cur = db.cursor()
+    n = 0
     for event_type, payload, partition in events:
         event_id = new_event_id()
         body = {"id": event_id, "type": event_type, "occurred_at": occurred, "site_id": site_id, "payload": payload}
         data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        rows.append(((event_id, event_type, partition, occurred, len(data)), _stored_form(data)))
-    cur = db.cursor()
-    for event, stored in rows:
-        cur.execute(_INSERT, event)
-        cur.execute(_INSERT_PAYLOAD, (cur.lastrowid, stored))
-    return len(rows)
+        cur.execute(_INSERT, (event_id, event_type, partition, occurred, len(data)))
+        cur.execute(_INSERT_PAYLOAD, (cur.lastrowid, _stored_form(data)))
+        n += 1
+    return n
 
 
 def _stored_form(data: bytes) -> str | bytes:

@@ -122,7 +122,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         3,
-        "indexes that write fewer pages: event logs unique per device and time, partial outbox indexes",
+        "fewer pages per write: event logs unique per device and time, partial outbox indexes, outbox payloads "
+        "in their own table",
         (
             # A unique index on a random hash put each uploaded item on its own index page; keyed by
             # device and time an upload's items land together (the hash still decides uniqueness, and
