@@ -23,6 +23,7 @@ from bench import (
     mqtt_abuse,
     payments,
     soak,
+    upload_writes,
     uplink_drain,
     wash_bays,
 )
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     devices.NAME: devices.run,
     commands.NAME: commands.run,
     uplink_drain.NAME: uplink_drain.run,
+    upload_writes.NAME: upload_writes.run,
     payments.NAME: payments.run,
     bridge.NAME: bridge.run,
     connect_storm.NAME: connect_storm.run,

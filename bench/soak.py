@@ -500,8 +500,11 @@ class WalWatch:
 
     HEADER, FRAME_HEADER = 32, 24
 
-    def __init__(self, db: Path, every: float = 1.0) -> None:
+    def __init__(self, db: Path, every: float = 1.0, new_page_lookup: float = 1.0) -> None:
+        """`new_page_lookup`: the least time between two dbstat reads for pages not seen yet
+        (0 when polled between transactions, as bench/upload_writes.py does)."""
         self.db, self.wal, self.every = db, db.with_name(db.name + "-wal"), every
+        self.new_page_lookup = new_page_lookup
         self.frames: Counter[str] = Counter()
         self.commits = 0
         self.generations = 0
@@ -535,7 +538,7 @@ class WalWatch:
         # Pages move between tables as they are freed and reused: refresh the map now and then,
         # and for an unknown page (new), at most once a second (it may be of a transaction still open).
         age = time.monotonic() - self._names_at
-        if age > 30 or (page not in self._names and age > 1):
+        if age > 30 or (page not in self._names and age >= self.new_page_lookup):
             con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
             try:
                 self._names = {int(p): str(n) for p, n in con.execute("SELECT pageno, name FROM dbstat")}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peewee import IntegrityError, SqliteDatabase
@@ -61,9 +64,9 @@ def test_migrate_from_empty(db: SqliteDatabase) -> None:
     assert [r.version for r in SchemaVersion.select().order_by(SchemaVersion.version)] == list(range(1, LATEST + 1))
 
 
-def test_migrate_from_previous_version_keeps_rows(db: SqliteDatabase) -> None:
-    assert migrate(db, target=LATEST - 1) == list(range(1, LATEST))
-    assert current_version(db) == LATEST - 1
+def test_migrate_from_version_2_keeps_rows(db: SqliteDatabase) -> None:
+    assert migrate(db, target=2) == [1, 2]
+    assert current_version(db) == 2
     now = utc_now()
     db.execute_sql(
         'INSERT INTO "device" ("device_id","chip_id","mac_address","device_type","firmware_version","registered_at")'
@@ -71,7 +74,7 @@ def test_migrate_from_previous_version_keeps_rows(db: SqliteDatabase) -> None:
     db.execute_sql(
         'INSERT INTO "outbox_event" ("event_id","type","occurred_at","payload","size") VALUES (?,?,?,?,?)',
         ("e1", "device.registered", "2026-01-01T00:00:00.000Z", "{}", 2))
-    assert migrate(db) == [LATEST]
+    assert migrate(db) == list(range(3, LATEST + 1))
     dev = Device.get_by_id("dev-24ab3c91")
     assert (dev.chip_id, dev.claimed, dev.online) == ("24AB3C91", False, False)
     ev = OutboxEvent.get(OutboxEvent.event_id == "e1")
@@ -206,6 +209,38 @@ def test_event_log_items_stay_unique_per_device_after_migration_3(db: SqliteData
         EventLogItem.insert(row).execute()
     with pytest.raises(IntegrityError), write_tx(db):
         EventLogItem.insert(row).execute()
+
+
+def test_migration_4_shortens_dedup_keys_and_re_uploads_still_match(db: SqliteDatabase) -> None:
+    migrate(db, target=3)
+    now = utc_now()
+    with write_tx(db):
+        Device.create(device_id="device-1", chip_id="1", mac_address="m", device_type="CAR_WASH",
+                      firmware_version="v", registered_at=now)
+    body = {"device_id": "device-1", "items": [
+        {"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": 1_760_000_000_000 + i, "total_amount": 20,
+         "bank": {"20": 1}, "coin": {}} for i in range(3)]}
+    dev, items = log_upload(body)
+    # Version 3 stored the whole digest, whose first 16 digits are today's key.
+    old_keys = [_full_digest(it, dev) for it in items]
+    for it, key in zip(items[:2], old_keys):
+        db.execute_sql(
+            'INSERT INTO "event_log_item" ("device_id","dedup_key","type","status","timestamp_ms","total_amount",'
+            '"amount_mismatch","received_at") VALUES (?,?,?,?,?,?,0,?)',
+            (dev, key, it.type, it.status, it.timestamp_ms, it.total_amount, now))
+    assert migrate(db) == [4]
+    assert sorted(k for (k,) in db.execute_sql('SELECT "dedup_key" FROM "event_log_item"')) == sorted(
+        k[:16] for k in old_keys[:2])
+    r = upload_logs(db, dev, items, site_id="site-1")  # two known from before the migration, one new
+    assert (r.length, r.stored) == (3, 1)
+    assert EventLogItem.select().count() == 3
+
+
+def _full_digest(it: Any, device: str) -> str:
+    """The key as migrations 1-3 stored it (the whole SHA-256 of the same identity)."""
+    ident = json.dumps([device, it.timestamp_ms, it.type, it.status, it.total_amount, it.qr_charge_id,
+                        it.qr_net_amount, sorted(it.bank.items()), sorted(it.coin.items())], separators=(",", ":"))
+    return hashlib.sha256(ident.encode()).hexdigest()
 
 
 def test_long_payloads_stored_compressed_short_ones_as_text(db: SqliteDatabase) -> None:

@@ -22,6 +22,7 @@ DEVICE_STATUSES = ("NORMAL", "ERROR", "OFFLINE")
 BANKNOTES = ("20", "50", "100", "500", "1000")
 COINS = ("1", "2", "5", "10")
 MAX_ITEMS = 1000
+DEDUP_KEY_LEN = 16  # hex digits: the index holds device and time, the key tells apart the rest
 MAX_INT = 2**53 - 1  # what a JSON number can hold exactly in the devices' JavaScript-like world
 
 
@@ -139,11 +140,13 @@ class LogItem:
         return counted + (self.qr_net_amount or 0) != self.total_amount
 
     def dedup_key(self, device: str) -> str:
-        """Same device, timestamp, type and amounts: the same item (re-uploads store nothing new)."""
+        """Same device, timestamp, type and amounts: the same item (re-uploads store nothing new).
+
+        16 hex digits: the first 64 bits of a SHA-256 (migration 4 cut stored keys to them)."""
         ident = json.dumps([device, self.timestamp_ms, self.type, self.status, self.total_amount,
                             self.qr_charge_id, self.qr_net_amount, sorted(self.bank.items()),
                             sorted(self.coin.items())], separators=(",", ":"))
-        return hashlib.sha256(ident.encode()).hexdigest()
+        return hashlib.sha256(ident.encode()).hexdigest()[:DEDUP_KEY_LEN]
 
 
 def _amount(v: Any, field: str) -> int:
