@@ -33,7 +33,9 @@ directory is made under $TMPDIR (it must be a disk, not tmpfs, for write_bytes t
 
 `CARWASH_SOAK_LOAD=demo` leaves out the washes and bulk commands this benchmark adds: the demo's
 own traffic (its devices streaming and uploading), the claims, the dashboard and the warm-up
-uploads only. The default, `busy`, is everything above.
+uploads only. `quiet` is `demo` with the devices' own uploads off (`demo --log-every 0`): the
+site's cost without event-log uploads, which bench/upload_writes.py measures per upload. The
+default, `busy`, is everything above.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ from gateway.signing import http_signature
 NAME = "soak"
 ENV_SECONDS = "CARWASH_SOAK_SECONDS"
 ENV_LOAD = "CARWASH_SOAK_LOAD"
-LOADS = ("busy", "demo")
+LOADS = ("busy", "demo", "quiet")
+# quiet: the demo's devices upload no logs of their own (firmware uploads after a reset).
+DEMO_ARGS: dict[str, tuple[str, ...]] = {"busy": (), "demo": (), "quiet": ("--log-every", "0")}
 FULL_SECONDS, QUICK_SECONDS = 3600.0, 600.0
 WARMUP_SHARE = 0.2
 WASH_EVERY = 240.0  # per bay: 6 bays -> 90 washes an hour, a busy site
@@ -641,7 +645,7 @@ def _run(quick: bool) -> list[Result]:
         fs = fs_type(tmp)
         if fs in ("tmpfs", "ramfs"):
             log(f"{NAME}: WARNING {tmp} is on {fs}: write_bytes will read 0; set TMPDIR to a disk")
-        demo = psutil.Popen(gateway_command("demo", "--data-dir", str(data)), env=child_env(),
+        demo = psutil.Popen(gateway_command("demo", "--data-dir", str(data), *DEMO_ARGS[kind]), env=child_env(),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert demo.stdout is not None
         out = DemoOutput(demo.stdout)

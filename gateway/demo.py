@@ -94,6 +94,9 @@ def ensure_demo_user(config_file: Path) -> None:
 
 DEMO_WASH_TIME = 30.0
 DEMO_DEVICES = 20
+# Each simulated device uploads 10 event-log items about this often, so logs flow while one watches
+# (firmware uploads after a reset when it has logs: far less often).
+DEMO_LOG_EVERY = 300.0
 
 
 def demo_plc_toml(rtu_path: str, tcp_port: int) -> str:
@@ -124,7 +127,9 @@ def _start_simulator(args: list[str], env: dict[str, str], *, kind: str = "simul
     return proc
 
 
-def run_demo(data_dir: str | None = None) -> int:
+def run_demo(data_dir: str | None = None, *, log_every: float | None = None) -> int:
+    """Run the demo site until Ctrl-C or SIGTERM. `log_every`: seconds between a simulated device's
+    event-log uploads (default DEMO_LOG_EVERY; 0: none)."""
     owned = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="carwash-demo-")) if data_dir is None else Path(data_dir).resolve()
     stop = threading.Event()
@@ -163,7 +168,7 @@ def run_demo(data_dir: str | None = None) -> int:
                     print(f"demo: {name} did not become ready (exit code {proc.poll()})", file=sys.stderr)
                     return 1
         procs.append(("devices", _start_simulator(
-            ["--config", str(cfg), "--count", str(DEMO_DEVICES), "--interval", "60", "--log-every", "300",
+            ["--config", str(cfg), "--count", str(DEMO_DEVICES), "--interval", "60", "--log-every", f"{DEMO_LOG_EVERY if log_every is None else log_every:g}",
              "--behaviour", "success", "--behaviour", "success", "--behaviour", "failure"], sim_env,
             kind="simulate-devices", ready_line="device fleet:")))
         health = _get_json(f"http://127.0.0.1:{web_port}/api/health")
