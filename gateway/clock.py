@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import time
 
@@ -17,6 +18,11 @@ def iso_z(moment: dt.datetime | None = None) -> str:
     if m.tzinfo is not None:
         m = m.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return m.strftime("%Y-%m-%dT%H:%M:%S.") + f"{m.microsecond // 1000:03d}Z"
+
+
+def epoch_s(moment: dt.datetime | None = None) -> int:
+    """Whole seconds since the epoch of a naive UTC datetime (now by default)."""
+    return calendar.timegm((moment or utc_now()).utctimetuple())
 
 
 def epoch_ms() -> int:

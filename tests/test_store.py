@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -234,6 +235,19 @@ def test_migration_4_shortens_dedup_keys_and_re_uploads_still_match(db: SqliteDa
     r = upload_logs(db, dev, items, site_id="site-1")  # two known from before the migration, one new
     assert (r.length, r.stored) == (3, 1)
     assert EventLogItem.select().count() == 3
+
+
+def test_migration_4_stores_sent_at_in_epoch_seconds(db: SqliteDatabase) -> None:
+    migrate(db, target=3)
+    for seq, sent_at in ((1, "2026-12-03 22:04:17.654321"), (2, None)):
+        db.execute_sql('INSERT INTO "outbox_event" ("seq","event_id","type","occurred_at","size","state","sent_at")'
+                       " VALUES (?,?,?,?,?,?,?)", (seq, f"e{seq}", "wash.status", "x", 2,
+                                                   "sent" if sent_at else "pending", sent_at))
+    assert migrate(db) == [4]
+    assert db.execute_sql('SELECT "sent_at", typeof("sent_at") FROM "outbox_event" ORDER BY "seq"').fetchall() == [
+        (1_796_335_457, "integer"), (None, "null")]
+    assert OutboxEvent.get_by_id(1).sent_at == dt.datetime(2026, 12, 3, 22, 4, 17)  # naive UTC, as before
+    assert OutboxEvent.get_by_id(2).sent_at is None
 
 
 def _full_digest(it: Any, device: str) -> str:

@@ -21,6 +21,7 @@ from peewee import (
     IntegerField,
     Model,
     TextField,
+    TimestampField,
 )
 
 database_proxy = DatabaseProxy()
@@ -252,7 +253,7 @@ class OutboxEvent(BaseModel):
     state = TextField(default="pending")  # pending | sent | dead
     attempts = IntegerField(default=0)
     last_error = TextField(null=True)
-    sent_at = DateTimeField(null=True)
+    sent_at = TimestampField(null=True, utc=True, default=None)  # epoch seconds (migration 4)
     coalesce_key = TextField(null=True)
 
 

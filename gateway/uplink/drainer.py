@@ -8,10 +8,11 @@ Contract
   sha256(raw body || key). Batches hold at most `outbox.batch_max_events` events and
   `outbox.batch_max_bytes` bytes of body (an event larger than that travels alone). Ids the cloud
   lists in `data.accepted` are delivered: this drainer never sends them again, and marks them
-  `sent` (with `sent_at`) in one write per `outbox.mark_sent_delay_sec` (at once when it is 0 or
-  when `batch_max_events` wait, before housekeeping, and when it stops): on an SD card one write
-  for many deliveries instead of one each. The others stay pending and are retried after a
-  backoff (a cloud that accepts only part of a batch has chosen its own order for them). A batch
+  `sent` (with `sent_at`, epoch seconds) in one write per `outbox.mark_sent_delay_sec` (at once
+  when it is 0 or when `batch_max_events` wait, before housekeeping, and when it stops): on an SD
+  card one write for many deliveries instead of one each. The others stay pending and are
+  retried after a backoff (a cloud that accepts only part of a batch has chosen its own order
+  for them). A batch
   may be delivered twice (a crash or kill after the cloud's commit, before our mark): delivery is
   at-least-once and the cloud deduplicates by id.
 - Order: batches are taken strictly in `seq` order and sent one at a time, so an event never
@@ -72,7 +73,7 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway.clock import iso_z, utc_now
+from gateway.clock import epoch_s, iso_z, utc_now
 from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
 from gateway.outbox import payload_bytes
 from gateway.signing import http_signature
@@ -141,11 +142,6 @@ class _Counters:
     phase: str = "stopped"  # stopped | housekeeping | sending | backoff | idle
     polls: int = 0  # reads of the queue
     dropped_by_type: dict[str, int] = field(default_factory=dict)
-
-
-def _now_text() -> str:
-    """sent_at as the sqlite3/Peewee default adapter writes a naive UTC datetime."""
-    return utc_now().isoformat(" ")
 
 
 class OutboxDrainer:
@@ -331,7 +327,7 @@ class OutboxDrainer:
 
     def prune_delivered(self) -> int:
         """Delete sent events older than delivered_retention_days; returns how many."""
-        cutoff = (utc_now() - dt.timedelta(days=self._outbox.delivered_retention_days)).isoformat(" ")
+        cutoff = epoch_s(utc_now() - dt.timedelta(days=self._outbox.delivered_retention_days))
         with write_tx(self._db):
             cur = self._db.execute_sql(
                 'DELETE FROM "outbox_event" WHERE "state" = \'sent\' AND "sent_at" < ?', (cutoff,))
@@ -592,7 +588,7 @@ class OutboxDrainer:
             marks = dict(self._unmarked)
         if not marks:
             return 0
-        now = _now_text()
+        now = epoch_s()
         # A delivered row deleted meanwhile (coalesced, or dropped over the cap) matches nothing.
         try:
             with write_tx(self._db):
