@@ -121,7 +121,8 @@ def _one_size(tmp: Path, page_size: int, warmup: int, n: int) -> list[Result]:
     return [
         Result(NAME, f"write_bytes per upload, {label}", "KiB", per_upload,
                notes=f"mean {mean_kib:.1f} KiB = {per_h:.2f} MB/h at 240 uploads/h; "
-                     f"{total_frames / n:.1f} WAL frames/upload ({total_frames / n * (page_size + 24) / 1024:.1f} KiB), "
+                     f"{total_frames / n:.1f} WAL frames/upload "
+                     f"({total_frames / n * (page_size + 24) / 1024:.1f} KiB), "
                      f"checkpoints included ({max(wal.generations - 1, 0)} in {n} uploads)",
                extra={"mean_kib": mean_kib, "mb_per_h_at_240": per_h, "frames_per_upload_by_btree": by_tree,
                       "commits": commits, "db_kib_at_end": db_kib}),

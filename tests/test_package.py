@@ -67,6 +67,11 @@ def test_build_check_install_run_purge(tmp_path: Path) -> None:
             score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", sec.stdout).group(1))  # type: ignore[union-attr]
             assert score <= SECURITY_MAX, (unit, score)
         assert sh("/usr/bin/carwash-gateway", "check-config").returncode == 0
+        # The SD-card sysctl is an example to copy, never active as installed.
+        example = Path("/usr/share/doc/carwash-gateway/examples/60-carwash-gateway-sd-card.conf")
+        assert "vm.dirty_expire_centisecs = 60000" in example.read_text()
+        for active in ("/etc/sysctl.d", "/usr/lib/sysctl.d"):
+            assert not list(Path(active).glob("*carwash*")), active
 
         # What systemd would do: StateDirectory, then both services as the carwash user.
         state = Path("/var/lib/carwash-gateway")
