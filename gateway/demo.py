@@ -130,6 +130,7 @@ def _start_simulator(args: list[str], env: dict[str, str], *, kind: str = "simul
 def run_demo(data_dir: str | None = None, *, log_every: float | None = None) -> int:
     """Run the demo site until Ctrl-C or SIGTERM. `log_every`: seconds between a simulated device's
     event-log uploads (default DEMO_LOG_EVERY; 0: none)."""
+    log_every = DEMO_LOG_EVERY if log_every is None else log_every
     owned = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="carwash-demo-")) if data_dir is None else Path(data_dir).resolve()
     stop = threading.Event()
@@ -168,7 +169,7 @@ def run_demo(data_dir: str | None = None, *, log_every: float | None = None) -> 
                     print(f"demo: {name} did not become ready (exit code {proc.poll()})", file=sys.stderr)
                     return 1
         procs.append(("devices", _start_simulator(
-            ["--config", str(cfg), "--count", str(DEMO_DEVICES), "--interval", "60", "--log-every", f"{DEMO_LOG_EVERY if log_every is None else log_every:g}",
+            ["--config", str(cfg), "--count", str(DEMO_DEVICES), "--interval", "60", "--log-every", f"{log_every:g}",
              "--behaviour", "success", "--behaviour", "success", "--behaviour", "failure"], sim_env,
             kind="simulate-devices", ready_line="device fleet:")))
         health = _get_json(f"http://127.0.0.1:{web_port}/api/health")
