@@ -540,7 +540,8 @@ class WalWatch:
 
     def _name(self, page: int) -> str:
         # Pages move between tables as they are freed and reused: refresh the map now and then,
-        # and for an unknown page (new), at most once a second (it may be of a transaction still open).
+        # and for an unknown page (new), at most every `new_page_lookup` s (it may be of a transaction
+        # still open).
         age = time.monotonic() - self._names_at
         if age > 30 or (page not in self._names and age >= self.new_page_lookup):
             con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)

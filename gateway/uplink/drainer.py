@@ -12,9 +12,8 @@ Contract
   when it is 0 or when `batch_max_events` wait, before housekeeping, and when it stops): on an SD
   card one write for many deliveries instead of one each. The others stay pending and are
   retried after a backoff (a cloud that accepts only part of a batch has chosen its own order
-  for them). A batch
-  may be delivered twice (a crash or kill after the cloud's commit, before our mark): delivery is
-  at-least-once and the cloud deduplicates by id.
+  for them). A batch may be delivered twice (a crash or kill after the cloud's commit, before
+  our mark): delivery is at-least-once and the cloud deduplicates by id.
 - Order: batches are taken strictly in `seq` order and sent one at a time, so an event never
   reaches the cloud before an earlier *pending* event of its partition (or of any partition).
 - Failures (no connection, timeout, 5xx, 408, 429, an unreadable answer): exponential backoff
