@@ -114,7 +114,7 @@ class DevicesConfig:
     pin_ttl_sec: int = _f(600, min=30, max=86400)
     pairing_requires_button: bool = _f(False)
     pairing_window_sec: int = _f(120, min=10, max=3600)
-    presence_save_sec: float = _f(60.0, min=1, max=3600)
+    presence_save_sec: float = _f(900.0, min=1, max=3600)
 
 
 @dataclass(frozen=True, kw_only=True)

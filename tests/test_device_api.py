@@ -195,7 +195,10 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
 
 def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """SD-card wear: only the online transition is written at once; last seen and rssi wait for
-    the next save (here: the orderly stop), and the history bucket covers every message."""
+    the next save (here: the orderly stop), and the history bucket covers every message. The web
+    shows the live values meanwhile (`gateway/live/{device_id}`)."""
+    from gateway.clock import iso_z
+    from gateway.demo import ensure_demo_user
     from gateway.signing import sign_mqtt
     from gateway.store import open_database
     from gateway.store.models import Device, DeviceStatusSample
@@ -205,6 +208,13 @@ def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> 
     site = make_site(tmp_path / "site", "[devices]\npresence_save_sec = 3600\n")
     core = start_process(site, "core")
     web = start_process(site, "web")
+
+    def stored_last_seen() -> str:
+        db = open_database(site.config.paths.database)
+        try:
+            return iso_z(Device.get_by_id(DEVICE).last_seen_at)
+        finally:
+            db.close()
 
     def stored() -> tuple[int | None, list[tuple[int | None, int | None, int | None, int]]]:
         db = open_database(site.config.paths.database)
@@ -233,6 +243,14 @@ def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> 
                           json.dumps({"id": "1", "reply_to": "gateway/reply/presence-test", "params": {}}))
             assert json.loads(watch.expect("gateway/reply/presence-test", 10).payload)["ok"] is True
         assert stored() == (-80, [])  # the online transition only
+        # The web asks the core (outbox state) over the broker: the core published the live state
+        # before it took that request, so the web has it once the answer is back.
+        ensure_demo_user(site.config_path)
+        auth = login(site.web_url)
+        assert http_json(site.web_url + "/api/v1/outbox/state", headers=auth)[0] == 200
+        code, body = http_json(site.web_url + f"/api/v1/devices/{DEVICE}", headers=auth)
+        assert code == 200 and (body["data"]["rssi"], body["data"]["online"]) == (-70, True), body
+        assert body["data"]["last_seen_at"] >= stored_last_seen()
     finally:
         web.stop()
         assert core.stop() == 0

@@ -22,7 +22,7 @@ from gateway.config import Config, Secrets
 from gateway.devices.pairing import PAIRING_TOPIC
 from gateway.sdnotify import Notifier
 from gateway.store import open_database, schema_status
-from web.live import WASH_STATUS_FILTER, CommandFeed, WashFeed
+from web.live import LIVE_PRESENCE_FILTER, WASH_STATUS_FILTER, CommandFeed, PresenceFeed, WashFeed
 from web.writer import GroupWriter
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class WebContext:
         self.bus: BusClient | None = None
         self.feed = WashFeed()
         self.commands = CommandFeed()
+        self.presence = PresenceFeed()
         self.pairing: dict[str, Any] = {"open": False, "until": None}
         self._schema_ok_until = 0.0
         self._lock = threading.Lock()
@@ -60,6 +61,7 @@ class WebContext:
             self.bus.on_message(WASH_STATUS_FILTER, self.feed.on_message)
             self.bus.on_message(PAIRING_TOPIC, self._on_pairing)
             self.bus.on_message(COMMAND_EVENTS_FILTER, self.commands.on_message)
+            self.bus.on_message(LIVE_PRESENCE_FILTER, self.presence.on_message)
             self.bus.start()
 
     def _connected(self, notifier: Notifier) -> None:

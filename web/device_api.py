@@ -185,13 +185,14 @@ def logs_upload() -> Any:
 def _device_view(d: Device) -> dict[str, Any]:
     pending = not d.claimed
     pin_valid = pending and d.pin_expires_at is not None and d.pin_expires_at > utc_now()
-    return {"device_id": d.device_id, "device_type": d.device_type, "firmware_version": d.firmware_version,
+    view = {"device_id": d.device_id, "device_type": d.device_type, "firmware_version": d.firmware_version,
             "name": d.name, "claimed": d.claimed, "pending": pending and not d.rejected,
             "pin": d.pairing_pin if pin_valid else None,
             "pin_expires_at": iso_z(d.pin_expires_at) if pin_valid and d.pin_expires_at else None,
             "status": d.status, "online": d.online, "rssi": d.rssi,
             "last_seen_at": iso_z(d.last_seen_at) if d.last_seen_at else None,
             "mac_address": d.mac_address, "chip_id": d.chip_id}
+    return ctx().presence.merge(d.device_id, view)
 
 
 @bp.get("/api/v1/devices")

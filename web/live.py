@@ -1,5 +1,6 @@
-"""Live bay status in the web process: the latest `wash/{bayId}/status` of every bay, fanned out
-to SSE streams and Socket.IO clients (`wash:status`).
+"""Live state in the web process: the latest `wash/{bayId}/status` of every bay, fanned out
+to SSE streams and Socket.IO clients (`wash:status`); the devices' presence between the core's
+saves (`gateway/live/{device_id}`); announcements of command events.
 
 The core publishes the status retained, so the feed is complete as soon as the web's broker
 client has subscribed. Callbacks run on paho's network thread; SSE generators read from their
@@ -13,11 +14,13 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 WASH_STATUS_FILTER = "wash/+/status"
+LIVE_PRESENCE_FILTER = "gateway/live/+"
 SUBSCRIBER_QUEUE = 256
 
 
@@ -113,3 +116,64 @@ class CommandFeed:
                 s.discard(ev)
                 if not s:
                     del self._watchers[command_id]
+
+
+@dataclass(frozen=True)
+class LivePresence:
+    online: bool
+    rssi: int | None
+    status: str | None
+    uptime: int | None
+    last_seen_at: str  # ISO 8601 UTC with Z, as the core wrote it
+
+
+class PresenceFeed:
+    """The core's retained `gateway/live/{device_id}` messages: each device's state as of its last
+    streaming message. The core saves it to the store only every `devices.presence_save_sec`, so
+    views merge it over the row (`merge`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, LivePresence] = {}
+        self.bad_messages = 0
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        dev = topic.rsplit("/", 1)[1]
+        if not payload:
+            with self._lock:
+                self._latest.pop(dev, None)
+            return
+        try:
+            m = json.loads(payload)
+            if not isinstance(m, dict) or m.get("device_id") != dev:
+                raise ValueError("not the presence of this device")
+            live = LivePresence(online=m["online"] is True, rssi=_opt_int(m.get("rssi")),
+                                status=m.get("status") if isinstance(m.get("status"), str) else None,
+                                uptime=_opt_int(m.get("uptime")), last_seen_at=str(m["last_seen_at"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            self.bad_messages += 1
+            log.warning("ignored a bad message on %s: %s", topic, exc)
+            return
+        with self._lock:
+            self._latest[dev] = live
+
+    def get(self, device_id: str) -> LivePresence | None:
+        with self._lock:
+            return self._latest.get(device_id)
+
+    def merge(self, device_id: str, view: dict[str, Any], *, last_seen_key: str = "last_seen_at") -> dict[str, Any]:
+        """`view` (built from the device's row) with rssi, status and last seen replaced by the live
+        ones when those are as new or newer. `online` stays the row's: the core writes transitions
+        at once (a live message lost while the web was away cannot leave a device shown online)."""
+        live = self.get(device_id)
+        if live is not None and (view.get(last_seen_key) or "") <= live.last_seen_at:
+            view.update({"rssi": live.rssi, "status": live.status, last_seen_key: live.last_seen_at})
+        return view
+
+
+def _opt_int(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("not an integer")
+    return v

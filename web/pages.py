@@ -216,10 +216,11 @@ def overview(user: str) -> Response:
 def _device_rows() -> list[dict[str, Any]]:
     rows = []
     for d in Device.select().order_by(Device.claimed.desc(), Device.name, Device.device_id):
-        rows.append({"id": d.device_id, "name": d.name, "type": d.device_type, "firmware": d.firmware_version,
-                     "online": d.online, "rssi": d.rssi, "status": d.status, "claimed": d.claimed,
-                     "rejected": d.rejected, "pin": d.pairing_pin if not d.claimed else None,
-                     "last_seen": iso_z(d.last_seen_at) if d.last_seen_at else None})
+        rows.append(ctx().presence.merge(d.device_id, {
+            "id": d.device_id, "name": d.name, "type": d.device_type, "firmware": d.firmware_version,
+            "online": d.online, "rssi": d.rssi, "status": d.status, "claimed": d.claimed,
+            "rejected": d.rejected, "pin": d.pairing_pin if not d.claimed else None,
+            "last_seen": iso_z(d.last_seen_at) if d.last_seen_at else None}, last_seen_key="last_seen"))
     return rows
 
 

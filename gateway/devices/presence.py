@@ -2,10 +2,13 @@
 
 Each message is verified (`sha256`, unless `signatures.mqtt = "off"`), then updates the device's
 last seen, rssi, status and uptime in memory, and the rssi history of its `BUCKET_MIN`-minute
-bucket (min/max/last over every message). The store is written in batches: at most one
-transaction every `devices.presence_save_sec` for the devices that streamed (SD-card wear: the
-online state, which pages and the bridge need at once, does not wait), plus one at once for each
-online / offline transition (with its lifecycle row and a coalesced `device.status` outbox event).
+bucket (min/max/last over every message). Every accepted message is published at once, retained,
+on `gateway/live/{device_id}` (internal users only; not forwarded to the cloud): the web shows last
+seen, rssi, status and uptime from there. The store is written in batches: at most one
+transaction every `devices.presence_save_sec` (15 min) for the devices that streamed (SD-card
+wear: a lone commit costs ~15 KiB, bench commit_cost), plus one at once for each online / offline
+transition (with its lifecycle row and a coalesced `device.status` outbox event), which pages,
+filters and the bridge need at once. A crash loses at most one save's last seen and rssi history.
 A device silent for `offline_after_intervals` streaming intervals is offline; its next message
 brings it back. History is one `device_status_sample` row per device per bucket, kept
 `HISTORY_DAYS` days. Dropped messages are counted per reason and logged at most once a minute per
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STREAMING_FILTER = "server/+/streaming"
 PRESENCE_TOPIC = "gateway/presence/{device_id}"
+LIVE_TOPIC = "gateway/live/{device_id}"
 CHECK_SEC = 1.0
 BUCKET_MIN = 15
 HISTORY_DAYS = 7
@@ -72,6 +76,11 @@ class _Sample:
             self.rssi_min = rssi if self.rssi_min is None else min(self.rssi_min, rssi)
             self.rssi_max = rssi if self.rssi_max is None else max(self.rssi_max, rssi)
         self.rssi_last, self.status, self.samples = rssi, status, self.samples + 1
+
+
+def _body(dev: str, s: _Seen) -> bytes:
+    return json.dumps({"device_id": dev, "online": s.online, "rssi": s.rssi, "status": s.status, "uptime": s.uptime,
+                       "last_seen_at": iso_z(s.wall)}).encode()
 
 
 def _bucket(at: dt.datetime) -> dt.datetime:
@@ -154,6 +163,7 @@ class PresenceService:
         if not was_online:
             await self._in_db(self._transition, dev, True, self.seen[dev])
             await self._publish(dev, self.seen[dev])
+        await self._publish_live(dev, self.seen[dev])
 
     # --- time ----------------------------------------------------------------------------------
 
@@ -167,15 +177,20 @@ class PresenceService:
                     s.online = False
                     await self._in_db(self._transition, dev, False, s)
                     await self._publish(dev, s)
+                    await self._publish_live(dev, s)
             if now - last_flush >= self.save_every:
                 last_flush = now
                 await self._in_db(self._flush, *self._take_dirty())
 
     async def _publish(self, dev: str, s: _Seen) -> None:
-        """Online/offline transitions, retained on `gateway/presence/{device_id}` (internal users)."""
-        body = {"device_id": dev, "online": s.online, "rssi": s.rssi, "status": s.status, "uptime": s.uptime,
-                "last_seen_at": iso_z(s.wall)}
-        await self.bus.publish(PRESENCE_TOPIC.format(device_id=dev), json.dumps(body).encode(), qos=1, retain=True)
+        """Online/offline transitions, retained on `gateway/presence/{device_id}` (internal users;
+        the cloud bridge forwards them)."""
+        await self.bus.publish(PRESENCE_TOPIC.format(device_id=dev), _body(dev, s), qos=1, retain=True)
+
+    async def _publish_live(self, dev: str, s: _Seen) -> None:
+        """The device's latest state, retained on `gateway/live/{device_id}` (the web's view between
+        saves; QoS 0: the next message replaces a lost one)."""
+        await self.bus.publish(LIVE_TOPIC.format(device_id=dev), _body(dev, s), qos=0, retain=True)
 
     def _take_dirty(self) -> tuple[dict[str, _Seen], dict[tuple[str, dt.datetime], _Sample]]:
         out = {}
