@@ -31,11 +31,16 @@ from the end of warm-up to the last sample.
 Duration: 1 h, `--quick` 10 min; `CARWASH_SOAK_SECONDS` overrides both (development). The data
 directory is made under $TMPDIR (it must be a disk, not tmpfs, for write_bytes to mean anything).
 
-`CARWASH_SOAK_LOAD=demo` leaves out the washes and bulk commands this benchmark adds: the demo's
-own traffic (its devices streaming and uploading), the claims, the dashboard and the warm-up
-uploads only. `quiet` is `demo` with the devices' own uploads off (`demo --log-every 0`): the
-site's cost without event-log uploads, which bench/upload_writes.py measures per upload. The
-default, `busy`, is everything above.
+Loads (`CARWASH_SOAK_LOAD`):
+- `demo`: the demo's own traffic, the yardstick of the wear goal. Its devices stream every 60 s and
+  buffer their customers' payments (one per device about every 10 min); as firmware does, they
+  upload them after a reset. This load adds the claims, the dashboard, the warm-up uploads and a
+  bulk restart of every device every RESTART_EVERY (a technician restarting the whole site twice
+  an hour: more resets than a site sees, so more uploads than it makes).
+- `watch`: `demo --log-every 300`, the demo's default before the wear decision (docs/decisions.md,
+  "Storage"): every device uploads 10 items about every 5 min (240 uploads an hour, 2,400 items:
+  ~20 times the demo's payments), no restarts. Per upload, bench/upload_writes.py takes it apart.
+- `busy` (the default): `watch` plus the washes and bulk configs above.
 """
 
 from __future__ import annotations
@@ -72,14 +77,15 @@ from gateway.signing import http_signature
 NAME = "soak"
 ENV_SECONDS = "CARWASH_SOAK_SECONDS"
 ENV_LOAD = "CARWASH_SOAK_LOAD"
-LOADS = ("busy", "demo", "quiet")
-# quiet: the demo's devices upload no logs of their own (firmware uploads after a reset).
-DEMO_ARGS: dict[str, tuple[str, ...]] = {"busy": (), "demo": (), "quiet": ("--log-every", "0")}
+LOADS = ("busy", "demo", "watch")
+WATCH_ARGS = ("--log-every", "300")
+DEMO_ARGS: dict[str, tuple[str, ...]] = {"busy": WATCH_ARGS, "demo": (), "watch": WATCH_ARGS}
 FULL_SECONDS, QUICK_SECONDS = 3600.0, 600.0
 WARMUP_SHARE = 0.2
 WASH_EVERY = 240.0  # per bay: 6 bays -> 90 washes an hour, a busy site
 STOP_EVERY = 4  # washes 2, 6, 10, ... of a bay are stopped by their customer
 BULK_EVERY = 300.0
+RESTART_EVERY = 1800.0  # load demo: every device restarted (and so uploading its payments)
 PROBE_EVERY = 30.0
 COURSES = ("BASIC", "STANDARD", "PREMIUM")
 GOAL_GROWTH_PCT = 5.0
@@ -254,6 +260,8 @@ class Load:
             for i, bay in enumerate(self.bays):
                 self.at(5.0 + i * WASH_EVERY / len(self.bays) / 4, "wash", bay, 0)  # all bays within the warm-up
             self.at(20.0, "bulk", 0)
+        if self.kind == "demo":
+            self.at(self.warmup + 60.0, "restart")
         self.at(0.0, "probe")
         for i, d in enumerate(self.devices):  # spread over the first half of the warm-up
             self.at(10.0 + i * self.warmup / 2 / max(1, len(self.devices)), "upload", d["device_id"])
@@ -318,7 +326,20 @@ class Load:
             th.join(120)  # the page follows each operation; one at a time keeps the load steady
         self.at(t + BULK_EVERY, "bulk", n + 1)
 
-    def _follow(self, setup_id: str) -> None:
+    def _do_restart(self, t: float) -> None:
+        ids = [d["device_id"] for d in self.devices]
+        st, body = self.api.call("POST", "/api/v1/devices/bulk-restart", {"device_ids": ids})
+        if st == 200:
+            self.count("bulk restarts sent")
+            th = threading.Thread(target=self._follow, args=(body["data"]["setup_id"], "bulk restarts"),
+                                  name="soak-restart-sse", daemon=True)
+            th.start()
+            th.join(120)
+        else:
+            self.error("restart", f"{st} {body}")
+        self.at(t + RESTART_EVERY, "restart")
+
+    def _follow(self, setup_id: str, what: str = "bulk operations") -> None:
         seen: set[str] = set()
         try:
             sse_events(self.api, f"/api/v1/devices/bulk-events/{setup_id}", self.stop, seen.add)
@@ -326,7 +347,7 @@ class Load:
             self.error("bulk SSE", repr(exc))
             return
         if "complete" in seen:
-            self.count("bulk operations complete")
+            self.count(f"{what} complete")
         else:
             self.error("bulk SSE", f"{setup_id}: ended without complete ({sorted(seen)})")
 
@@ -606,7 +627,8 @@ def _print_row(s: dict[str, Any], counts: Counter[str]) -> None:
         f" {a['rss_mb'] + w['rss_mb']:7.1f} {a['pss_mb'] + w['pss_mb']:5.1f} | {w['fds']:7d} {w['threads']:3d} |"
         f" {s['wal_mb']:7.2f} {s['db_mb']:7.2f} | {c['write_bytes'] / 1024:10.0f} "
         f"{(a['write_bytes'] + w['write_bytes']) / 1024:10.0f} | washes {counts['washes started']}, "
-        f"bulk {counts['bulk operations complete']}/{counts['bulk operations sent']}")
+        f"bulk {counts['bulk operations complete']}/{counts['bulk operations sent']}, "
+        f"restarts {counts['bulk restarts complete']}/{counts['bulk restarts sent']}")
 
 
 @contextmanager
@@ -851,7 +873,8 @@ def _results(samples: list[dict[str, Any]], warmup: float, load: Load | None, ou
     res.append(Result(NAME, "load: bulk APPLY_CONFIG complete", "count", [float(c["bulk operations complete"])],
                       notes=f"of {c['bulk operations sent']} sent (one per device type every {BULK_EVERY:g} s, "
                             f"{len(load.devices)} devices); dashboard SSE {c['dashboard SSE events']} events, "
-                            f"{c['dashboard SSE reconnects']} reconnects; {n_errors} errors in all; "
+                            f"{c['dashboard SSE reconnects']} reconnects; bulk restarts "
+                            f"{c['bulk restarts complete']}/{c['bulk restarts sent']}; {n_errors} errors in all; "
                             f"demo exit code {demo_rc}; {len(leftovers)} processes left running"))
     for line in load.errors[:10]:
         log(f"{NAME}: load error: {line}")

@@ -89,7 +89,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(data_dir=args.data_dir, log_every=args.log_every)
+    return run_demo(data_dir=args.data_dir, log_every=args.log_every, payment_every=args.payment_every)
 
 
 def cmd_simulate_plc(args: argparse.Namespace) -> int:
@@ -221,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("web", parents=[common], help="run the web process (gunicorn)").set_defaults(fn=cmd_web)
     d = sub.add_parser("demo", parents=[common], help="run a demo site on 127.0.0.1")
     d.add_argument("--data-dir", metavar="DIR", help="keep the demo's data here (default: a temporary directory)")
+    d.add_argument("--payment-every", metavar="SEC", type=float,
+                   help="a customer pays at each simulated device about this often (default 600; 0: never); "
+                        "the device uploads its payments after a restart, as firmware does")
     d.add_argument("--log-every", metavar="SEC", type=float,
-                   help="each simulated device uploads 10 event-log items about this often (default 300; 0: never)")
+                   help="a load: each simulated device also uploads 10 event-log items about this often "
+                        "(default 0: never)")
     d.set_defaults(fn=cmd_demo)
     sub.add_parser("check-config", parents=[common], help="validate the configuration and secrets").set_defaults(
         fn=cmd_check_config)

@@ -3,9 +3,14 @@ benchmarks; never used by the production services.
 
 Each device is what firmware does: pairs over HTTP (`need-register`, signed), sends its startup
 document, keeps its own MQTT session (client id = device id) streaming signed state every
-`interval` seconds, uploads event logs, and answers `device/{id}/command` with a configurable
-behaviour (success, failure, silence, slow, firmware progress). Everything runs on one asyncio
-loop (aiomqtt); HTTP calls go through a small thread pool.
+`interval` seconds, and answers `device/{id}/command` with a configurable behaviour (success,
+failure, silence, slow, firmware progress). Event logs, two ways:
+- as firmware does (device-api.md: "uploads event logs over HTTP after a reset when it has logs"):
+  customers pay about every `payment_every` seconds at each device, the items wait in the device's
+  buffer, and with `reboots` a device that is told to reset (RESTART, RESET_CONFIG, a flash with
+  `reboot_after`) starts up again after `delay_seconds` and uploads them;
+- as a load (`log_every`): 10 fresh items about every `log_every` seconds, whatever the resets.
+Everything runs on one asyncio loop (aiomqtt); HTTP calls go through a small thread pool.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from gateway.signing import SignatureError, http_signature, parse_signed_mqtt, s
 log = logging.getLogger(__name__)
 
 BEHAVIOURS = ("success", "failure", "silent", "slow", "progress")
+UPLOAD_MAX_ITEMS = 1000  # device-api.md: 1-1000 items per upload
+MAX_REBOOT_DELAY = 300.0  # a simulator need not honour a longer delay_seconds
 
 CAR_WASH_CONFIGS = {
     "machine": {"ACTIVE": True, "BANKNOTE": True, "COIN": True, "QR": True, "ON_TIME": "8:00", "OFF_TIME": "16:00",
@@ -63,6 +70,12 @@ class SimDevice:
     firmware_version: str = ""
     received_at: dict[str, float] = field(default_factory=dict)  # command_id -> time.monotonic()
     acked_at: dict[str, float] = field(default_factory=dict)  # command_id -> last ACK sent
+    booted_at: float = field(default_factory=time.monotonic)  # streaming's uptime counts from here
+    boots: int = 1
+    buffer: list[dict[str, Any]] = field(default_factory=list)  # event-log items not yet uploaded
+    paid_until_ms: int = field(default_factory=lambda: int(time.time() * 1000))  # payments accrued up to
+    uploaded: int = 0  # items the gateway acknowledged (201)
+    rebooted: asyncio.Event = field(default_factory=asyncio.Event)  # set when a reset's startup and upload are done
 
     @property
     def firmware(self) -> str:
@@ -79,13 +92,17 @@ class Fleet:
 
     def __init__(self, *, base_url: str, mqtt_host: str, mqtt_port: int, key: str, count: int,
                  interval: float = 60.0, helmet_share: float = 0.3, behaviours: Sequence[str] = ("success",),
-                 log_every: float = 0.0, seed: int = 1, slow_sec: float = 5.0) -> None:
+                 log_every: float = 0.0, payment_every: float = 0.0, reboots: bool = False, seed: int = 1,
+                 slow_sec: float = 5.0) -> None:
         rnd = random.Random(seed)
+        self._rng = random.Random(seed + 1)
         self.base_url = base_url.rstrip("/")
         self.mqtt_host, self.mqtt_port = mqtt_host, mqtt_port
         self.key = key
         self.interval = interval
         self.log_every = log_every
+        self.payment_every = payment_every
+        self.reboots = reboots
         self.slow_sec = slow_sec
         self.devices = [
             SimDevice(chip_id=f"{0xE5000000 + seed * 100_000 + i:08X}",
@@ -121,10 +138,64 @@ class Fleet:
         if not r.get("success"):
             raise RuntimeError(f"pairing of {d.chip_id} refused: {r}")
         d.device_id, d.pin = r["data"]["device_id"], r["data"]["pin"]
-        configs = CAR_WASH_CONFIGS if d.kind == "car_wash" else HELMET_CONFIGS
+        await self._startup(d)
+
+    async def _startup(self, d: SimDevice) -> None:
+        configs = d.configs or (CAR_WASH_CONFIGS if d.kind == "car_wash" else HELMET_CONFIGS)
         await self._call("/api/v1/devices/sync", {"topic_request": "startup", "device_id": d.device_id,
                                                   "device_status": "NORMAL", "payload": {"configs": configs},
                                                   "timestamp": int(time.time() * 1000)})
+
+    def _accrue(self, d: SimDevice) -> None:
+        """The payments customers made at `d` since the last call join its buffer (a Poisson
+        process of mean interval `payment_every`: notes and coins adding up to the total)."""
+        now_ms = int(time.time() * 1000)
+        if self.payment_every <= 0:
+            d.paid_until_ms = now_ms
+            return
+        t = d.paid_until_ms
+        while True:
+            t += max(1, int(self._rng.expovariate(1.0 / self.payment_every) * 1000))
+            if t > now_ms:
+                break
+            notes = {"20": self._rng.choice((0, 0, 1, 2)), "50": self._rng.choice((0, 0, 1)),
+                     "100": self._rng.choice((0, 0, 0, 1)), "500": 0, "1000": 0}
+            coins = {"1": 0, "2": 0, "5": self._rng.choice((0, 1)), "10": self._rng.choice((0, 1, 2, 3))}
+            total = sum(int(k) * v for k, v in notes.items()) + sum(int(k) * v for k, v in coins.items())
+            if total == 0:
+                coins["10"] = 2
+                total = 20
+            d.buffer.append({"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": t, "total_amount": total,
+                             "bank": notes, "coin": coins, "qr": {"chargeId": None, "net_amount": 0}})
+        d.paid_until_ms = now_ms
+
+    async def upload_buffered(self, d: SimDevice) -> int:
+        """What firmware does after a reset when it has logs: upload the buffer (at most 1000 items
+        per request, the API's limit) and forget each part the gateway acknowledged. Returns the
+        items acknowledged; a refused part stays buffered for the next reset."""
+        self._accrue(d)
+        sent = 0
+        while d.buffer:
+            part = d.buffer[:UPLOAD_MAX_ITEMS]
+            r = await self._call("/api/v1/device-event-logs/uploads", {"device_id": d.device_id, "items": part})
+            if not r.get("success"):
+                log.warning("%s: event-log upload refused: %s", d.device_id, r)
+                break
+            del d.buffer[:len(part)]
+            d.uploaded += len(part)
+            sent += len(part)
+        return sent
+
+    async def _reboot(self, d: SimDevice, delay: float) -> None:
+        """A reset the device was told to do: after the delay it boots, sends its startup document
+        and uploads its buffered logs. (The MQTT session is kept: the gateway sees a short reboot
+        as a new startup, not as an outage, as it would under 3 missed streaming intervals.)"""
+        await asyncio.sleep(max(0.0, min(delay, MAX_REBOOT_DELAY)))
+        d.boots += 1
+        d.booted_at = time.monotonic()
+        await self._startup(d)
+        await self.upload_buffered(d)
+        d.rebooted.set()
 
     async def upload_logs(self, d: SimDevice, n: int = 10) -> dict[str, Any]:
         now = int(time.time() * 1000)
@@ -135,13 +206,12 @@ class Fleet:
         return await self._call("/api/v1/device-event-logs/uploads", {"device_id": d.device_id, "items": items})
 
     async def _live(self, d: SimDevice, stop: asyncio.Event) -> None:
-        started = time.monotonic()
         async with aiomqtt.Client(self.mqtt_host, self.mqtt_port, identifier=d.device_id, keepalive=60) as client:
             await client.subscribe(f"device/{d.device_id}/command", qos=1)
             self.connected += 1
             if self.connected == len(self.devices):
                 self.ready.set()
-            tasks = [asyncio.create_task(self._stream(d, client, stop, started)),
+            tasks = [asyncio.create_task(self._stream(d, client, stop)),
                      asyncio.create_task(self._commands(d, client))]
             if self.log_every > 0:
                 tasks.append(asyncio.create_task(self._logs(d, stop)))
@@ -152,12 +222,12 @@ class Fleet:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream(self, d: SimDevice, client: aiomqtt.Client, stop: asyncio.Event, started: float) -> None:
+    async def _stream(self, d: SimDevice, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         # Spread the fleet over the interval, as devices that booted at different times would.
         await asyncio.sleep(random.uniform(0, min(self.interval, 5.0)))
         while not stop.is_set():
             msg = {"rssi": random.randint(-90, -50), "status": "NORMAL",
-                   "uptime": int((time.monotonic() - started) // 60), "timestamp": int(time.time() * 1000)}
+                   "uptime": int((time.monotonic() - d.booted_at) // 60), "timestamp": int(time.time() * 1000)}
             await client.publish(f"server/{d.device_id}/streaming", sign_mqtt(msg, self.key), qos=0)
             d.streams += 1
             await asyncio.sleep(self.interval)
@@ -203,7 +273,11 @@ class Fleet:
         else:
             if cmd.get("command") == "APPLY_CONFIG":
                 d.configs = (cmd.get("payload") or {}).get("configs")
+            elif cmd.get("command") == "RESET_CONFIG":
+                d.configs = None
             await ack("SUCCESS")
+            if cmd.get("command") in ("RESTART", "RESET_CONFIG"):
+                self._reset_later(d, cmd.get("payload") or {})
 
     async def _flash(self, d: SimDevice, payload: dict[str, Any], ack: Any, *, report_progress: bool) -> None:
         """What the firmware does: download the image, check size and sha256, then report."""
@@ -228,6 +302,19 @@ class Fleet:
         else:
             d.firmware_version = version
             await ack("SUCCESS", new_version=version)
+            if payload.get("reboot_after"):
+                self._reset_later(d, {})
+
+    def _reset_later(self, d: SimDevice, payload: dict[str, Any]) -> None:
+        if not self.reboots:
+            return
+        try:
+            delay = float(payload.get("delay_seconds") or 0)
+        except (TypeError, ValueError):
+            delay = 0.0
+        task = asyncio.get_running_loop().create_task(self._reboot(d, delay))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
 
     # --- the fleet ----------------------------------------------------------------------------
 
@@ -302,7 +389,13 @@ def simulate_devices_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", help="the gateway's config (for its URL, MQTT port and signing key)")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--interval", type=float, default=60.0, help="streaming interval, seconds")
-    ap.add_argument("--log-every", type=float, default=0.0, help="upload 10 log items about this often (0: never)")
+    ap.add_argument("--log-every", type=float, default=0.0,
+                    help="a load: each device uploads 10 fresh log items about this often (0: never)")
+    ap.add_argument("--payment-every", type=float, default=0.0,
+                    help="a customer pays at each device about this often, seconds (0: never); the items "
+                         "are uploaded after a reset, as firmware does")
+    ap.add_argument("--reboots", action="store_true",
+                    help="act out RESTART, RESET_CONFIG and reboot_after: start up again and upload the buffer")
     ap.add_argument("--behaviour", action="append", choices=BEHAVIOURS,
                     help="command answers, cycled over the fleet (default: success)")
     args = ap.parse_args(argv)
@@ -318,6 +411,7 @@ def simulate_devices_main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         fleet = Fleet(base_url=f"http://{host}:{cfg.web.port}", mqtt_host=mqtt_host, mqtt_port=cfg.mqtt.port, key=key,
                       count=args.count, interval=args.interval, log_every=args.log_every,
+                      payment_every=args.payment_every, reboots=args.reboots,
                       behaviours=args.behaviour or ("success",))
         runner = asyncio.create_task(fleet.run(stop))
         with contextlib.suppress(asyncio.CancelledError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 from gateway.fleet import Fleet
@@ -59,6 +60,73 @@ async def test_fleet_pairs_streams_and_answers(tmp_path: Path) -> None:
         assert kinds == {"CAR_WASH", "HELMET_DRYER"}
         code, one = await asyncio.to_thread(http_json, site.web_url + f"/api/v1/devices/{fleet.devices[0].device_id}")
         assert one["data"]["configs"]["machine"]["ACTIVE"] is True
+    finally:
+        stop.set()
+        if runner is not None:
+            await asyncio.wait_for(runner, 30)
+        await asyncio.to_thread(web.stop)
+        assert await asyncio.to_thread(core.stop) == 0
+
+
+def _stored(site_db: str | Path, device_id: str) -> tuple[int, int, int]:
+    """(event-log items, distinct timestamps, startup documents) stored for a device."""
+    con = sqlite3.connect(f"file:{site_db}?mode=ro", uri=True)
+    try:
+        items, stamps = con.execute('SELECT COUNT(*), COUNT(DISTINCT "timestamp_ms") FROM "event_log_item" '
+                                    'WHERE "device_id" = ?', (device_id,)).fetchone()
+        (startups,) = con.execute('SELECT COUNT(*) FROM "device_lifecycle_event" WHERE "device_id" = ? '
+                                  "AND \"kind\" = 'startup'", (device_id,)).fetchone()
+    finally:
+        con.close()
+    return items, stamps, startups
+
+
+async def test_devices_upload_their_payments_after_a_reset(tmp_path: Path) -> None:
+    """As firmware does: payments wait in the device; a RESTART it acknowledges makes it start up
+    again and upload them, once; a device that refuses the restart uploads nothing."""
+    site = make_site(tmp_path / "site")
+    core = await asyncio.to_thread(start_process, site, "core")
+    web = await asyncio.to_thread(start_process, site, "web")
+    key = site.secrets.device_signing_key
+    stop = asyncio.Event()
+    fleet = Fleet(base_url=site.web_url, mqtt_host="127.0.0.1", mqtt_port=site.mqtt_port, key=key, count=2,
+                  interval=30.0, behaviours=("success", "failure"), payment_every=0.02, reboots=True)
+    ok, refusing = fleet.devices
+    db = site.config.paths.database
+    runner = None
+    try:
+        await asyncio.to_thread(web.notify.wait_for, "STATUS=" + STATUS_CONNECTED, 20)
+        with Probe(site.mqtt_port, username=site.config.mqtt.internal_username,
+                   password=site.secrets.mqtt_internal_password) as gw:
+            await asyncio.to_thread(gw.connect)
+            await asyncio.to_thread(gw.subscribe, "server/+/ack")
+            runner = asyncio.create_task(fleet.run(stop))
+            await asyncio.wait_for(fleet.ready.wait(), 60)
+            assert await asyncio.to_thread(_stored, db, ok.device_id) == (0, 0, 1)  # no reset, no upload
+
+            async def restart(n: int) -> None:
+                for d in fleet.devices:
+                    cmd = {"command_id": f"cmd-{n}-{d.device_id}", "command": "RESTART", "require_ack": True,
+                           "payload": {"delay_seconds": 0}, "timestamp": 1}
+                    await asyncio.to_thread(gw.publish, f"device/{d.device_id}/command", sign_mqtt(cmd, key))
+                acks: dict[str, str] = {}
+                while len(acks) < 2:
+                    m = await asyncio.to_thread(gw.expect, None, 10)
+                    ack = parse_signed_mqtt(m.payload, key)
+                    acks[ack["device_id"]] = ack["status"]
+                assert acks == {ok.device_id: "SUCCESS", refusing.device_id: "FAILED"}
+                await asyncio.wait_for(ok.rebooted.wait(), 30)
+
+            await restart(1)
+            first = ok.uploaded
+            assert first > 0 and not ok.buffer and ok.boots == 2
+            assert await asyncio.to_thread(_stored, db, ok.device_id) == (first, first, 2)
+            ok.rebooted.clear()
+            await restart(2)  # only the payments made since the first reset
+            assert ok.uploaded > first and ok.boots == 3
+            assert await asyncio.to_thread(_stored, db, ok.device_id) == (ok.uploaded, ok.uploaded, 3)
+        assert refusing.boots == 1 and refusing.uploaded == 0
+        assert await asyncio.to_thread(_stored, db, refusing.device_id) == (0, 0, 1)
     finally:
         stop.set()
         if runner is not None:
