@@ -308,7 +308,6 @@ class ChaosFleet(Fleet):
         self.reconnects = 0  # MQTT sessions lost and opened again, over the fleet
 
     async def _live(self, d: SimDevice, stop: asyncio.Event) -> None:
-        started = time.monotonic()
         counted = False
         while not stop.is_set():
             try:
@@ -321,7 +320,7 @@ class ChaosFleet(Fleet):
                         if self.connected == len(self.devices):
                             self.ready.set()
                     stopper = asyncio.create_task(stop.wait())
-                    tasks = [asyncio.create_task(self._stream(d, client, stop, started)),
+                    tasks = [asyncio.create_task(self._stream(d, client, stop)),
                              asyncio.create_task(self._commands(d, client))]
                     try:
                         await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
