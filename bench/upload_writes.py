@@ -3,7 +3,7 @@
 What the soak's per-hour figure is mostly made of, taken apart. In this process, on a fresh
 migrated database opened as the gateway opens it (WAL, synchronous=FULL; a file under $TMPDIR,
 which must be a disk): 20 claimed devices upload 10 items each in turn, one upload every 15 s of a
-simulated clock (the demo's rate, 240 uploads an hour), the items spread over the 300 s since the
+simulated clock (the soak load watch, 240 uploads an hour), the items spread over the 300 s since the
 device's previous upload (what a device that buffered them sends), through
 `gateway.devices.registry.upload_logs` (one IMMEDIATE transaction: items, outbox event, payload).
 
@@ -34,7 +34,7 @@ from gateway.store.models import Device
 NAME = "upload_writes"
 DEVICES = 20
 ITEMS = 10
-EVERY_MS = 15_000  # site-wide: 240 uploads an hour, the demo fleet's rate
+EVERY_MS = 15_000  # site-wide: 240 uploads an hour, the soak load watch (demo --log-every 300)
 PAGE_SIZES = (1024, 4096)
 OS_PAGE = 4096
 
