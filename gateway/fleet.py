@@ -193,8 +193,11 @@ class Fleet:
         await asyncio.sleep(max(0.0, min(delay, MAX_REBOOT_DELAY)))
         d.boots += 1
         d.booted_at = time.monotonic()
-        await self._startup(d)
-        await self.upload_buffered(d)
+        try:
+            await self._startup(d)
+            await self.upload_buffered(d)
+        except (OSError, ValueError) as exc:  # the gateway away: the buffer waits for the next reset
+            log.warning("%s: start-up after a reset failed: %s", d.device_id, exc)
         d.rebooted.set()
 
     async def upload_logs(self, d: SimDevice, n: int = 10) -> dict[str, Any]:
