@@ -29,7 +29,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.demo import free_port
-from gateway.uplink.bridge import BridgeSettings, CloudBridge, backoff_delay
+from gateway.uplink.bridge import BridgeSettings, CloudBridge, backoff_delay, is_forwarded
 from tests.mqtt_probe import Msg, Probe
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -341,6 +341,13 @@ async def send(p: Probe, topic: str, payload: bytes, *, retain: bool = False) ->
 
 
 # --- pure parts ----------------------------------------------------------------------------------
+
+
+def test_only_bay_status_and_presence_transitions_go_to_the_cloud() -> None:
+    assert is_forwarded("wash/bay1/status") and is_forwarded("gateway/presence/dev-1")
+    for topic in ("gateway/live/dev-1", "wash/bay1/cmd", "wash/bay1/cmd/result", "gateway/presence/dev-1/x",
+                  "gateway/health", "gateway/status", "device/dev-1/command", "server/dev-1/streaming"):
+        assert not is_forwarded(topic), topic
 
 
 def test_backoff_is_jittered_and_bounded() -> None:

@@ -34,7 +34,7 @@ from gateway.payments.follower import PaymentFollower
 from gateway.recovery import RecoveryCodes
 from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
-from gateway.uplink.bridge import BridgeSettings, CloudBridge
+from gateway.uplink.bridge import BridgeSettings, CloudBridge, is_forwarded
 from gateway.uplink.drainer import OutboxDrainer
 from gateway.wash.service import WashService
 
@@ -261,8 +261,7 @@ class CoreApp:
                              on_payment_status=on_payment_status)
 
         def forward(topic: str, payload: bytes) -> None:
-            if payload and ((topic.startswith("wash/") and topic.endswith("/status"))
-                            or topic.startswith("gateway/presence/")):
+            if payload and is_forwarded(topic):
                 bridge.forward(topic, payload)
 
         self.bus.on_publish(forward)

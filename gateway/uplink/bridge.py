@@ -146,6 +146,14 @@ class BridgeSettings:
         return cls(**values)
 
 
+def is_forwarded(local_topic: str) -> bool:
+    """Whether the core hands a local publish to the bridge: bay status and presence transitions.
+    Not `gateway/live/{device_id}` (every streaming message, for the web only) nor anything else."""
+    parts = local_topic.split("/")
+    return len(parts) == 3 and ((parts[0] == "wash" and parts[2] == "status")
+                                or (parts[0] == "gateway" and parts[1] == "presence"))
+
+
 def backoff_delay(failures: int, lo: float, hi: float, rng: random.Random) -> float:
     """Full jitter: uniform in [lo, min(hi, lo * 2^failures)]."""
     return rng.uniform(lo, max(lo, min(hi, lo * 2.0 ** min(failures, 40))))
