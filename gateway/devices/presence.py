@@ -4,7 +4,7 @@ Each message is verified (`sha256`, unless `signatures.mqtt = "off"`), then upda
 last seen, rssi, status and uptime in memory, and the rssi history of its `BUCKET_MIN`-minute
 bucket (min/max/last over every message). Every accepted message is published at once, retained,
 on `gateway/live/{device_id}` (internal users only; not forwarded to the cloud): the web shows last
-seen, rssi, status and uptime from there. The store is written in batches: at most one
+seen, rssi and status from there. The store is written in batches: at most one
 transaction every `devices.presence_save_sec` (15 min) for the devices that streamed (SD-card
 wear: a lone commit costs ~15 KiB, bench commit_cost), plus one at once for each online / offline
 transition (with its lifecycle row and a coalesced `device.status` outbox event), which pages,
