@@ -37,7 +37,6 @@ from the end of warm-up to the last sample.
 
 Duration: 1 h, `--quick` 10 min; `CARWASH_SOAK_SECONDS` overrides both (development). The data
 directory is made under $TMPDIR (it must be a disk, not tmpfs, for write_bytes to mean anything).
-
 """
 
 from __future__ import annotations
