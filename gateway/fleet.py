@@ -34,12 +34,12 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.devices.validate import MAX_ITEMS as UPLOAD_MAX_ITEMS  # device-api.md: 1-1000 items per upload
 from gateway.signing import SignatureError, http_signature, parse_signed_mqtt, sign_mqtt
 
 log = logging.getLogger(__name__)
 
 BEHAVIOURS = ("success", "failure", "silent", "slow", "progress")
-UPLOAD_MAX_ITEMS = 1000  # device-api.md: 1-1000 items per upload
 MAX_REBOOT_DELAY = 300.0  # a simulator need not honour a longer delay_seconds
 
 CAR_WASH_CONFIGS = {
