@@ -120,10 +120,10 @@ class CommandFeed:
 
 @dataclass(frozen=True)
 class LivePresence:
-    online: bool
+    """What views take from a live message (`online` comes from the row; see `merge`)."""
+
     rssi: int | None
     status: str | None
-    uptime: int | None
     last_seen_at: str  # ISO 8601 UTC with Z, as the core wrote it
 
 
@@ -147,9 +147,10 @@ class PresenceFeed:
             m = json.loads(payload)
             if not isinstance(m, dict) or m.get("device_id") != dev:
                 raise ValueError("not the presence of this device")
-            live = LivePresence(online=m["online"] is True, rssi=_opt_int(m.get("rssi")),
+            _opt_int(m.get("uptime"))  # the core's whole document is checked, though views show no uptime
+            live = LivePresence(rssi=_opt_int(m.get("rssi")),
                                 status=m.get("status") if isinstance(m.get("status"), str) else None,
-                                uptime=_opt_int(m.get("uptime")), last_seen_at=str(m["last_seen_at"]))
+                                last_seen_at=str(m["last_seen_at"]))
         except (ValueError, KeyError, TypeError) as exc:
             self.bad_messages += 1
             log.warning("ignored a bad message on %s: %s", topic, exc)
