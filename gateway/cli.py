@@ -35,7 +35,11 @@ def cmd_version(_args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.wash.tools import serial_device_warnings
+
     cfg, _ = _load(args)
+    for warning in serial_device_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{cfg.source}: OK (site {cfg.site.id}, {len(cfg.buses)} bus(es), {len(cfg.bays)} bay(s))")
     return 0
 
@@ -165,39 +169,6 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_scan_bus(args: argparse.Namespace) -> int:
-    """Ask the running core to probe unit ids on one of its buses (it owns the serial port)."""
-    from gateway.bus.client import BusClient, BusUnavailable, RpcTimeout
-    from gateway.bus.rpc import RpcError
-
-    cfg = load_config(config_path(args.config))
-    secrets = load_secrets(cfg)
-    host = "127.0.0.1" if cfg.mqtt.bind in ("0.0.0.0", "::", "") else cfg.mqtt.bind
-    client = BusClient(host, cfg.mqtt.port, cfg.mqtt.internal_username, secrets.mqtt_internal_password, name="scan")
-    client.start()
-    try:
-        if not client.wait_connected(10):
-            print("scan-bus: the core's broker does not answer (is the core running?)", file=sys.stderr)
-            return 1
-        result = client.call("wash.scan", {"bus": args.bus, "first": args.first, "last": args.last,
-                                           "profile": args.profile}, timeout=120)
-    except (BusUnavailable, RpcTimeout, RpcError) as exc:
-        print(f"scan-bus: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.stop()
-    print(f"bus {result['bus']}, profile {result['profile']}")
-    for u in result["units"]:
-        if "registers" in u:
-            d = u.get("decoded")
-            what = (f"{d['state']} progress {d['progress']} course {d['course'] or '-'} error {d['error'] or '-'}"
-                    if d else f"does not decode: {u.get('decode_error')}")
-            print(f"unit {u['unit']:3d}: answers {u['registers']}  {what}")
-        else:
-            print(f"unit {u['unit']:3d}: {u['error']}")
-    return 0
-
-
 def cmd_ops(args: argparse.Namespace) -> int:
     from gateway import ops
 
@@ -243,12 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--force", action="store_true")
     s.set_defaults(fn=cmd_init_secrets)
-    sb = sub.add_parser("scan-bus", parents=[common], help="probe unit ids on a PLC bus (through the running core)")
+    from gateway.wash.tools import cmd_reset_bay, cmd_scan_bus
+
+    sb = sub.add_parser("scan-bus", parents=[common],
+                        help="probe unit ids x base addresses on a PLC bus (through the running core)")
     sb.add_argument("bus", help="bus name from the config")
     sb.add_argument("--first", type=int, default=1)
     sb.add_argument("--last", type=int, default=16)
+    sb.add_argument("--base", type=int, action="append", metavar="ADDR",
+                    help="base address to probe (repeat; default: 0 and the bases configured on that bus)")
     sb.add_argument("--profile", default="washbay-v1")
     sb.set_defaults(fn=cmd_scan_bus)
+    rb = sub.add_parser("reset-bay", parents=[common],
+                        help="clear a bay's latched PLC error (RESET_ERROR, through the running core; recorded)")
+    rb.add_argument("bay", help="bay id from the config")
+    rb.set_defaults(fn=cmd_reset_bay)
     b = sub.add_parser("backup", parents=[common], help="online backup of the database to a new file")
     b.add_argument("file")
     b.set_defaults(fn=cmd_ops)

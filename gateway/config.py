@@ -136,11 +136,13 @@ class BusConfig:
     parity: Literal["N", "E", "O"] = _f("N")
     stopbits: int = _f(1, choices=(1, 2))
     bytesize: int = _f(8, choices=(7, 8))
-    rts_direction: bool = _f(False, doc="rtu: drive DE/RE with RTS")
+    rts_direction: bool = _f(False, doc="rtu: drive DE/RE with RTS (high while the gateway sends)")
     direction_gpio: int | None = _f(None, min=0, max=53, doc="rtu: BCM pin driving DE/RE")
     host: str = _f("", doc="tcp: PLC address")
     port: int = _f(502, min=1, max=65535)
-    timeout_ms: int = _f(100, min=5, max=10000, doc="per-request reply timeout")
+    timeout_ms: int | None = _f(None, min=5, max=10000,
+                                doc="per-request reply timeout; none: derived from the line (plc.bus.default_timeout)")
+    retries: int = _f(1, min=0, max=5, doc="a command write with no valid reply is sent again this many times")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,9 +399,10 @@ def _cross_check(cfg: Config, loader: _Loader) -> None:
             loader.fail(f"buses[{i}].device", "required for an rtu bus")
         if bus.type == "tcp" and not bus.host:
             loader.fail(f"buses[{i}].host", "required for a tcp bus")
-        # DE/RE through RTS is not built (adapters either switch by themselves or take a GPIO pin).
-        if bus.rts_direction:
-            loader.fail(f"buses[{i}].rts_direction", "not supported yet: use an adapter with automatic direction")
+        if bus.rts_direction and bus.type != "rtu":
+            loader.fail(f"buses[{i}].rts_direction", "only an rtu bus has a direction to drive")
+        if bus.rts_direction and bus.direction_gpio is not None:
+            loader.fail(f"buses[{i}].rts_direction", "choose one of rts_direction and direction_gpio")
         if bus.direction_gpio is not None and bus.type != "rtu":
             loader.fail(f"buses[{i}].direction_gpio", "only an rtu bus has a direction to drive")
     seen: dict[str, int] = {}

@@ -102,8 +102,10 @@ def test_minimal_config_relative_paths_and_secrets(tmp_path: Path) -> None:
         ("[[buses]]\nname = \"b\"\ntype = \"tcp\"\nhost = \"h\"\n[[bays]]\nid = \"bay1\"\nbus = \"b\"\n"
          "[[bays]]\nid = \"bay2\"\nbus = \"b\"\nbase = 10\n", "bays[1].base", "overlap"),
         ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nbaudrate = 12345\n", "buses[0].baudrate", "one of"),
-        ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nrts_direction = true\n",
-         "buses[0].rts_direction", "not supported"),
+        ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nrts_direction = true\n"
+         "direction_gpio = 18\n", "buses[0].rts_direction", "choose one"),
+        ("[[buses]]\nname = \"b\"\ntype = \"tcp\"\nhost = \"h\"\nrts_direction = true\n",
+         "buses[0].rts_direction", "only an rtu bus"),
         ("[[buses]]\nname = \"b\"\ntype = \"tcp\"\nhost = \"h\"\ndirection_gpio = 18\n",
          "buses[0].direction_gpio", "only an rtu bus"),
         ("[cloud]\nurl = \"ftp://x\"\n", "cloud.url", "does not match"),

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import BusConfig
 from gateway.demo import free_port
-from plc.bus import BayAddress, BusScheduler, PlcWriteError, PollResult, inter_frame_gap
+from plc.bus import BayAddress, BusScheduler, BusSettings, PlcError, PollResult, inter_frame_gap
 from plc.profile import (
     DecodeError,
     ProfileError,
@@ -73,10 +72,10 @@ def test_site_profile_file_and_errors(tmp_path: Path) -> None:
 
 
 def test_inter_frame_gap() -> None:
-    rtu = BusConfig(name="b", type="rtu", device="/dev/x", baudrate=9600)
+    rtu = BusSettings(name="b", type="rtu", device="/dev/x", baudrate=9600)
     assert inter_frame_gap(rtu) == pytest.approx(3.5 * 10 / 9600)
-    assert inter_frame_gap(BusConfig(name="b", type="rtu", device="/dev/x", baudrate=115200)) == 0.00175
-    assert inter_frame_gap(BusConfig(name="b", type="tcp", host="h")) == 0.0
+    assert inter_frame_gap(BusSettings(name="b", type="rtu", device="/dev/x", baudrate=115200)) == 0.00175
+    assert inter_frame_gap(BusSettings(name="b", type="tcp", host="h")) == 0.0
 
 
 class Collector:
@@ -107,7 +106,7 @@ async def test_scheduler_rtu_polls_writes_mute_unplug_and_garbage(tmp_path: Path
     sim = PlcSimulator.rtu(pair.plc_path, bays=[("a", 1, 0), ("b", 2, 0), ("c", 3, 20)], wash_time=0.5)
     await sim.start()
     col = Collector()
-    cfg = BusConfig(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout_ms=100)
+    cfg = BusSettings(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout=0.1)
     bays = [BayAddress("a", 1, 0, P, 0.05), BayAddress("b", 2, 0, P, 0.05), BayAddress("c", 3, 20, P, 0.05),
             BayAddress("ghost", 9, 0, P, 0.05)]
     bus = BusScheduler(cfg, bays, col, offline_after=3, backoff_max=1.0)
@@ -136,7 +135,7 @@ async def test_scheduler_rtu_polls_writes_mute_unplug_and_garbage(tmp_path: Path
         # The adapter vanishes: every bay gets "disconnected"; it comes back by itself.
         await asyncio.to_thread(pair.kill)
         await col.wait(lambda r: r.error == "disconnected")
-        with pytest.raises(PlcWriteError):
+        with pytest.raises(PlcError):
             await bus.write("a", P.command_offset, encode_command(P, "STOP", 0, 12))
         await asyncio.to_thread(pair.start)
         await sim.reopen()
@@ -154,7 +153,7 @@ async def test_scheduler_tcp_and_exception_replies(tmp_path: Path) -> None:
     sim = PlcSimulator.tcp("127.0.0.1", port, bays=[("t1", 1, 0)], wash_time=0.3)
     await sim.start()
     col = Collector()
-    cfg = BusConfig(name="lan", type="tcp", host="127.0.0.1", port=port, timeout_ms=200)
+    cfg = BusSettings(name="lan", type="tcp", host="127.0.0.1", port=port, timeout=0.2)
     # Unit 1 at base 100 is outside what the simulated PLC serves: a Modbus exception reply.
     bus = BusScheduler(cfg, [BayAddress("t1", 1, 0, P, 0.05), BayAddress("bad", 1, 100, P, 0.05)], col)
     task = asyncio.create_task(bus.run())
@@ -183,7 +182,7 @@ async def test_rs485_direction_pin_brackets_every_frame(tmp_path: Path) -> None:
     sim = PlcSimulator.rtu(pair.plc_path, bays=[("a", 1, 0)], wash_time=0.5)
     await sim.start()
     col = Collector()
-    cfg = BusConfig(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout_ms=100,
+    cfg = BusSettings(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout=0.1,
                     direction_gpio=22)
     bus = BusScheduler(cfg, [BayAddress("a", 1, 0, P, 0.05)], col)
     task = asyncio.create_task(bus.run())

@@ -174,7 +174,11 @@ def test_polls_faster_than_heartbeat_are_not_frozen() -> None:
 
 def test_session_started_on_the_plc_is_recorded() -> None:
     m, c = idle_bay()
+    # A new session counter is believed once a second reply agrees (a lone reply could be
+    # another bay's, misread): one poll later the session is open.
     fx = poll(m, c, R(state="WASHING", course="STANDARD", progress=5, session_counter=1))
+    assert not fx and m.view.state == "IDLE"
+    fx = poll(m, c, R(state="WASHING", course="STANDARD", progress=6, session_counter=1))
     assert fx.sessions == [OpenSession(None, "STANDARD", c.t)]
     assert (m.view.state, m.view.request_id, m.view.course) == ("WASHING", None, "STANDARD")
     fx = poll(m, c, R(state="DONE", course="STANDARD", progress=100, session_counter=1))
@@ -184,6 +188,7 @@ def test_session_started_on_the_plc_is_recorded() -> None:
 def test_missed_transitions_are_honoured() -> None:
     m, c = idle_bay()
     # A whole local session happened between two polls: IDLE -> DONE.
+    poll(m, c, R(state="DONE", course="BASIC", progress=100, session_counter=1))
     fx = poll(m, c, R(state="DONE", course="BASIC", progress=100, session_counter=1))
     assert m.view.state == "DONE"
     assert [type(s) for s in fx.sessions] == [OpenSession, CloseSession]

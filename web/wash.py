@@ -1,7 +1,9 @@
 """The wash REST API of wash-contract.md, its SSE stream, and the Socket.IO `wash:status` event.
 
-Start and stop are decisions of the core: the web asks over RPC (`wash.command`) and relays the
-answer (200, idempotent 200, 404, 409, 503). Reads come from the live feed (retained status) and
+Start, stop and reset are decisions of the core: the web asks over RPC (`wash.command`) and relays
+the answer (200, idempotent 200, 404, 409, 503). A reset (RESET_ERROR to a PLC that latched an
+error) needs the technician's token whatever `web.wash_api_auth` says, and is recorded with the
+technician's name. Reads come from the live feed (retained status) and
 the database (history, stats); the web never writes bay state or sessions.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from gateway.clock import iso_z
-from gateway.store.models import Bay, WashSession
+from gateway.store.models import Bay, BayReset, WashSession
 from web.auth import require_technician
 from web.body import read_json
 from web.context import ask_core, ctx
@@ -54,6 +56,15 @@ START_REQ = {
     "properties": {"bayId": FIELD, "course": FIELD, "requestId": FIELD},
 }
 STOP_REQ = {"type": "object", "required": ["bayId"], "properties": {"bayId": FIELD}}
+RESET = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "bayId": {"type": "string"}, "requestId": {"type": "string"},
+        "by": {"type": "string"}, "errorCode": {"type": ["string", "null"]},
+        "outcome": {"enum": ["CLEARED", "STILL_IN_ERROR", "NO_ANSWER", "OFFLINE"]},
+        "requestedAt": {"type": "string"}, "doneAt": {"type": "string"},
+    },
+}
 RANGE_PARAMS = {"from": {"type": "string", "format": "date-time"}, "to": {"type": "string", "format": "date-time"}}
 
 
@@ -139,6 +150,48 @@ def stop() -> Any:
     return jsonify({"success": True, "bayId": bay_id, "requestId": r["requestId"]})
 
 
+@bp.post("/api/wash/reset")
+@doc("Clear a bay's latched PLC error (RESET_ERROR), decided by the core; recorded with the technician",
+     tags=("wash",), request=STOP_REQ, response={"type": "object"}, errors=(400, 401, 404, 409, 415, 503),
+     security="bearer")
+def reset() -> Any:
+    username = require_technician()
+    body = read_json()
+    bay_id = _str_field(body, "bayId", required=True)
+    _known_bay(bay_id)  # type: ignore[arg-type]
+    r = ask_core("wash.command", {"bayId": bay_id, "action": "RESET", "by": f"technician:{username}"})
+    out: dict[str, Any] = {"success": True, "bayId": bay_id, "requestId": r["requestId"]}
+    if r.get("idempotent"):
+        out["idempotent"] = True
+    return jsonify(out)
+
+
+@bp.get("/api/wash/resets")
+@doc("Resets of latched PLC errors, newest first: who, when, which code, outcome", tags=("wash",),
+     response={"type": "array", "items": RESET}, security="bearer",
+     params={"limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}, "bayId": {"type": "string"}},
+     errors=(400, 401, 404))
+def resets() -> Any:
+    require_technician()
+    q = BayReset.select()
+    bay_id = request.args.get("bayId")
+    if bay_id is not None:
+        _known_bay(bay_id)
+        q = q.where(BayReset.bay == bay_id)
+    rows = q.order_by(BayReset.id.desc()).limit(_limit())
+    return jsonify([{"id": r.id, "bayId": r.bay_id, "requestId": r.request_id, "by": r.requested_by,
+                     "errorCode": r.error_code, "outcome": r.outcome, "requestedAt": iso_z(r.requested_at),
+                     "doneAt": iso_z(r.done_at)} for r in rows])
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", "20")
+    # isascii: str.isdigit() is true for "¹" and other digits int() refuses (a 500).
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 500:
+        raise ApiError(400, "VALIDATION_FAILED", "limit must be an integer from 1 to 500")
+    return int(raw)
+
+
 def _status_view(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s[k] for k in ("bayId", "state", "progress", "course", "errorCode", "sessionId", "timestampUtc")}
 
@@ -186,16 +239,13 @@ def _finished_between() -> Any:
      params={"limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}, "bayId": {"type": "string"},
              **RANGE_PARAMS}, errors=(400,))
 def history() -> Any:
-    raw = request.args.get("limit", "20")
-    # isascii: str.isdigit() is true for "¹" and other digits int() refuses (a 500).
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 500:
-        raise ApiError(400, "VALIDATION_FAILED", "limit must be an integer from 1 to 500")
+    limit = _limit()
     q = _finished_between()
     bay_id = request.args.get("bayId")
     if bay_id is not None:
         _known_bay(bay_id)
         q = q.where(WashSession.bay == bay_id)
-    rows = q.order_by(WashSession.start_time.desc(), WashSession.id.desc()).limit(int(raw))
+    rows = q.order_by(WashSession.start_time.desc(), WashSession.id.desc()).limit(limit)
     return jsonify([{
         "id": r.id, "bayId": r.bay_id, "course": r.course, "state": r.state, "startTime": iso_z(r.start_time),
         "endTime": iso_z(r.end_time) if r.end_time else None, "errorCode": r.error_code, "sessionId": r.session_id,

@@ -46,6 +46,7 @@ class BusClient:
         self._pending: dict[str, Future[Any]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._stopping = False
         self._callbacks: list[tuple[str, Callable[[str, bytes], None]]] = []
         self._on_connected = on_connected
         self._on_disconnected = on_disconnected
@@ -75,6 +76,7 @@ class BusClient:
         return self._connected.wait(timeout)
 
     def stop(self) -> None:
+        self._stopping = True  # our own disconnect is not a lost connection
         self._client.disconnect()
         self._client.loop_stop()
         with self._lock:
@@ -121,7 +123,7 @@ class BusClient:
     def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected:
+        if was_connected and not self._stopping:
             log.warning("lost the local broker connection: %s", reason)
             if self._on_disconnected is not None:
                 self._on_disconnected()

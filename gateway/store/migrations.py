@@ -171,6 +171,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             'REINDEX "outbox_event_sent"',
         ),
     ),
+    Migration(
+        5,
+        "bay resets: who cleared which latched PLC error, when",
+        (
+            """CREATE TABLE "bay_reset" ("id" INTEGER NOT NULL PRIMARY KEY, "bay_id" TEXT NOT NULL,
+            "request_id" TEXT NOT NULL, "requested_by" TEXT NOT NULL, "error_code" TEXT,
+            "outcome" TEXT NOT NULL, "requested_at" DATETIME NOT NULL, "done_at" DATETIME NOT NULL,
+            FOREIGN KEY ("bay_id") REFERENCES "bay" ("bay_id") ON DELETE RESTRICT)""",
+            'CREATE INDEX "bay_reset_bay_id" ON "bay_reset" ("bay_id", "id")',
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -240,6 +240,19 @@ class WashSession(BaseModel):
     end_time = DateTimeField(null=True)
 
 
+class BayReset(BaseModel):
+    """A RESET of a bay's latched PLC error and its outcome. owner: core."""
+
+    id = IntegerField(primary_key=True)
+    bay = ForeignKeyField(Bay, column_name="bay_id", on_delete="RESTRICT")
+    request_id = TextField()
+    requested_by = TextField()  # "technician:NAME", "mqtt:CLIENT_ID", "cli:USER"
+    error_code = TextField(null=True)  # the code shown when the reset was asked for
+    outcome = TextField()  # CLEARED | STILL_IN_ERROR | NO_ANSWER | OFFLINE
+    requested_at = DateTimeField()
+    done_at = DateTimeField()
+
+
 class OutboxEvent(BaseModel):
     """What the cloud must learn; written in the transaction of the fact. owner: writer of the
     fact inserts, core drains."""
@@ -291,6 +304,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     FirmwareImage,
     Bay,
     WashSession,
+    BayReset,
     OutboxEvent,
     OutboxPayload,
     TechnicianUser,

@@ -5,6 +5,12 @@ Inputs are commands (`command()`), PLC poll results (`on_poll()`) and the passag
 open or close, a status to publish, the bay row to persist. The state shown is always the PLC's
 once it has answered; the gateway adds STARTING (a START written, not yet confirmed), OFFLINE
 (no valid answer for `offline_after` polls, or a frozen heartbeat) and START_TIMEOUT.
+
+A session is one PLC session, told apart by the PLC's session counter (docs/decisions.md,
+"Fieldbus truth"): a reply whose counter contradicts what the bay knows (not the step of a START
+the PLC just took) is held until the next reply confirms it, and so is a reply that would end a
+running session without an outcome (IDLE under WASHING); a short OFFLINE spell ends a session only
+when the PLC's counter or state says it ended.
 """
 
 from __future__ import annotations
@@ -57,19 +63,38 @@ class CloseSession:
     at: float
 
 
+@dataclass(frozen=True)
+class ResetDone:
+    """The outcome of a RESET: CLEARED (the PLC took it and left ERROR), STILL_IN_ERROR (it took
+    it, the fault is still there), NO_ANSWER (not taken, sent twice), OFFLINE (the bay went
+    offline first)."""
+
+    request_id: str
+    by: str
+    error_code: str | None  # the code shown when the reset was asked for
+    outcome: str
+    requested_at: float
+    at: float
+
+
 @dataclass
 class Effects:
     writes: list[Write] = field(default_factory=list)
     sessions: list[OpenSession | CloseSession] = field(default_factory=list)
+    resets: list[ResetDone] = field(default_factory=list)
     publish: bool = False
     persist: bool = False
 
     def merge(self, other: Effects) -> Effects:
         self.writes += other.writes
         self.sessions += other.sessions
+        self.resets += other.resets
         self.publish |= other.publish
         self.persist |= other.persist
         return self
+
+    def __bool__(self) -> bool:
+        return bool(self.writes or self.sessions or self.resets or self.publish or self.persist)
 
 
 @dataclass
@@ -83,15 +108,19 @@ class View:
     session_id: str | None = None
     request_id: str | None = None
     changed_at: float = 0.0
+    plc_session: int | None = None  # the PLC's session counter of the open session, once known
 
 
 @dataclass
 class _Pending:
-    action: str
+    action: str  # START | STOP | RESET
     seq: int
     deadline: float
     request_id: str | None
     retried: bool = False
+    by: str = ""
+    error_code: str | None = None
+    at: float = 0.0
 
 
 class BayMachine:
@@ -113,14 +142,18 @@ class BayMachine:
         self.last_heartbeat: int | None = None
         self.heartbeat_moved_at = 0.0
         self.session_counter: int | None = None
+        self.held: PlcStatus | None = None  # a reply that contradicts the bay, awaiting confirmation
+        self.held_count = 0
+        self.start_seq: int | None = None  # the seq of the START of the open session
         self.last_progress_publish = -1.0
         self.stop_failed = 0
 
     # --- commands ---------------------------------------------------------------------------
 
     def command(self, action: str, course: str | None, request_id: str | None, now: float,
-                new_request_id: str) -> tuple[Decision, Effects]:
-        """Judge a START or STOP, whoever sent it. `new_request_id` is used when none is given."""
+                new_request_id: str, by: str = "") -> tuple[Decision, Effects]:
+        """Judge a START, STOP or RESET, whoever sent it (`by` names them for the reset record).
+        `new_request_id` is used when none is given (and always for STOP and RESET)."""
         v = self.view
         if action == "START":
             if course not in self.courses:
@@ -140,7 +173,9 @@ class BayMachine:
             self.pending = _Pending("START", self.seq, now + self.start_timeout, rid)
             self.last_request_id = rid
             self.session_open = True
-            self._set(now, state="STARTING", progress=0, course=course, error_code=None, request_id=rid)
+            self.start_seq = self.seq
+            self._set(now, state="STARTING", progress=0, course=course, error_code=None, request_id=rid,
+                      plc_session=None)
             fx = Effects(writes=[Write("START", course, self.seq)], sessions=[OpenSession(rid, course, now)],
                          publish=True, persist=True)
             return Decision(Verdict.ACCEPTED, 200, request_id=rid), fx
@@ -151,7 +186,20 @@ class BayMachine:
             self.seq = self.seq % 65535 + 1
             self.pending = _Pending("STOP", self.seq, now + self.start_timeout, rid)
             return Decision(Verdict.ACCEPTED, 200, request_id=rid), Effects(writes=[Write("STOP", None, self.seq)])
-        return Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", "action must be START or STOP"), Effects()
+        if action == "RESET":
+            if v.state == "OFFLINE":
+                return Decision(Verdict.REJECTED, 503, "PLC_OFFLINE", f"{self.bay_id} is offline"), Effects()
+            if self.pending is not None and self.pending.action == "RESET":
+                return Decision(Verdict.IDEMPOTENT, 200, request_id=self.pending.request_id), Effects()
+            if v.state != "ERROR":
+                return Decision(Verdict.REJECTED, 409, "CONFLICT",
+                                f"{self.bay_id} is {v.state}: there is no error to reset"), Effects()
+            rid = new_request_id
+            self.seq = self.seq % 65535 + 1
+            self.pending = _Pending("RESET", self.seq, now + self.start_timeout, rid, by=by or "unknown",
+                                    error_code=v.error_code, at=now)
+            return Decision(Verdict.ACCEPTED, 200, request_id=rid), Effects(writes=[Write("RESET_ERROR", None, self.seq)])
+        return Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", "action must be START, STOP or RESET"), Effects()
 
     # --- PLC ----------------------------------------------------------------------------------
 
@@ -176,6 +224,8 @@ class BayMachine:
             self.frozen_polls = 0
             self.heartbeat_moved_at = now
         self.last_heartbeat = r.heartbeat
+        if not self._plausible(r):
+            return Effects()
         fx = Effects()
         counter_moved = self.session_counter is not None and r.session_counter != self.session_counter
         first_poll = self.session_counter is None
@@ -183,6 +233,10 @@ class BayMachine:
         p = self.pending
         if p is not None and p.action == "STOP" and r.ack_seq == p.seq:
             self.pending = None  # the PLC took the STOP; CANCELED follows from its state
+        if p is not None and p.action == "RESET" and r.ack_seq == p.seq:
+            self.pending = None
+            outcome = "STILL_IN_ERROR" if (r.error_code or r.state == "ERROR") else "CLEARED"
+            fx.resets.append(ResetDone(p.request_id or "", p.by, p.error_code, outcome, p.at, now))
         if self.recovering:
             self.recovering = False
             fx.merge(self._recover(r, now))
@@ -192,16 +246,53 @@ class BayMachine:
             if r.ack_seq != p.seq or plc_state == "IDLE":
                 # The PLC has not taken the START yet: keep showing STARTING.
                 return fx.merge(self._progress_only(now, 0))
+            self.view.plc_session = r.session_counter
             if plc_state in ("WASHING", "DONE", "CANCELED", "ERROR"):
                 self.pending = None
         elif self.view.state in ("IDLE", "DONE", "CANCELED") and not self.session_open and plc_state in (
                 "STARTING", "WASHING", "DONE", "CANCELED") and (counter_moved or (first_poll and plc_state in ACTIVE)):
             # A session started on the PLC itself (coin box, local button).
-            self.session_open = True
-            self.last_request_id = None
-            fx.sessions.append(OpenSession(None, r.course, now))
-            self._set(now, request_id=None)
+            fx.merge(self._open_local(r, now))
         return fx.merge(self._follow(r, plc_state, now))
+
+    def _plausible(self, r: PlcStatus) -> bool:
+        """False for a reply to hold back: its session counter contradicts the bay's (and is not
+        the step of a START the PLC just took), or it would end the running session without an
+        outcome. The next reply that agrees with it confirms it."""
+        known = self.session_counter
+        p = self.pending
+        started = (p is not None and p.action == "START" and r.ack_seq == p.seq and known is not None
+                   and r.session_counter == (known + 1) & 0xFFFFFFFF)
+        contradicts = known is not None and r.session_counter != known and not started
+        ends_unknown = (self.session_open and not self.recovering and self.view.state in ACTIVE
+                        and r.state == "IDLE" and not r.error_code and (p is None or p.action != "START"))
+        if not (contradicts or ends_unknown):
+            self.held = None
+            return True
+        h = self.held
+        if h is not None and (h.session_counter, h.state) == (r.session_counter, r.state):
+            self.held = None
+            return True
+        self.held = r
+        self.held_count += 1
+        return False
+
+    def _open_local(self, r: PlcStatus, now: float) -> Effects:
+        self.session_open = True
+        self.last_request_id = None
+        self.start_seq = None
+        self._set(now, request_id=None, plc_session=r.session_counter)
+        return Effects(sessions=[OpenSession(None, r.course, now)])
+
+    def _error_name(self, r: PlcStatus) -> str:
+        """The code shown for a PLC in ERROR. A PLC that latches its ERROR state may clear the
+        code once the fault is gone: the code seen last stays shown until the state leaves ERROR."""
+        if r.error_name:
+            return r.error_name
+        v = self.view
+        if v.state == "ERROR" and v.error_code not in (None, START_TIMEOUT, PLC_OFFLINE):
+            return v.error_code
+        return "PLC_ERROR"
 
     def tick(self, now: float) -> Effects:
         p = self.pending
@@ -213,11 +304,14 @@ class BayMachine:
             self._set(now, state="ERROR", error_code=START_TIMEOUT, progress=0)
             fx.sessions += self._close("ERROR", START_TIMEOUT, now)
             return fx
+        write = "RESET_ERROR" if p.action == "RESET" else "STOP"
         if not p.retried:
             p.retried = True
             p.deadline = now + self.start_timeout
-            return Effects(writes=[Write("STOP", None, p.seq)])
+            return Effects(writes=[Write(write, None, p.seq)])
         self.pending = None
+        if p.action == "RESET":
+            return Effects(resets=[ResetDone(p.request_id or "", p.by, p.error_code, "NO_ANSWER", p.at, now)])
         self.stop_failed += 1
         return Effects()
 
@@ -227,7 +321,7 @@ class BayMachine:
         fx = Effects()
         v = self.view
         if plc_state == "ERROR":
-            name = r.error_name or "PLC_ERROR"
+            name = self._error_name(r)
             if v.state != "ERROR" or v.error_code != name:
                 self._set(now, state="ERROR", error_code=name, progress=r.progress)
                 fx.publish = fx.persist = True
@@ -238,7 +332,8 @@ class BayMachine:
                 if v.state in ACTIVE:
                     # The PLC went idle under a running session without DONE: outcome unknown.
                     fx.sessions += self._close("ERROR", PLC_OFFLINE, now)
-                self._set(now, state="IDLE", progress=0, course=None, error_code=None, session_id=None, request_id=None)
+                self._set(now, state="IDLE", progress=0, course=None, error_code=None, session_id=None, request_id=None,
+                          plc_session=None)
                 fx.publish = fx.persist = True
             return fx
         if plc_state in ACTIVE:
@@ -270,49 +365,69 @@ class BayMachine:
         return Effects()
 
     def _recover(self, r: PlcStatus, now: float) -> Effects:
-        """First valid answer after start or after OFFLINE: the PLC's state wins."""
+        """First valid answer after start or after OFFLINE: the PLC's state wins. The open session
+        goes on when the PLC is still in it (same session counter, or it shows our START taken),
+        and ends with the PLC's outcome when it finished meanwhile; ERROR / PLC_OFFLINE only when
+        its outcome cannot be known."""
         fx = Effects(publish=True, persist=True)
         # Number our next command after the last one the PLC took. A new core starts at seq 0, and
         # the PLC still shows the ack_seq of the previous core's last command: were our next START
         # to reuse it, a poll read before the write landed (DONE/CANCELED of the previous wash,
         # that ack_seq) would confirm it, close its session as DONE at once and record the real wash
         # as a second, PLC-local session (one wash, two wash.session facts).
+        took_start = self.start_seq is not None and r.ack_seq == self.start_seq
         self.seq = r.ack_seq
         plc_state = "ERROR" if r.error_code else r.state
-        if self.session_open and plc_state not in ACTIVE:
+        v = self.view
+        same = self.session_open and (
+            (v.plc_session is not None and r.session_counter == v.plc_session)
+            or (v.plc_session is None and (took_start or plc_state in ACTIVE)))
+        if self.session_open and not same:
+            # The PLC is in another session (or none we know of): ours ended while we could not see.
+            fx.sessions += self._close("ERROR", PLC_OFFLINE, now)
+        elif same and plc_state not in ACTIVE:
             if plc_state in ("DONE", "CANCELED"):
                 fx.sessions += self._close(plc_state, None, now)
             elif plc_state == "ERROR":
-                fx.sessions += self._close("ERROR", r.error_name, now)
+                fx.sessions += self._close("ERROR", self._error_name(r), now)
             else:
                 fx.sessions += self._close("ERROR", PLC_OFFLINE, now)
-        self.pending = None
+        if self.pending is not None and self.pending.action != "RESET":
+            self.pending = None
         if plc_state == "ERROR":
-            self._set(now, state="ERROR", error_code=r.error_name, progress=r.progress, course=r.course)
+            self._set(now, state="ERROR", error_code=self._error_name(r), progress=r.progress, course=r.course)
         elif plc_state == "IDLE":
-            self._set(now, state="IDLE", progress=0, course=None, error_code=None, session_id=None, request_id=None)
+            self._set(now, state="IDLE", progress=0, course=None, error_code=None, session_id=None, request_id=None,
+                      plc_session=None)
         else:
             if plc_state in ACTIVE and not self.session_open:
-                self.session_open = True
-                fx.sessions.append(OpenSession(None, r.course, now))
-                self.view.request_id = None
-            self._set(now, state=plc_state, progress=r.progress, course=r.course, error_code=None)
+                fx.merge(self._open_local(r, now))
+            elif same:
+                v.plc_session = r.session_counter
+            self._set(now, state=plc_state, progress=r.progress, course=r.course or v.course, error_code=None)
         return fx
 
     def _go_offline(self, now: float) -> Effects:
         if self.view.state == "OFFLINE":
             return Effects()
         self.recovering = True
+        fx = Effects(publish=True, persist=True)
+        p = self.pending
+        if p is not None and p.action == "RESET":
+            fx.resets.append(ResetDone(p.request_id or "", p.by, p.error_code, "OFFLINE", p.at, now))
         self.pending = None
+        self.held = None
         # last_heartbeat is kept: a frozen PLC comes back only when its heartbeat moves again.
         self.frozen_polls = 0
-        self._set(now, state="OFFLINE", error_code=PLC_OFFLINE, progress=0)
-        return Effects(publish=True, persist=True)
+        # Progress and course stay as last known: a dashboard keeps showing where the wash was.
+        self._set(now, state="OFFLINE", error_code=PLC_OFFLINE)
+        return fx
 
     def _close(self, state: str, error_code: str | None, now: float) -> list[OpenSession | CloseSession]:
         if not self.session_open:
             return []
         self.session_open = False
+        self.start_seq = None
         return [CloseSession(state, error_code, now)]
 
     def _set(self, now: float, **changes: object) -> None:

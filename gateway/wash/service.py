@@ -19,6 +19,7 @@ its live view comes from the bridge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -35,17 +36,29 @@ from peewee import SqliteDatabase
 from gateway.bus.broker import LocalBus
 from gateway.bus.rpc import RpcError, RpcServer
 from gateway.clock import iso_z
-from gateway.config import Config
+from gateway.config import BusConfig, Config
 from gateway.outbox import add_event
 from gateway.store import write_tx
-from gateway.store.models import Bay, WashSession
-from gateway.wash.machine import BayMachine, CloseSession, Decision, Effects, OpenSession, Verdict, View, Write
-from plc.bus import BayAddress, BusScheduler, PlcWriteError, PollResult
+from gateway.store.models import Bay, BayReset, WashSession
+from gateway.wash.machine import (
+    BayMachine,
+    CloseSession,
+    Decision,
+    Effects,
+    OpenSession,
+    ResetDone,
+    Verdict,
+    View,
+    Write,
+)
+from plc.bus import BayAddress, BusScheduler, BusSettings, PlcError, PollResult
 from plc.profile import DecodeError, Profile, decode_status, encode_command, load_profiles
 
 log = logging.getLogger(__name__)
 
 SCAN_MAX_UNITS = 32
+SCAN_MAX_PROBES = 128  # unit ids × bases of one scan
+ACTIONS = ("START", "STOP", "RESET")
 
 WASH_CMD_FILTER = "wash/+/cmd"
 TICK_SEC = 0.1
@@ -79,6 +92,14 @@ def _dt(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
 
 
+def bus_settings(c: BusConfig) -> BusSettings:
+    """The gateway's bus configuration as plc/ takes it."""
+    return BusSettings(name=c.name, type=c.type, device=c.device, baudrate=c.baudrate, parity=c.parity,
+                       stopbits=c.stopbits, bytesize=c.bytesize, rts_direction=c.rts_direction,
+                       direction_gpio=c.direction_gpio, host=c.host, port=c.port,
+                       timeout=None if c.timeout_ms is None else c.timeout_ms / 1000, retries=c.retries)
+
+
 class WashService:
     def __init__(self, config: Config, db: SqliteDatabase, bus: LocalBus,
                  on_health: Callable[[dict[str, bool]], None]) -> None:
@@ -110,7 +131,8 @@ class WashService:
             if row is not None:
                 view = View(state=row.state, progress=row.progress, course=row.course, error_code=row.error_code,
                             session_id=row.session_id, request_id=row.request_id,
-                            changed_at=row.updated_at.replace(tzinfo=dt.timezone.utc).timestamp())
+                            changed_at=row.updated_at.replace(tzinfo=dt.timezone.utc).timestamp(),
+                            plc_session=row.plc_session_counter if open_session is not None else None)
             machine = BayMachine(b.id, frozenset(profile.courses.values()), start_timeout=cfg.wash.start_timeout_sec,
                                  offline_after=cfg.wash.offline_after, view=view,
                                  session_open=open_session is not None)
@@ -124,7 +146,7 @@ class WashService:
                                 (b.poll_period_ms or cfg.wash.poll_period_ms) / 1000)
                      for b in cfg.bays if b.bus == bus_cfg.name]
             if addrs:
-                self.schedulers[bus_cfg.name] = BusScheduler(bus_cfg, addrs, self._on_poll,
+                self.schedulers[bus_cfg.name] = BusScheduler(bus_settings(bus_cfg), addrs, self._on_poll,
                                                              offline_after=cfg.wash.offline_after,
                                                              backoff_max=cfg.wash.offline_backoff_max_sec)
         self.bus.subscribe(WASH_CMD_FILTER, self._on_mqtt_command)
@@ -147,25 +169,30 @@ class WashService:
 
     # --- commands ---------------------------------------------------------------------------
 
-    async def judge(self, bay_id: str, action: str, course: str | None, request_id: str | None) -> Decision:
-        """Decide a START/STOP for a bay and carry out what it implies."""
+    async def judge(self, bay_id: str, action: str, course: str | None, request_id: str | None,
+                    by: str = "") -> Decision:
+        """Decide a START/STOP/RESET for a bay and carry out what it implies; `by` names the
+        sender for the reset record ("technician:NAME", "mqtt:CLIENT", "cli:USER")."""
         bay = self.bays.get(bay_id)
         if bay is None:
             return Decision(Verdict.REJECTED, 404, "BAY_NOT_FOUND", f"no bay {bay_id!r}")
-        decision, fx = bay.machine.command(action, course, request_id, time.time(), str(uuid.uuid4()))
+        decision, fx = bay.machine.command(action, course, request_id, time.time(), str(uuid.uuid4()), by)
         if decision.verdict is Verdict.ACCEPTED:
-            log.info("%s: %s accepted (requestId %s)", bay_id, action, decision.request_id)
+            log.info("%s: %s accepted (requestId %s%s)", bay_id, action, decision.request_id,
+                     f", by {by}" if action == "RESET" else "")
         await self._apply(bay, fx)
         return decision
 
     async def _rpc_command(self, params: dict[str, Any]) -> dict[str, Any]:
         bay_id, action = params.get("bayId"), params.get("action")
-        course, request_id = params.get("course"), params.get("requestId")
-        if not isinstance(bay_id, str) or action not in ("START", "STOP"):
-            raise RpcError("VALIDATION_FAILED", "bayId and action START|STOP are required", 400)
+        course, request_id, by = params.get("course"), params.get("requestId"), params.get("by", "")
+        if not isinstance(bay_id, str) or action not in ACTIONS:
+            raise RpcError("VALIDATION_FAILED", "bayId and action START|STOP|RESET are required", 400)
         if course is not None and not isinstance(course, str) or request_id is not None and not isinstance(request_id, str):
             raise RpcError("VALIDATION_FAILED", "course and requestId must be strings", 400)
-        d = await self.judge(bay_id, action, course, request_id)
+        if not isinstance(by, str):
+            raise RpcError("VALIDATION_FAILED", "by must be a string", 400)
+        d = await self.judge(bay_id, action, course, request_id, by)
         if d.verdict is Verdict.REJECTED:
             raise RpcError(d.code or "CONFLICT", d.message, d.status)
         view = self.bays[bay_id].machine.view
@@ -175,14 +202,18 @@ class WashService:
     async def _rpc_diagnostics(self, _params: dict[str, Any]) -> dict[str, Any]:
         """Per bus: link, transactions, reconnects; per bay: polls, errors, last error, latency."""
         return {name: {"connected": s.connected, "transactions": s.transactions, "reconnects": s.reconnects,
-                       "type": s.config.type, "bays": s.stats()}
+                       "type": s.settings.type, "timeout_ms": round(s.timeout * 1000), "line": s.line_stats(),
+                       "bays": s.stats()}
                 for name, s in self.schedulers.items()}
 
     async def _rpc_scan(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Probe unit ids `first..last` (at most `SCAN_MAX_UNITS`) on one bus between polls: each
-        answers its poll block at base 0, decoded with `profile` when it decodes."""
+        """Probe unit ids `first..last` × `bases` on one bus between polls (at most
+        `SCAN_MAX_PROBES` reads): each answers the poll block at that base, decoded with `profile`
+        when it decodes. `bases` defaults to 0 and the bases the site configures on that bus. On
+        TCP, a PLC that answers a unit id no bay uses (247) ignores unit ids: it is read once, and
+        `ignores_unit_id` says so instead of listing the same PLC under every id."""
         bus, profile_name = params.get("bus"), params.get("profile", "washbay-v1")
-        first, last = params.get("first", 1), params.get("last", 16)
+        first, last, bases = params.get("first", 1), params.get("last", 16), params.get("bases")
         scheduler = self.schedulers.get(bus) if isinstance(bus, str) else None
         if scheduler is None:
             raise RpcError("VALIDATION_FAILED", f"bus must be one of {', '.join(self.schedulers) or '(none)'}", 400)
@@ -192,31 +223,50 @@ class WashService:
         if not (isinstance(first, int) and isinstance(last, int) and 1 <= first <= last <= 247
                 and last - first < SCAN_MAX_UNITS):
             raise RpcError("VALIDATION_FAILED", f"first..last: unit ids 1..247, at most {SCAN_MAX_UNITS}", 400)
+        if bases is None:
+            bases = sorted({0} | {b.base for b in self.config.bays if b.bus == bus})
+        if not (isinstance(bases, list) and bases and all(isinstance(x, int) and 0 <= x <= 65000 for x in bases)):
+            raise RpcError("VALIDATION_FAILED", "bases: a list of base addresses 0..65000", 400)
+        bases = sorted(set(bases))
+        if (last - first + 1) * len(bases) > SCAN_MAX_PROBES:
+            raise RpcError("VALIDATION_FAILED", f"at most {SCAN_MAX_PROBES} unit id × base probes per scan", 400)
         if not scheduler.connected:
-            # A down bus answers nothing, and each read would wait for the next failed reconnect
-            # (up to RECONNECT_MAX): a scan took minutes, and held up every other RPC meanwhile
-            # (the bus dispatches messages one at a time).
+            # A down bus answers nothing, and each read would wait for the next failed reconnect:
+            # a scan took minutes, and held up every other RPC meanwhile.
             raise RpcError("PLC_OFFLINE", f"bus {bus} is down; nothing to scan", 503)
-        units = []
-        for unit in range(first, last + 1):
-            entry: dict[str, Any] = {"unit": unit}
+        ignores_unit_id = False
+        if scheduler.settings.type == "tcp":
             try:
-                regs = await scheduler.read(unit, profile.poll_offset, profile.poll_count)
-            except PlcWriteError as exc:
-                entry["error"] = str(exc)
-            else:
-                entry["registers"] = regs
-                try:
-                    st = decode_status(profile, regs)
-                    entry["decoded"] = {"state": st.state, "progress": st.progress, "course": st.course,
-                                        "error": st.error_name or (st.error_code or None)}
-                except DecodeError as exc:
-                    entry["decoded"] = None
-                    entry["decode_error"] = str(exc)
-            units.append(entry)
-        log.info("scan of bus %s units %d..%d: %d answered", bus, first, last,
-                 sum(1 for u in units if "registers" in u))
-        return {"bus": bus, "profile": profile.name, "units": units}
+                await scheduler.read(247, bases[0] + profile.poll_offset, profile.poll_count)
+                ignores_unit_id = True
+            except PlcError:
+                pass
+        units = []
+        for unit in range(first, first + 1 if ignores_unit_id else last + 1):
+            for base in bases:
+                units.append(await self._probe(scheduler, profile, unit, base))
+        log.info("scan of bus %s units %d..%d, bases %s: %d answered%s", bus, first, last, bases,
+                 sum(1 for u in units if "registers" in u), "; the PLC ignores unit ids" if ignores_unit_id else "")
+        return {"bus": bus, "profile": profile.name, "bases": bases, "ignores_unit_id": ignores_unit_id,
+                "units": units}
+
+    @staticmethod
+    async def _probe(scheduler: BusScheduler, profile: Profile, unit: int, base: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {"unit": unit, "base": base}
+        try:
+            regs = await scheduler.read(unit, base + profile.poll_offset, profile.poll_count)
+        except PlcError as exc:
+            entry["error"] = str(exc)
+            return entry
+        entry["registers"] = regs
+        try:
+            st = decode_status(profile, regs)
+            entry["decoded"] = {"state": st.state, "progress": st.progress, "course": st.course,
+                                "error": st.error_name or (st.error_code or None)}
+        except DecodeError as exc:
+            entry["decoded"] = None
+            entry["decode_error"] = str(exc)
+        return entry
 
     async def command_from(self, bay_id: str, payload: bytes, source: str) -> None:
         """A `wash/{bay}/cmd` message that came another way (the cloud bridge): same rules."""
@@ -232,8 +282,8 @@ class WashService:
             course, request_id = msg.get("course"), msg.get("requestId")
             if bay_id is not None and bay_id != topic_bay:
                 raise ValueError(f"bayId {bay_id!r} differs from the topic's {topic_bay!r}")
-            if action not in ("START", "STOP"):
-                raise ValueError("action must be START or STOP")
+            if action not in ACTIONS:
+                raise ValueError("action must be START, STOP or RESET")
             if course is not None and not isinstance(course, str):
                 raise ValueError("course must be a string")
             if request_id is not None and not isinstance(request_id, str):
@@ -244,7 +294,7 @@ class WashService:
             await self._publish_result(topic_bay, None, None,
                                        Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", str(exc)))
             return
-        d = await self.judge(topic_bay, action, course, request_id)
+        d = await self.judge(topic_bay, action, course, request_id, f"mqtt:{client_id}")
         if d.verdict is Verdict.REJECTED:
             self.rejected_mqtt += 1
             log.info("wash/%s/cmd %s from %r refused: %s %s", topic_bay, action, client_id, d.code, d.message)
@@ -267,7 +317,7 @@ class WashService:
             fx = bay.machine.on_poll(result.status, now)
         else:
             fx = bay.machine.on_poll_failed(now)
-        if fx.writes or fx.sessions or fx.publish or fx.persist:
+        if fx:
             self._spawn(self._apply(bay, fx))
 
     async def _ticker(self) -> None:
@@ -278,7 +328,7 @@ class WashService:
             now = time.time()
             for bay in self.bays.values():
                 fx = bay.machine.tick(now)
-                if fx.writes or fx.sessions or fx.publish or fx.persist:
+                if fx:
                     await self._apply(bay, fx)
             if time.monotonic() >= next_save:
                 next_save = time.monotonic() + save_every
@@ -321,6 +371,8 @@ class WashService:
         for w in fx.writes:
             self._spawn(self._write(bay, w))
         async with bay.lock:  # FIFO: effects of one bay are stored and published in order
+            if fx.resets:
+                await self._in_db(self._persist_resets, bay.id, fx.resets)
             if fx.sessions:
                 bay.unsaved = None  # this write carries a newer view
                 # The other bays' unsaved views ride along: one commit instead of two.
@@ -346,7 +398,7 @@ class WashService:
         regs = encode_command(bay.profile, w.action, code or 0, w.seq)
         try:
             await scheduler.write(bay.id, bay.profile.command_offset, regs)
-        except PlcWriteError as exc:
+        except PlcError as exc:
             # The machine's timers turn an unanswered START into START_TIMEOUT.
             log.warning("%s: writing %s failed: %s", bay.id, w.action, exc)
 
@@ -431,7 +483,7 @@ class WashService:
                     site_id=site, partition=f"bay:{bay_id}")
         values = {"name": name, "state": v.state, "progress": v.progress, "course": v.course,
                   "error_code": v.error_code, "session_id": v.session_id, "request_id": v.request_id,
-                  "updated_at": _dt(v.changed_at)}
+                  "plc_session_counter": v.plc_session, "updated_at": _dt(v.changed_at)}
         # An upsert, not REPLACE: REPLACE deletes the row, which sessions reference.
         Bay.insert(bay_id=bay_id, **values).on_conflict(conflict_target=[Bay.bay_id], update=values).execute()
         add_event("wash.status", {"bayId": bay_id, "state": v.state, "course": v.course, "errorCode": v.error_code,
@@ -439,5 +491,19 @@ class WashService:
                   site_id=site, partition=f"bay:{bay_id}", coalesce_key=f"wash.status:{bay_id}")
 
 
+    def _persist_resets(self, bay_id: str, resets: list[ResetDone]) -> None:
+        """Each reset's record and its `wash.reset` event for the cloud, in one transaction."""
+        with write_tx(self.db):
+            for r in resets:
+                BayReset.create(bay=bay_id, request_id=r.request_id, requested_by=r.by, error_code=r.error_code,
+                                outcome=r.outcome, requested_at=_dt(r.requested_at), done_at=_dt(r.at))
+                add_event("wash.reset", {"bayId": bay_id, "requestId": r.request_id, "by": r.by,
+                                         "errorCode": r.error_code, "outcome": r.outcome,
+                                         "requestedAt": iso_z(_dt(r.requested_at)), "doneAt": iso_z(_dt(r.at))},
+                          site_id=self.config.site.id, partition=f"bay:{bay_id}")
+        for r in resets:
+            log.info("%s: reset by %s (%s): %s", bay_id, r.by, r.error_code, r.outcome)
+
+
 def _copy_view(v: View) -> View:
-    return View(v.state, v.progress, v.course, v.error_code, v.session_id, v.request_id, v.changed_at)
+    return dataclasses.replace(v)

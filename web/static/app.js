@@ -103,6 +103,7 @@ const pages = {
       tile.querySelector(".bay-progress").value = s.progress;
       tile.querySelector(".bay-course").textContent = s.course || "—";
       tile.querySelector(".bay-error").textContent = s.errorCode || "—";
+      tile.querySelector(".bay-reset").hidden = s.state !== "ERROR";
     });
     for (const tile of document.querySelectorAll(".tile")) {
       const bayId = tile.dataset.bay;
@@ -116,6 +117,11 @@ const pages = {
         if (!confirm(ev.target.dataset.confirm)) return;
         const r = await api("POST", "/api/wash/stop", {bayId});
         if (r.ok) toast(bayId + ": STOP");
+      });
+      tile.querySelector(".bay-reset").addEventListener("click", async (ev) => {
+        if (!confirm(ev.target.dataset.confirm)) return;
+        const r = await api("POST", "/api/wash/reset", {bayId});
+        if (r.ok) toast(bayId + ": RESET");
       });
     }
   },
