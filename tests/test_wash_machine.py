@@ -220,3 +220,103 @@ def test_after_a_restart_commands_are_numbered_after_the_plcs_last_ack() -> None
     assert m.view.state == "STARTING" and not fx.sessions  # the accepted session goes on: no second one
     poll(m, c, R(state="WASHING", ack_seq=seq, course="BASIC", progress=5, session_counter=6))
     assert m.view.state == "WASHING" and m.view.request_id == "after-restart"
+
+
+# --- fieldbus truth: sessions by the PLC's counter, one implausible frame, resets (#16) ----------
+
+def washing_bay() -> tuple[BayMachine, Clock, int]:
+    m, c = idle_bay()
+    _, fx = m.command("START", "BASIC", "paid-1", c.t, "gen")
+    seq = fx.writes[0].seq
+    poll(m, c, R(state="WASHING", ack_seq=seq, course="BASIC", progress=10, session_counter=1))
+    assert m.view.state == "WASHING" and m.view.plc_session == 1
+    return m, c, seq
+
+
+def test_one_reply_that_contradicts_the_counter_neither_opens_nor_closes_a_session() -> None:
+    m, c, seq = washing_bay()
+    # Another bay's registers, misread once: IDLE with another counter. Held, nothing happens.
+    fx = poll(m, c, R(state="IDLE", ack_seq=3, session_counter=7))
+    assert not fx and m.view.state == "WASHING" and m.held_count == 1
+    # A lone IDLE with our counter (the wash cannot end without DONE) is held too.
+    fx = poll(m, c, R(state="IDLE", ack_seq=seq, session_counter=1))
+    assert not fx and m.view.state == "WASHING"
+    fx = poll(m, c, R(state="DONE", ack_seq=seq, course="BASIC", progress=100, session_counter=1))
+    assert fx.sessions == [CloseSession("DONE", None, c.t)]
+    # An idle bay does not open a session on one reply showing another bay's wash.
+    poll(m, c, R(state="IDLE", ack_seq=seq, session_counter=1))
+    fx = poll(m, c, R(state="WASHING", ack_seq=9, course="PREMIUM", progress=40, session_counter=12))
+    assert not fx.sessions and m.view.state == "IDLE"
+    fx = poll(m, c, R(state="IDLE", ack_seq=seq, session_counter=1))
+    assert not fx.sessions and m.view.state == "IDLE"
+
+
+def test_a_wash_is_one_session_across_a_short_offline_spell() -> None:
+    m, c, seq = washing_bay()
+    for _ in range(3):
+        m.on_poll_failed(c.next())
+    assert (m.view.state, m.view.progress, m.view.course) == ("OFFLINE", 10, "BASIC")  # last known kept
+    fx = poll(m, c, R(state="WASHING", ack_seq=seq, course="BASIC", progress=60, session_counter=1))
+    assert not fx.sessions and m.view.state == "WASHING" and m.view.request_id == "paid-1"
+    for _ in range(3):
+        m.on_poll_failed(c.next())
+    # It finished while we could not see: closed with the PLC's outcome, not as PLC_OFFLINE.
+    fx = poll(m, c, R(state="DONE", ack_seq=seq, course="BASIC", progress=100, session_counter=1))
+    assert fx.sessions == [CloseSession("DONE", None, c.t)]
+
+
+def test_offline_spell_with_another_plc_session_closes_ours_and_opens_the_new_one() -> None:
+    m, c, seq = washing_bay()
+    for _ in range(3):
+        m.on_poll_failed(c.next())
+    fx = poll(m, c, R(state="WASHING", ack_seq=seq, course="PREMIUM", progress=5, session_counter=2))
+    assert not fx  # a new counter after OFFLINE: confirmed by the next reply first
+    fx = poll(m, c, R(state="WASHING", ack_seq=seq, course="PREMIUM", progress=6, session_counter=2))
+    assert fx.sessions == [CloseSession("ERROR", "PLC_OFFLINE", c.t), OpenSession(None, "PREMIUM", c.t)]
+    assert m.view.plc_session == 2 and m.view.request_id is None
+
+
+def test_latched_error_statuses_are_consistent_and_reset_is_recorded() -> None:
+    m, c = idle_bay()
+    poll(m, c, R(state="ERROR", error_code=4, error_name="DOOR_OPEN"))
+    assert (m.view.state, m.view.error_code) == ("ERROR", "DOOR_OPEN")
+    # The fault is gone, the PLC latches state 5 with code 0: the code seen stays shown.
+    fx = poll(m, c, R(state="ERROR"))
+    assert (m.view.state, m.view.error_code) == ("ERROR", "DOOR_OPEN") and not fx.publish
+    d, _ = m.command("START", "BASIC", None, c.t, "g")
+    assert (d.status, d.code) == (409, "CONFLICT")
+    d, fx = m.command("RESET", None, None, c.t, "reset-1", by="technician:somchai")
+    assert d.verdict is Verdict.ACCEPTED and [w.action for w in fx.writes] == ["RESET_ERROR"]
+    seq = fx.writes[0].seq
+    d2, fx2 = m.command("RESET", None, None, c.t, "reset-2", by="technician:somchai")
+    assert d2.verdict is Verdict.IDEMPOTENT and d2.request_id == "reset-1" and not fx2.writes
+    fx = poll(m, c, R(state="IDLE", ack_seq=seq))
+    assert [(r.request_id, r.by, r.error_code, r.outcome) for r in fx.resets] == [
+        ("reset-1", "technician:somchai", "DOOR_OPEN", "CLEARED")]
+    assert (m.view.state, m.view.error_code) == ("IDLE", None)
+    d, _ = m.command("RESET", None, None, c.t, "reset-3")
+    assert (d.status, d.code) == (409, "CONFLICT")
+
+
+def test_recovery_into_a_latched_error_shows_one_consistent_status() -> None:
+    m, c = idle_bay()
+    for _ in range(3):
+        m.on_poll_failed(c.next())
+    fx = poll(m, c, R(state="ERROR"))  # back from OFFLINE into a latched error whose code was cleared
+    assert fx.publish and (m.view.state, m.view.error_code) == ("ERROR", "PLC_ERROR")
+    fx = poll(m, c, R(state="ERROR"))
+    assert not fx.publish
+
+
+def test_unanswered_reset_is_sent_twice_then_recorded_as_no_answer() -> None:
+    m, c = idle_bay()
+    poll(m, c, R(state="ERROR", error_code=5, error_name="MOTOR_FAULT"))
+    _, fx = m.command("RESET", None, None, c.t, "r1", by="mqtt:backend")
+    fx = m.tick(c.t + 11)
+    assert [w.action for w in fx.writes] == ["RESET_ERROR"] and not fx.resets
+    fx = m.tick(c.t + 22)
+    assert [(r.outcome, r.error_code) for r in fx.resets] == [("NO_ANSWER", "MOTOR_FAULT")]
+    # Taken, but the fault is still there.
+    _, fx = m.command("RESET", None, None, c.t, "r2", by="cli:root")
+    fx = poll(m, c, R(state="ERROR", error_code=5, error_name="MOTOR_FAULT", ack_seq=fx.writes[0].seq))
+    assert [r.outcome for r in fx.resets] == ["STILL_IN_ERROR"]

@@ -1,0 +1,257 @@
+"""Fieldbus truth end to end (#16): the real core against PLC simulators in their own processes.
+
+Four bays sit behind one unit id at bases 0/100/200/300 on an RS485 line (socat pty pair), two
+behind one unit id on Modbus TCP. A wash runs on one bay of each bus while the PLC processes are
+paused (SIGSTOP/SIGCONT) five times for longer than the gateway's timeout: the issue saw one wash
+become four session records, and idle bays open ghost sessions. Here every wash is one session,
+with its requestId and its outcome, and no other bay ever leaves IDLE.
+
+Then the reset of a latched error, decided by the core, from REST (technician token), from MQTT
+(Debian's mosquitto_pub as the wash backend) and from the CLI, each recorded with who asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo import ensure_demo_user, free_port
+from gateway.procs import gateway_command
+from plc.pty import SocatPair
+from plc.simulator import PlcSimulator
+from tests.clients import http_json
+from tests.conftest import Proc, make_site, start_process
+from tests.mqtt_probe import Probe
+
+RTU_BAYS = {"bay1": 0, "bay2": 100, "bay3": 200, "bay4": 300}
+TCP_BAYS = {"bay5": 0, "bay6": 100}
+PAUSE_SEC = 0.35  # longer than both buses' timeouts (110 ms RTU at 115200 baud, 250 ms TCP)
+
+
+def site_toml(rtu_path: str, tcp_port: int) -> str:
+    out = ("[wash]\nstart_timeout_sec = 5.0\noffline_after = 3\npoll_period_ms = 100\n"
+           "offline_backoff_max_sec = 1.0\n"
+           f'[[buses]]\nname = "rs485"\ntype = "rtu"\ndevice = "{rtu_path}"\nbaudrate = 115200\n'
+           f'[[buses]]\nname = "lan"\ntype = "tcp"\nhost = "127.0.0.1"\nport = {tcp_port}\n')
+    for bay, base in RTU_BAYS.items():
+        out += f'[[bays]]\nid = "{bay}"\nbus = "rs485"\nunit = 1\nbase = {base}\n'
+    for bay, base in TCP_BAYS.items():
+        out += f'[[bays]]\nid = "{bay}"\nbus = "lan"\nunit = 1\nbase = {base}\n'
+    return out
+
+
+class SimProcess:
+    """The project's PLC simulator (`carwash-gateway simulate-plc`) in a process of its own."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen(gateway_command("simulate-plc", *args),
+                                         stdout=subprocess.PIPE, stderr=err, text=True)
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if line.startswith("plc simulator:"):
+                    ready.set()
+            ready.set()
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not ready.wait(20) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError(f"simulator did not start: {log.read_text()[-2000:]}")
+
+    def pause(self, on: bool) -> None:
+        self.proc.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def statuses(probe: Probe, until: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Every wash/+/status received until `until(all so far)` holds."""
+    import time
+
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while not until(seen):
+        try:
+            m = probe.expect(None, max(0.01, deadline - time.monotonic()))  # only wash/+/status is subscribed
+        except TimeoutError:
+            raise TimeoutError(f"statuses so far: {seen[-20:]}") from None
+        seen.append(json.loads(m.payload))
+    return seen
+
+
+def sessions(db: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as c:
+        return c.execute('SELECT "bay_id", "state", "error_code", "request_id", "course" FROM "wash_session" '
+                         'ORDER BY "id"').fetchall()
+
+
+@pytest.fixture
+def paused_site(tmp_path: Path) -> Iterator[tuple[Any, SimProcess, SimProcess, Proc]]:
+    pair = SocatPair(tmp_path / "pty")
+    pair.start()
+    tcp_port = free_port()
+    rtu = SimProcess(["--rtu", pair.plc_path, "--wash-time", "15", "--baudrate", "115200",
+                      *[a for b, base in RTU_BAYS.items() for a in ("--bay", f"{b}:1:{base}")]], tmp_path / "rtu.log")
+    tcp = SimProcess(["--tcp", f"127.0.0.1:{tcp_port}", "--wash-time", "15",
+                      *[a for b, base in TCP_BAYS.items() for a in ("--bay", f"{b}:1:{base}")]], tmp_path / "tcp.log")
+    site = make_site(tmp_path / "site", site_toml(pair.gateway_path, tcp_port))
+    core = start_process(site, "core")
+    try:
+        yield site, rtu, tcp, core
+    finally:
+        rc = core.stop()
+        rtu.stop()
+        tcp.stop()
+        pair.stop()
+        assert rc == 0, core.log()[-3000:]
+
+
+def test_paused_plcs_never_split_a_wash_nor_open_ghost_sessions(paused_site: Any) -> None:
+    site, rtu, tcp, _core = paused_site
+    cfg = site.config
+    with Probe(site.mqtt_port, username=cfg.mqtt.internal_username,
+               password=site.secrets.mqtt_internal_password) as p:
+        p.connect()
+        p.subscribe("wash/+/status")
+        everyone = set(RTU_BAYS) | set(TCP_BAYS)
+        seen = statuses(p, lambda s: everyone <= {x["bayId"] for x in s if x["state"] == "IDLE"})
+        for bay, rid in (("bay2", "paid-rtu"), ("bay6", "paid-tcp")):
+            p.publish(f"wash/{bay}/cmd", json.dumps({"bayId": bay, "action": "START", "course": "STANDARD",
+                                                     "requestId": rid, "timestampUtc": "2026-12-06T08:00:00.000Z"}))
+        seen += statuses(p, lambda s: {"bay2", "bay6"} <= {x["bayId"] for x in s if x["state"] == "WASHING"})
+        for _ in range(5):
+            # The fault: both PLC processes stop answering for longer than the timeouts, then go on.
+            rtu.pause(True)
+            tcp.pause(True)
+            threading.Event().wait(PAUSE_SEC)
+            rtu.pause(False)
+            tcp.pause(False)
+            # The wash goes on: the next progress of bay2 (published at most once a second).
+            seen += statuses(p, lambda s: any(x["bayId"] == "bay2" and x["state"] == "WASHING" for x in s))
+        seen += statuses(p, lambda s: all(any(x["bayId"] == b and x["state"] == "IDLE" for x in s)
+                                          for b in ("bay2", "bay6")), timeout=90)
+    others = {x["state"] for x in seen if x["bayId"] not in ("bay2", "bay6")}
+    assert others <= {"IDLE", "OFFLINE"}, [x for x in seen if x["bayId"] not in ("bay2", "bay6")]
+    assert sessions(Path(site.dir) / "gateway.db") == [
+        ("bay2", "DONE", None, "paid-rtu", "STANDARD"), ("bay6", "DONE", None, "paid-tcp", "STANDARD")]
+    for bay in ("bay2", "bay6"):
+        done = [x for x in seen if x["bayId"] == bay and x["state"] == "DONE"]
+        assert done and done[0]["progress"] == 100 and done[0]["course"] == "STANDARD"
+        washing = [x["progress"] for x in seen if x["bayId"] == bay and x["state"] == "WASHING"]
+        assert washing == sorted(washing)  # no other bay's progress credited to this one
+
+
+# --- reset of a latched error -----------------------------------------------------------------
+
+def resets(db: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as c:
+        return c.execute('SELECT "bay_id", "requested_by", "error_code", "outcome" FROM "bay_reset" ORDER BY "id"'
+                         ).fetchall()
+
+
+def wait_state(p: Probe, bay: str, state: str, code: str | None = "any") -> dict[str, Any]:
+    seen = statuses(p, lambda s: any(x["bayId"] == bay and x["state"] == state
+                                     and (code == "any" or x["errorCode"] == code) for x in s), timeout=30)
+    return seen[-1]
+
+
+async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(tmp_path: Path) -> None:
+    pair = SocatPair(tmp_path / "pty")
+    await asyncio.to_thread(pair.start)
+    sim = PlcSimulator.rtu(pair.plc_path, bays=[(b, 1, base) for b, base in RTU_BAYS.items()], wash_time=1.0)
+    await sim.start()
+    site = make_site(tmp_path / "site", site_toml(pair.gateway_path, free_port()))
+    await asyncio.to_thread(ensure_demo_user, site.config_path)
+    core = await asyncio.to_thread(start_process, site, "core")
+    web = await asyncio.to_thread(start_process, site, "web")
+    cfg, sec = site.config, site.secrets
+    db = Path(site.dir) / "gateway.db"
+    try:
+        code, body = await asyncio.to_thread(http_json, site.web_url + "/api/v1/auth/login", method="POST",
+                                             body={"username": "demo", "password": "demo"})
+        auth = {"Authorization": "Bearer " + body["data"]["token"]}
+        with Probe(site.mqtt_port, username=cfg.mqtt.internal_username, password=sec.mqtt_internal_password) as p:
+            await asyncio.to_thread(p.connect)
+            await asyncio.to_thread(p.subscribe, "wash/+/status")
+            await asyncio.to_thread(wait_state, p, "bay3", "IDLE")
+            # Not in ERROR: nothing to reset (409), decided by the core.
+            code, body = await asyncio.to_thread(http_json, site.web_url + "/api/wash/reset", method="POST",
+                                                 body={"bayId": "bay3"}, headers=auth)
+            assert (code, body["errorCode"]) == (409, "CONFLICT")
+            # REST: the technician's token is required, whatever wash_api_auth says.
+            sim.set_error("bay3", 4)
+            await asyncio.to_thread(wait_state, p, "bay3", "ERROR", "DOOR_OPEN")
+            code, body = await asyncio.to_thread(http_json, site.web_url + "/api/wash/reset", method="POST",
+                                                 body={"bayId": "bay3"})
+            assert (code, body["errorCode"]) == (401, "UNAUTHORIZED")
+            code, body = await asyncio.to_thread(http_json, site.web_url + "/api/wash/reset", method="POST",
+                                                 body={"bayId": "bay3"}, headers=auth)
+            assert code == 200 and body["success"] is True and body["requestId"]
+            await asyncio.to_thread(wait_state, p, "bay3", "IDLE")
+            # MQTT, from Debian's mosquitto_pub as the wash backend; answered on cmd/result.
+            sim.set_error("bay4", 5)
+            await asyncio.to_thread(wait_state, p, "bay4", "ERROR", "MOTOR_FAULT")
+            await asyncio.to_thread(p.subscribe, "wash/bay4/cmd/result")
+            cmd = json.dumps({"bayId": "bay4", "action": "RESET", "timestampUtc": "2026-12-06T08:00:00.000Z"})
+            await asyncio.to_thread(subprocess.run, [
+                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-u", cfg.mqtt.internal_username,
+                "-P", sec.mqtt_internal_password, "-i", "backend-1", "-q", "1", "-t", "wash/bay4/cmd", "-m", cmd],
+                check=True, timeout=20)
+            res = json.loads((await asyncio.to_thread(p.expect, "wash/bay4/cmd/result", 20)).payload)
+            assert (res["action"], res["accepted"]) == ("RESET", True)
+            await asyncio.to_thread(wait_state, p, "bay4", "IDLE")
+            # The CLI, through the running core.
+            sim.set_error("bay1", 2)
+            await asyncio.to_thread(wait_state, p, "bay1", "ERROR", "WATER_PRESSURE_LOW")
+            out = await asyncio.to_thread(subprocess.run, gateway_command("reset-bay", "bay1", "--config",
+                                                                          str(site.config_path)),
+                                          capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert "bay1: reset sent" in out.stdout and "lost the local broker" not in out.stderr
+            await asyncio.to_thread(wait_state, p, "bay1", "IDLE")
+        code, listed = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets", headers=auth)
+        assert code == 200
+        assert [(r["bayId"], r["by"], r["errorCode"], r["outcome"]) for r in listed] == [
+            ("bay1", f"cli:{getpass.getuser()}", "WATER_PRESSURE_LOW", "CLEARED"),
+            ("bay4", "mqtt:backend-1", "MOTOR_FAULT", "CLEARED"),
+            ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED")]
+        assert resets(db)[0] == ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED")
+        with sqlite3.connect(db) as c:
+            (n,) = c.execute("""SELECT count(*) FROM "outbox_event" WHERE "type" = 'wash.reset'""").fetchone()
+        assert n == 3
+        code, _ = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets")
+        assert code == 401
+    finally:
+        await asyncio.to_thread(web.stop)
+        rc = await asyncio.to_thread(core.stop)
+        await sim.stop()
+        await asyncio.to_thread(pair.stop)
+    assert rc == 0
