@@ -28,10 +28,9 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Result
-from gateway.config import BusConfig
 from gateway.demo import free_port, write_demo_site
 from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
-from plc.bus import BayAddress, BusScheduler, PollResult, inter_frame_gap
+from plc.bus import BayAddress, BusScheduler, BusSettings, PollResult, inter_frame_gap
 from plc.profile import builtin_profiles
 from plc.pty import SocatPair
 from plc.simulator import PlcSimulator
@@ -50,7 +49,7 @@ async def _bare_round_trips(path: str, n: int) -> list[float]:
 
     client = AsyncModbusSerialClient(path, baudrate=115200, timeout=0.5, retries=0, reconnect_delay=0)
     await client.connect()
-    gap = inter_frame_gap(BusConfig(name="b", type="rtu", device=path, baudrate=115200))
+    gap = inter_frame_gap(BusSettings(name="b", type="rtu", device=path, baudrate=115200))
     out = []
     try:
         for i in range(n):
@@ -72,7 +71,7 @@ async def _overhead(tmp: Path, quick: bool) -> list[Result]:
     try:
         bare = await _bare_round_trips(pair.gateway_path, 300 if quick else 1500)
         stamps: list[float] = []
-        cfg = BusConfig(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout_ms=200)
+        cfg = BusSettings(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200, timeout=0.2)
         addrs = [BayAddress(b, u, base, P, 0.0005) for b, u, base in _bays()]  # always due: saturated
         done = asyncio.Event()
         target = 300 if quick else 1500

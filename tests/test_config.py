@@ -168,6 +168,24 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert r.returncode == 78 and "missing.toml: file not found" in r.stderr
 
 
+def test_check_config_warns_about_a_missing_serial_device_and_names_the_adapters(tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.wash.tools import serial_device_warnings
+
+    cfg_path = minimal(tmp_path, '[[buses]]\nname = "rs485"\ntype = "rtu"\ndevice = "/dev/ttyUSB7"\n'
+                                 '[[buses]]\nname = "lan"\ntype = "tcp"\nhost = "10.0.0.9"\n')
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    assert "no serial adapter is plugged in" in serial_device_warnings(load_config(cfg_path), str(by_id))[0]
+    (by_id / "usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0").symlink_to("/dev/ttyUSB0")
+    (warning,) = serial_device_warnings(load_config(cfg_path), str(by_id))
+    assert warning.startswith(f"{cfg_path}: buses[0].device: /dev/ttyUSB7 does not exist (yet?)")
+    assert f"{by_id}/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0" in warning
+    # A warning, not an error: the adapter may be plugged in later.
+    r = run_cli("check-config", "--config", str(cfg_path))
+    assert r.returncode == 0 and "warning: " in r.stderr and "buses[0].device" in r.stderr, r.stderr
+
+
 def test_core_refuses_bad_config_with_exit_78(tmp_path: Path) -> None:
     bad = minimal(tmp_path, "[mqtt]\nport = -1\n")
     r = run_cli("core", "--config", str(bad))

@@ -35,6 +35,7 @@ from plc.simulator import PlcSimulator
 from tests.clients import http_json
 from tests.conftest import Proc, make_site, start_process
 from tests.mqtt_probe import Probe
+from tests.scripted_plc import ScriptedTcpPlc
 
 RTU_BAYS = {"bay1": 0, "bay2": 100, "bay3": 200, "bay4": 300}
 TCP_BAYS = {"bay5": 0, "bay6": 100}
@@ -184,11 +185,15 @@ def wait_state(p: Probe, bay: str, state: str, code: str | None = "any") -> dict
 
 
 async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(tmp_path: Path) -> None:
+    """And the bus scan: unit ids × the configured bases on RTU; on TCP a PLC that answers every
+    unit id (the scripted one, as many real ones) is named as such, not listed under every id."""
     pair = SocatPair(tmp_path / "pty")
     await asyncio.to_thread(pair.start)
     sim = PlcSimulator.rtu(pair.plc_path, bays=[(b, 1, base) for b, base in RTU_BAYS.items()], wash_time=1.0)
     await sim.start()
-    site = make_site(tmp_path / "site", site_toml(pair.gateway_path, free_port()))
+    tcp_plc = ScriptedTcpPlc()
+    await tcp_plc.start()
+    site = make_site(tmp_path / "site", site_toml(pair.gateway_path, tcp_plc.port))
     await asyncio.to_thread(ensure_demo_user, site.config_path)
     core = await asyncio.to_thread(start_process, site, "core")
     web = await asyncio.to_thread(start_process, site, "web")
@@ -237,6 +242,19 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
             assert out.returncode == 0, out.stderr
             assert "bay1: reset sent" in out.stdout and "lost the local broker" not in out.stderr
             await asyncio.to_thread(wait_state, p, "bay1", "IDLE")
+        scan = await asyncio.to_thread(subprocess.run, gateway_command("scan-bus", "rs485", "--first", "1", "--last",
+                                                                       "2", "--config", str(site.config_path)),
+                                       capture_output=True, text=True, timeout=120)
+        assert scan.returncode == 0 and "lost the local broker" not in scan.stderr, scan.stderr
+        answered = [line.split(":")[0] for line in scan.stdout.splitlines() if line.startswith("unit") and "answers" in line]
+        assert answered == [f"unit   1 base {b:5d}" for b in RTU_BAYS.values()], scan.stdout
+        scan = await asyncio.to_thread(subprocess.run, gateway_command("scan-bus", "lan", "--first", "1", "--last",
+                                                                       "8", "--config", str(site.config_path)),
+                                       capture_output=True, text=True, timeout=120)
+        assert scan.returncode == 0, scan.stderr
+        assert "ignores the unit id" in scan.stdout
+        assert [line.split(":")[0] for line in scan.stdout.splitlines() if line.startswith("unit") and "answers" in line] == [
+            "unit   1 base     0", "unit   1 base   100"], scan.stdout
         code, listed = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets", headers=auth)
         assert code == 200
         assert [(r["bayId"], r["by"], r["errorCode"], r["outcome"]) for r in listed] == [
@@ -253,5 +271,6 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
         await asyncio.to_thread(web.stop)
         rc = await asyncio.to_thread(core.stop)
         await sim.stop()
+        await tcp_plc.stop()
         await asyncio.to_thread(pair.stop)
     assert rc == 0
