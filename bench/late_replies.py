@@ -174,7 +174,9 @@ def run(quick: bool) -> list[Result]:
             out.append(Result(NAME, f"poll rate lost, late reply every {every} requests", "%",
                               [lost * 100], notes=f"{s['rate']:.1f} vs {base['rate']:.1f} polls/s with no late reply"))
         out.append(Result(NAME, "gateway CPU per Modbus transaction (scheduler + transactor)", "us",
-                          [base["cpu_us_per_tx"]], notes="this process, pty, no late replies", extra=base))
+                          [base["cpu_us_per_tx"]], extra=base,
+                          notes="bench process: scheduler, transactor and the scripted PLC answering in it; "
+                                "pty, no late replies"))
         s = _sessions(tmp, quick)
         out.append(Result(NAME, "split or ghost sessions, PLC paused 0.35 s every 2 s", "sessions",
                           [float(s["split"] + s["ghost"])],
