@@ -129,14 +129,14 @@ class ScriptedRtuPlc(ScriptedPlc):
 class ScriptedTcpPlc(ScriptedPlc):
     """A Modbus TCP server on 127.0.0.1 (one connection at a time, as small PLCs)."""
 
-    def __init__(self, late: Callable[[int], bool] = lambda n: False) -> None:
+    def __init__(self, late: Callable[[int], bool] = lambda n: False, port: int = 0) -> None:
         super().__init__(late=late)
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self.port = 0
+        self.port = port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
