@@ -70,13 +70,6 @@ class Transactor:
         self._suspect: dict[int, set[tuple[int, int]]] = {}  # unit -> shapes of its unanswered requests
         self._tid = 0
 
-    def reset(self) -> None:
-        """A new connection: nothing of the old one can arrive any more."""
-        self._reader.clear()
-        self._suspect.clear()
-        self._dirty = False
-        self._tid = 0
-
     async def execute(self, request: Request) -> Reply:
         """The reply to `request` (possibly an exception reply); NoReply, or LinkDown from the link."""
         if self._dirty and self.kind == "rtu":
@@ -90,9 +83,12 @@ class Transactor:
     async def _fence(self, request: Request) -> None:
         shapes = self._suspect[request.unit]
         used = {count for fc, count in shapes if fc == READ_HOLDING}
-        count = next((k for k in range(1, 126) if k not in used), None)
-        if count is None or request.address + count > 0x10000:
-            # Every size was tried: the replies owed are long lost. Start over after a long drain.
+        # Sizes inside the block the request itself reads or writes: registers the PLC has (a
+        # read across a hole in its map would be refused with exception 2).
+        count = next((k for k in range(1, request.count) if k not in used), None)
+        if count is None:
+            # No size left (a one-register request, or every size tried): the replies owed are
+            # long lost or never coming. Start over after a long silence.
             await self._drain(self.guard * 4)
             self._suspect.pop(request.unit, None)
             return
