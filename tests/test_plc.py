@@ -87,7 +87,7 @@ class Collector:
         self.results.append(r)
         self.changed.set()
 
-    async def wait(self, pred, timeout: float = 10) -> PollResult:  # type: ignore[no-untyped-def]
+    async def wait(self, pred, timeout: float = 30) -> PollResult:  # type: ignore[no-untyped-def]
         async with asyncio.timeout(timeout):
             while True:
                 for r in reversed(self.results):
