@@ -20,6 +20,10 @@ Control (one JSON line per request on the unix socket):
   With `"torn": true` and a `"seed"`, the last unsynced write of the mount (if its file has a
   durable name) reaches the medium torn: a prefix of it ending at a random 512-byte sector
   boundary (possibly empty) is written to BACKING. The reply counts what was dropped.
+- `{"op": "arm", "writes": N, "torn": ..., "seed": ...}`: the same cut, inside the N-th write from
+  now (the `-shm` index's writebacks not counted): mid-commit or mid-checkpoint, where a cut at a
+  random moment rarely falls. That write fails with EIO and is the last unsynced write.
+  `{"op": "wait_cut", "timeout": S}` answers once the power is cut (`"cut": false` after S s).
 - `{"op": "sync"}`: `sync(2)`: every file and directory made durable.
 - `{"op": "stats"}`: operation counters.
 
@@ -84,6 +88,9 @@ class PowerFsOps:
         self.nodes: dict[int, Node] = {}
         self._next = 1
         self.dead = False
+        self.armed: tuple[int, bool, int] | None = None  # (writes left, torn, seed): cut inside a write
+        self.cut_info: dict[str, Any] | None = None
+        self.cut_done = threading.Event()
         self.last_write: tuple[int, tuple[Any, ...]] | None = None  # (ino, op) of the latest unsynced write
         self.counters: dict[str, int] = {"writes": 0, "fsyncs": 0, "dir_fsyncs": 0, "bytes_made_durable": 0}
         self.root = self._load(backing)
@@ -249,8 +256,10 @@ class PowerFsOps:
                             os.pwrite(fd, data[:torn_bytes], off)
                         finally:
                             os.close(fd)
-            return {"dropped_writes": dropped, "dropped_bytes": dropped_bytes, "dirs_with_unsynced_names": names,
-                    "torn_bytes": torn_bytes}
+            self.cut_info = {"dropped_writes": dropped, "dropped_bytes": dropped_bytes,
+                             "dirs_with_unsynced_names": names, "torn_bytes": torn_bytes}
+            self.cut_done.set()
+            return self.cut_info
 
     # --- helpers of the operations ----------------------------------------------------------
 
@@ -301,7 +310,7 @@ class PowerFsOps:
         if not hasattr(self, op):
             raise _err(errno.EFAULT)
         with self._mutex:
-            if op not in ("init", "destroy"):
+            if op not in ("init", "destroy", "flush", "release", "releasedir"):  # closing touches no medium
                 self._check()
             return getattr(self, op)(*args)
 
@@ -396,6 +405,12 @@ class PowerFsOps:
         n.times = time.time()
         self.counters["writes"] += 1
         self._record(n, ("w", offset, bytes(data)), len(data))
+        if self.armed is not None and not (path or "").endswith("-shm"):
+            left, torn, seed = self.armed
+            self.armed = (left - 1, torn, seed) if left > 1 else None
+            if left <= 1:  # the power fails as this write reaches the disk
+                self.cut(torn, seed)
+                raise _err(errno.EIO)
         return len(data)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
@@ -454,6 +469,14 @@ class PowerFsOps:
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
         if req["op"] == "cut":
             return self.cut(bool(req.get("torn")), int(req.get("seed", 0)))
+        if req["op"] == "arm":
+            with self._mutex:
+                self.armed = (max(1, int(req["writes"])), bool(req.get("torn")), int(req.get("seed", 0)))
+            return {"ok": True}
+        if req["op"] == "wait_cut":
+            if not self.cut_done.wait(float(req["timeout"])):
+                return {"cut": False}
+            return {"cut": True, **(self.cut_info or {})}
         if req["op"] == "sync":
             if self.dead:
                 return {"error": "the power is cut"}
@@ -575,6 +598,14 @@ class PowerFs:
 
     def cut(self, torn: bool = False, seed: int = 0) -> dict[str, Any]:
         return self.request({"op": "cut", "torn": torn, "seed": seed})
+
+    def arm(self, writes: int, torn: bool = False, seed: int = 0) -> None:
+        self.request({"op": "arm", "writes": writes, "torn": torn, "seed": seed})
+
+    def wait_cut(self, timeout: float) -> dict[str, Any] | None:
+        """The cut's account once an armed cut happened; None if it did not within `timeout`."""
+        reply = self.request({"op": "wait_cut", "timeout": timeout}, timeout=timeout + 10)
+        return reply if reply.pop("cut") else None
 
     def sync(self) -> None:
         self.request({"op": "sync"})

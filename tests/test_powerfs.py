@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +210,50 @@ def test_sqlite_without_fsync_loses_commits(pfs: PowerFs) -> None:
         conn.execute("INSERT INTO t VALUES (?, randomblob(700))", (n,))
     _cut_with_open(pfs, conn, torn=False, seed=0)
     assert _count(db) < 100
+
+
+def test_an_armed_cut_happens_inside_the_nth_write(pfs: PowerFs) -> None:
+    m = pfs.mountpoint
+    write_synced(m / "f", b"o" * 2048)
+    pfs.arm(3, torn=True, seed=5)
+    fd = os.open(m / "f", os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"a" * 512, 0)
+        os.pwrite(fd, b"b" * 512, 512)
+        with pytest.raises(OSError):  # the third write is where the power fails
+            os.pwrite(fd, b"c" * 1024, 1024)
+        with pytest.raises(OSError):  # and nothing works afterwards
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    info = pfs.wait_cut(10)
+    assert info is not None and info["dropped_writes"] == 3
+    pfs.unmount()
+    pfs.mount()
+    torn = info["torn_bytes"]
+    assert torn in (0, 512)
+    assert (m / "f").read_bytes() == b"o" * 1024 + b"c" * torn + b"o" * (1024 - torn)
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_sqlite_wal_full_keeps_acknowledged_commits_when_a_write_fails(pfs: PowerFs, torn: bool) -> None:
+    """The power fails inside the k-th write of a stream of commits (a WAL frame, a WAL header
+    after a reset, a checkpoint's page, the database header): every commit that returned survives,
+    the one in flight may or may not, and the file is sound."""
+    db = pfs.mountpoint / "k.db"
+    rng = random.Random(42)
+    for round_ in range(6):
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA wal_autocheckpoint = 40")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER, pad BLOB)")
+        committed = int(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+        pfs.arm(rng.randint(1, 400), torn=torn, seed=round_)
+        with pytest.raises(sqlite3.Error):
+            for n in range(10_000):  # far more writes than armed: the cut comes first
+                conn.execute("INSERT INTO t VALUES (?, randomblob(?))", (n, rng.randint(10, 3000)))
+                committed += 1
+        assert pfs.wait_cut(10) is not None
+        _cut_with_open(pfs, conn, torn=torn, seed=round_)  # already cut: closes, remounts
+        assert committed <= _count(db) <= committed + 1
