@@ -28,3 +28,36 @@ def test_acknowledged_facts_survive_power_cuts(tmp_path: Path) -> None:
     assert out.duplicated == 0, detail
     assert out.integrity_failures == 0, detail
     assert out.integrity_checks == out.cuts + 1, detail
+
+
+@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+@pytest.mark.parametrize("replace", [False, True])
+def test_init_secrets_survives_a_power_cut(tmp_path: Path, replace: bool) -> None:
+    """`carwash-gateway init-secrets` (the package's postinst runs it once) has written the file
+    when it says so: a power cut right after leaves it whole, never missing or empty (the site's
+    device signing key would be gone, and the postinst does not write it again)."""
+    import subprocess
+    import tomllib
+
+    from bench.powerfs import PowerFs
+    from gateway.procs import gateway_command
+
+    fs = PowerFs(tmp_path / "medium", tmp_path / "etc", tmp_path / "ctl.sock", tmp_path / "powerfs.log")
+    fs.mount()
+    try:
+        path = tmp_path / "etc" / "secrets.toml"
+        args = ["init-secrets", str(path)]
+        if replace:  # --force over a durable file: the old one or the new one, never neither
+            subprocess.run(gateway_command(*args), check=True, capture_output=True, timeout=60)
+            fs.sync()
+            args.append("--force")
+        subprocess.run(gateway_command(*args), check=True, capture_output=True, timeout=60)
+        written = path.read_bytes()
+        fs.cut()
+        fs.unmount()
+        fs.mount()
+        assert path.read_bytes() == written
+        assert len(tomllib.loads(written.decode())["device_signing_key"]) == 32
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        fs.unmount()
