@@ -134,10 +134,14 @@ class PowerFsOps:
         return out
 
     def _durable_data(self, n: Node) -> bytes:
-        """What the medium would show for file `n` under a new durable name."""
+        """What the medium would show for file `n` under a new durable name: the data fsynced
+        while no durable name led to it, else what a durable name holds, else nothing."""
+        if n.orphan is not None:
+            return n.orphan
         for p in self._durable_paths(n.ino):
-            return p.read_bytes()
-        return n.orphan if n.orphan is not None else b""
+            if p.exists():  # not yet when a directory of new names is being written out
+                return p.read_bytes()
+        return b""
 
     def _materialise(self, path: Path, n: Node) -> None:
         if n.is_dir:

@@ -257,3 +257,17 @@ def test_sqlite_wal_full_keeps_acknowledged_commits_when_a_write_fails(pfs: Powe
         assert pfs.wait_cut(10) is not None
         _cut_with_open(pfs, conn, torn=torn, seed=round_)  # already cut: closes, remounts
         assert committed <= _count(db) <= committed + 1
+
+
+def test_a_new_directory_needs_its_parent_synced(pfs: PowerFs) -> None:
+    """mkdir, a file written and fsynced in it, the new directory fsynced: all lost unless the
+    parent is fsynced too; then all there (the fsynced data included)."""
+    m = pfs.mountpoint
+    for sync_parent in (False, True):
+        (m / "d").mkdir()
+        write_synced(m / "d" / "f", b"image")  # fsyncs the file and d
+        if sync_parent:
+            fsync_path(m)
+        power_cut(pfs)
+        assert os.listdir(m) == (["d"] if sync_parent else [])
+    assert (m / "d" / "f").read_bytes() == b"image"
