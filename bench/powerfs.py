@@ -18,8 +18,9 @@ Control (one JSON line per request on the unix socket):
 - `{"op": "cut", "torn": false}`: the power is gone. Every later operation fails with EIO and
   nothing reaches BACKING again; the caller then kills the filesystem's users and unmounts.
   With `"torn": true` and a `"seed"`, the last unsynced write of the mount (if its file has a
-  durable name) reaches the medium torn: a prefix of it ending at a random 512-byte sector
-  boundary (possibly empty) is written to BACKING. The reply counts what was dropped.
+  durable name and is not rewritten whole, as the never-synced `-shm` is) reaches the medium
+  alone, without the unsynced writes before it, and torn: a prefix of it ending at a random
+  512-byte sector boundary inside it, or all of it. The reply counts what was dropped.
 - `{"op": "arm", "writes": N, "torn": ..., "seed": ...}`: the same cut, inside the N-th write from
   now (the `-shm` index's writebacks not counted): mid-commit or mid-checkpoint, where a cut at a
   random moment rarely falls. That write fails with EIO and is the last unsynced write.
@@ -251,8 +252,10 @@ class PowerFsOps:
                 n = self.nodes.get(ino)
                 if n is not None and any(o is op for o in n.pending):
                     _w, off, data = op
-                    bounds = [b for b in range((off // SECTOR + 1) * SECTOR, off + len(data), SECTOR)]
-                    end = random.Random(seed).choice([off, *bounds])
+                    # the medium writes whole sectors: the write stops at a sector boundary inside
+                    # it, or it landed whole (a write within one sector is atomic)
+                    ends = [*range((off // SECTOR + 1) * SECTOR, off + len(data), SECTOR), off + len(data)]
+                    end = random.Random(seed).choice(ends)
                     torn_bytes = end - off
                     for p in self._durable_paths(ino) if torn_bytes else []:
                         fd = os.open(p, os.O_WRONLY)
