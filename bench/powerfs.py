@@ -14,6 +14,17 @@ was made durable. The model, which is what POSIX promises and SQLite relies on:
 - no hard or symbolic links, no extended attributes; unlinked open files stay readable until
   released (`hard_remove`); POSIX locks are the kernel's (the mount is local to this machine).
 
+What SQLite in WAL mode with synchronous=FULL needs from this, and gets: a commit appends its
+frames to the `-wal` and fsyncs it before it returns, so the commit is durable exactly when it is
+acknowledged; recovery reads frames while their salts and cumulative checksums hold and stops at
+the first bad one, so a missing or torn tail (or a lone later frame without the ones before) ends
+the log there. A checkpoint fsyncs the WAL, copies pages into the database, fsyncs the database,
+and only then may the WAL be reset (new salts in its header), so a cut mid-checkpoint replays the
+same frames again. The `-shm` index is never fsynced and is rebuilt from the WAL. The `-wal`'s
+name becomes durable by a directory fsync SQLite does at the first sync of every connection that
+opened it with O_CREAT (so, in practice, at each connection's first commit); a WAL whose deletion
+(at the last close) was not synced comes back with frames already checkpointed, harmless.
+
 Control (one JSON line per request on the unix socket):
 - `{"op": "cut", "torn": false}`: the power is gone. Every later operation fails with EIO and
   nothing reaches BACKING again; the caller then kills the filesystem's users and unmounts.
