@@ -24,6 +24,7 @@ from bench import (
     memory,
     mqtt_abuse,
     payments,
+    powercut,
     soak,
     upload_writes,
     uplink_drain,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     connect_storm.NAME: connect_storm.run,
     mqtt_abuse.NAME: mqtt_abuse.run,
     chaos.NAME: chaos.run,
+    powercut.NAME: powercut.run,
     soak.NAME: soak.run,
     fuzz_api.NAME: fuzz_api.run,
 }

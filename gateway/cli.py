@@ -120,7 +120,9 @@ def cmd_init_secrets(args: argparse.Namespace) -> int:
 
 
 def write_secrets(path: Path, *, device_signing_key: str, cloud_key: str = "") -> None:
-    """Write a new secrets file readable by its owner and group only."""
+    """Write a new secrets file readable by its owner and group only. When this returns the file
+    is on disk whole (data and name fsynced): a power cut right after setup must not leave it
+    empty or missing, and `--force` leaves the old file or the new one, never neither."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = (
         "# carwash-gateway secrets: readable by the service only, never commit or log.\n"
@@ -131,10 +133,23 @@ def write_secrets(path: Path, *, device_signing_key: str, cloud_key: str = "") -
         "# cloud when the site is enrolled; needed when cloud.url is set.\n"
         f'cloud_key = "{cloud_key}"\n'
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(body)
-    os.chmod(path, 0o640)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the rename: without it the name may not survive a power cut
+    finally:
+        os.close(dir_fd)
 
 
 def _read_password(args: argparse.Namespace) -> str:

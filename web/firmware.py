@@ -69,6 +69,7 @@ def upload() -> Any:
     if request.mimetype != "application/octet-stream":
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/octet-stream")
     folder = firmware_dir()
+    created = [d for d in (folder, *folder.parents) if not d.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".part")
@@ -89,11 +90,14 @@ def upload() -> Any:
         filename = f"{sha}.bin"
         os.replace(tmp, folder / filename)
         tmp = ""
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename survives a power cut before the row does
-        finally:
-            os.close(dir_fd)
+        # The rename, the folder's own name and those of the folders this upload created survive
+        # a power cut before the row does (fsyncing a folder does not make its name durable).
+        for d in dict.fromkeys((folder, folder.parent, *(c.parent for c in created))):
+            dir_fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         with write_tx(require_db()):
             image = FirmwareImage.create(version=version, filename=filename, sha256=sha, size=size,
                                          device_type=device_type, uploaded_at=utc_now())
