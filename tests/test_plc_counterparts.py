@@ -272,3 +272,25 @@ def test_independent_rtu_other_units_and_bad_frames_are_silence(tmp_path: Path) 
     finally:
         plc.stop_blocking()
         pair.stop()
+
+
+def test_independent_plc_shares_no_code_with_the_gateway_and_is_not_shipped() -> None:
+    """It is a counterpart only while it imports neither pymodbus nor plc/ (nor gateway/), and it
+    stays out of the .deb (setup.cfg's package list)."""
+    import configparser
+    import subprocess
+    import sys
+
+    import setuptools
+
+    code = ("import sys, sim.plc_umodbus, sim.control; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pymodbus', 'plc', 'gateway', 'web'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
+    cfg = configparser.ConfigParser()
+    repo = Path(__file__).resolve().parent.parent
+    cfg.read(repo / "setup.cfg")
+    include = cfg["options.packages.find"]["include"].split()
+    shipped = setuptools.find_packages(str(repo), include=include)
+    assert "plc" in shipped and not [p for p in shipped if p.split(".")[0] in ("sim", "tests", "bench")]
