@@ -63,9 +63,14 @@ class WashSite:
         return self.tcp if bay in TCP_BAYS else self.rtu
 
 
-def wash_toml(rtu_path: str, tcp_port: int, status_save_sec: float = 30.0) -> str:
-    bays = "".join(
-        f'[[bays]]\nid = "{b}"\nname = "Bay {b[-1]}"\nbus = "rs485"\nunit = {i + 1}\n' for i, b in enumerate(RTU_BAYS))
+def rtu_addresses(shared_unit: bool) -> list[tuple[str, int, int]]:
+    """The RS485 bays' (bay, unit, base): one unit each, or all behind unit 1 at bases 0/100/200."""
+    return [(b, 1, 100 * i) if shared_unit else (b, i + 1, 0) for i, b in enumerate(RTU_BAYS)]
+
+
+def wash_toml(rtu_path: str, tcp_port: int, status_save_sec: float = 30.0, shared_unit: bool = False) -> str:
+    bays = "".join(f'[[bays]]\nid = "{b}"\nname = "Bay {b[-1]}"\nbus = "rs485"\nunit = {u}\nbase = {base}\n'
+                   for b, u, base in rtu_addresses(shared_unit))
     bays += f'[[bays]]\nid = "{TCP_BAYS[0]}"\nbus = "lan"\nunit = 1\n'
     return (
         "[wash]\nstart_timeout_sec = 3.0\noffline_after = 3\npoll_period_ms = 100\noffline_backoff_max_sec = 1.0\n"
@@ -83,16 +88,19 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @contextlib.asynccontextmanager
-async def wash_site(tmp: Path, kind: str, *, with_web: bool = True,
-                    status_save_sec: float = 30.0) -> AsyncIterator[WashSite]:
+async def wash_site(tmp: Path, kind: str, *, with_web: bool = True, status_save_sec: float = 30.0,
+                    shared_unit: bool = False, process: bool = False) -> AsyncIterator[WashSite]:
+    """A site with its PLCs of `kind`; `shared_unit`: the RS485 bays behind one unit id;
+    `process`: the project's PLCs in processes of their own too (so they can be paused)."""
     pty = SocatPair(tmp / "pty")
     await asyncio.to_thread(pty.start)
     tcp_port = free_port()
-    rtu = make_plc(kind, tmp / "plc", name="rtu", rtu=pty.plc_path,
-                   bays=[(b, i + 1, 0) for i, b in enumerate(RTU_BAYS)], wash_time=WASH_TIME)
+    rtu = make_plc(kind, tmp / "plc", name="rtu", rtu=pty.plc_path, bays=rtu_addresses(shared_unit),
+                   wash_time=WASH_TIME, process=process)
     tcp = make_plc(kind, tmp / "plc", name="tcp", tcp=("127.0.0.1", tcp_port), bays=[(TCP_BAYS[0], 1, 0)],
-                   wash_time=WASH_TIME)
-    ws = WashSite(make_site(tmp / "site", wash_toml(pty.gateway_path, tcp_port, status_save_sec)), pty, rtu, tcp)
+                   wash_time=WASH_TIME, process=process)
+    ws = WashSite(make_site(tmp / "site", wash_toml(pty.gateway_path, tcp_port, status_save_sec, shared_unit)),
+                  pty, rtu, tcp)
     try:
         await rtu.start()
         await tcp.start()
@@ -394,3 +402,43 @@ async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path, kind: str) -> N
         # a timing: bench/wash_bays.py measures it).
         assert all(b["polls_per_s"] > 0 and b["error_rate"] < 0.2 for b in diag["data"]["rs485"]["bays"].values()), \
             diag["data"]["rs485"]["bays"]
+
+
+@pytest.mark.parametrize("fault", ["late", "pause"])
+@pytest.mark.xfail(strict=True, reason="issue #16 §1 (gateway, plc/bus.py): a reply that comes after timeout_ms "
+                   "is credited to the next request, so another bay behind the same unit id shows this bay's wash")
+async def test_late_replies_never_move_a_wash_to_another_bay(tmp_path: Path, kind: str, fault: str) -> None:
+    """Three RS485 bays behind one unit id (bases 0/100/200). During bay1's wash the PLC answers
+    late (each reply 1.5 x timeout_ms after its request, in order) or stops dead five times for
+    250 ms (SIGSTOP/SIGCONT). The wash stays one session of bay1; bay2 and bay3 never leave
+    IDLE/OFFLINE, and no session is recorded for them."""
+    async with wash_site(tmp_path, kind, with_web=False, shared_unit=True, process=True) as ws:
+        ws.rtu.set_wash_time("bay1", 5.0)
+        async with watching(ws, "wash/+/status", RTU_BAYS) as p:
+            cmd = {"bayId": "bay1", "action": "START", "course": "PREMIUM", "requestId": "late-1"}
+            await asyncio.to_thread(p.publish, "wash/bay1/cmd", json.dumps(cmd))
+            await asyncio.to_thread(status_of, p, "bay1", lambda s: s["state"] == "WASHING")
+            if fault == "late":
+                ws.rtu.late(0.15)  # timeout_ms is 100 on the RS485 bus
+                await asyncio.sleep(2.0)  # the fault's duration, not a synchronisation
+                ws.rtu.late(0)
+            else:
+                for _ in range(5):
+                    ws.rtu.pause()
+                    await asyncio.sleep(0.25)  # the length of the pause is the fault itself
+                    ws.rtu.resume()
+                    await asyncio.sleep(0.25)
+            # The PLC's truth: its one session of bay1 ran to its end and the bay went idle.
+            deadline = asyncio.get_running_loop().time() + 20
+            while (plc := ws.rtu.status("bay1"))["state"] != "IDLE":
+                assert asyncio.get_running_loop().time() < deadline, plc
+                await asyncio.sleep(0.1)
+            assert plc["session_counter"] == 1
+            seen = await asyncio.to_thread(status_of, p, "bay1", lambda s: s["state"] == "DONE", 10)
+            while not p.messages.empty():
+                p.skipped.append(p.messages.get_nowait())
+            others = [json.loads(m.payload) for m in p.skipped if m.topic != "wash/bay1/status"]
+        assert all(s["state"] in ("WASHING", "OFFLINE", "DONE") for s in seen), seen
+        assert {s["state"] for s in others} <= {"IDLE", "OFFLINE"}, others
+    sessions = await asyncio.to_thread(_sessions, ws.site)
+    assert [(s["bay"], s["request_id"], s["state"]) for s in sessions] == [("bay1", "late-1", "DONE")], sessions
