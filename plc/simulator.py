@@ -124,9 +124,12 @@ class _InOrderHandler(ServerRequestHandler):
     async def _work(self) -> None:
         while True:
             arrived, pdu, resp, addr = await self._queue.get()
-            wait = arrived + self.sim.late_s - self.loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            sim = self.sim
+            sim.replied += 1
+            if sim.late_s and sim.replied % sim.late_every == 0:
+                wait = arrived + sim.late_s - self.loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             if resp is None:
                 assert pdu is not None
                 resp = await self._respond(pdu)
@@ -193,6 +196,8 @@ class PlcSimulator:
         self.tcp_addr = tcp
         self.all_muted = False
         self.late_s = 0.0
+        self.late_every = 1
+        self.replied = 0
         self.garbage_on = False
         self.requests = 0
         # (bay, cmd, time.monotonic()) of every non-zero cmd written: for benchmarks and tests.
@@ -276,9 +281,10 @@ class PlcSimulator:
     def ignore_commands(self, bay: str, on: bool) -> None:
         self.bays[bay].ignore_commands = on
 
-    def late(self, delay_s: float) -> None:
-        """Answer every request `delay_s` after it arrived, in arrival order (0: on time)."""
-        self.late_s = max(0.0, float(delay_s))
+    def late(self, delay_s: float, every: int = 1) -> None:
+        """Answer every `every`-th request from now on `delay_s` after it arrived (0: on time);
+        replies stay in arrival order, so the ones behind a late reply wait for it."""
+        self.late_s, self.late_every, self.replied = max(0.0, float(delay_s)), max(1, int(every)), 0
 
     def garbage(self, on: bool) -> None:
         """Random bytes of the reply's length instead of every reply."""

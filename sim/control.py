@@ -67,8 +67,8 @@ class PlcControl:
     def local_start(self, bay: str, course: int) -> bool:
         return bool(self.call("local_start", bay, course))
 
-    def late(self, delay_s: float) -> None:
-        self.call("late", delay_s)
+    def late(self, delay_s: float, every: int = 1) -> None:
+        self.call("late", delay_s, every)
 
     def garbage(self, on: bool) -> None:
         self.call("garbage", on)

@@ -18,8 +18,8 @@ PLC, quirks included:
   a frame with a bad CRC is dropped with everything up to the next 3.5-character silence;
 - TCP: one connection at a time (the next one waits in the listen backlog until the first closes),
   and the unit id is ignored (every unit id answers from the same registers);
-- faults: `late` answers every request D seconds after it arrived, strictly in arrival order (a
-  slow scan: a request that comes in meanwhile is answered after the late one); `mute` (no answer),
+- faults: `late` answers every request (or every N-th) D seconds after it arrived, strictly in
+  arrival order (a slow scan: a request that comes in meanwhile is answered after the late one); `mute` (no answer),
   `freeze` (heartbeat stops), `garbage` (random bytes instead of each reply); SIGSTOP/SIGCONT of the
   process stop and resume everything, as a hung PLC would.
 
@@ -303,6 +303,8 @@ class PlcServer:
         # 3.5 characters of 11 bits, fixed 1.75 ms above 19200 baud (Modbus over serial line, 2.5.1.1).
         self.t35 = 3.5 * 11 / baudrate if baudrate <= 19200 else 0.00175
         self.late_s = 0.0
+        self.late_every = 1
+        self._replied = 0
         self.garbage_on = False
         self.line_open = asyncio.Event()
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
@@ -343,14 +345,20 @@ class PlcServer:
             self.plc.tick(time.monotonic())
             await asyncio.sleep(TICK_SEC)
 
+    def late(self, delay_s: float, every: int = 1) -> None:
+        """Hold every `every`-th reply from now on until D s after its request arrived (0: off)."""
+        self.late_s, self.late_every, self._replied = max(0.0, float(delay_s)), max(1, int(every)), 0
+
     async def _replies(self) -> None:
-        """Answer requests one at a time in arrival order; `late` holds each until arrival + D."""
+        """Answer requests one at a time in arrival order; a late reply holds up the ones behind it."""
         loop = asyncio.get_running_loop()
         while True:
             req = await self._queue.get()
-            wait = req.arrived + self.late_s - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            self._replied += 1
+            if self.late_s and self._replied % self.late_every == 0:
+                wait = req.arrived + self.late_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             pdu = self.plc.handle(req.unit, req.pdu)
             if pdu is None:
                 continue
@@ -533,7 +541,7 @@ def _dispatcher(server: PlcServer) -> Callable[[str, list[Any]], Any]:
         if op in CONTROLS:
             return getattr(server.plc, op)(*args)
         if op == "late":
-            server.late_s = max(0.0, float(args[0]))
+            server.late(*args)
             return None
         if op == "garbage":
             server.garbage_on = bool(args[0])

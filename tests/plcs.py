@@ -86,8 +86,9 @@ class TestPlc:
     def local_start(self, bay: str, course: int) -> bool:
         return bool(self._call("local_start", bay, course))
 
-    def late(self, delay_s: float) -> None:
-        self._call("late", delay_s)
+    def late(self, delay_s: float, every: int = 1) -> None:
+        """Every `every`-th reply from now on comes `delay_s` after its request (0: off), in order."""
+        self._call("late", delay_s, every)
 
     def garbage(self, on: bool) -> None:
         self._call("garbage", on)

@@ -199,6 +199,15 @@ def test_late_replies_arrive_after_the_timeout_in_order(line: Line) -> None:
         c.send(1, c.read(110, 3))
         assert c.recv(5)[1] == struct.pack(">BHH", 16, 100, 3)
         assert struct.unpack(">3H", c.recv(5)[1][2:])[2] == 30  # the read saw the write before it
+        # Every second reply late: the first on time, the second after the client gave up on it,
+        # and the third, asked meanwhile, behind it.
+        plc.late(0.6, every=2)
+        assert c.request(1, c.read(10, 1), timeout=1.0)[:2] == b"\x03\x02"
+        c.send(1, c.read(10, 2))
+        with pytest.raises(NoReply):
+            c.recv(0.2)
+        c.send(1, c.read(10, 3))
+        assert [c.recv(5)[1][:2] for _ in range(2)] == [b"\x03\x04", b"\x03\x06"]
         plc.late(0)
         assert c.request(1, c.read(10, 1), timeout=1.0)[:2] == b"\x03\x02"
 
