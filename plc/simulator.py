@@ -133,6 +133,8 @@ class _InOrderHandler(ServerRequestHandler):
             if resp is None:
                 assert pdu is not None
                 resp = await self._respond(pdu)
+            elif sim._muted_unit(resp.dev_id):
+                continue
             if resp is None:
                 continue
             if self.sim.garbage_on:
