@@ -1,8 +1,10 @@
 """Wash bays end to end: REST or MQTT command → core → Modbus (PLC simulator on a socat pty pair
 and on TCP) → status on MQTT (retained), Socket.IO (npm socket.io-client) and SSE → history/stats.
 
-The simulator runs in the test's event loop so the test can inject faults; the core and the web
-are the real processes. Blocking clients run through asyncio.to_thread.
+Every test runs against both PLC simulators (tests/plcs.py): "project" (plc/simulator.py, pymodbus,
+in the test's event loop) and "independent" (sim/plc_umodbus.py, umodbus, its own process, written
+from the register map). Faults are injected through the same controls on both; the core and the
+web are the real processes. Blocking clients run through asyncio.to_thread.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.demo import WEB_CONNECTED, free_port
 from plc.pty import SocatPair
-from plc.simulator import PlcSimulator
 from tests.clients import SocketIoClient, SseReader, http_json
 from tests.conftest import Proc, Site, make_site, start_process
 from tests.mqtt_probe import Probe
+from tests.plcs import KINDS, TestPlc, make_plc
 
 WASH_TIME = 1.2
 RTU_BAYS = ("bay1", "bay2", "bay3")
@@ -31,8 +35,8 @@ TCP_BAYS = ("bay4",)
 class WashSite:
     site: Site
     pty: SocatPair
-    rtu: PlcSimulator
-    tcp: PlcSimulator
+    rtu: TestPlc
+    tcp: TestPlc
     core: Proc | None = None
     web: Proc | None = None
 
@@ -55,13 +59,18 @@ class WashSite:
         assert rc == 0, f"core exited with {rc}:\n{core.log()[-4000:]}"
         return rc
 
-    def sim_for(self, bay: str) -> PlcSimulator:
+    def sim_for(self, bay: str) -> TestPlc:
         return self.tcp if bay in TCP_BAYS else self.rtu
 
 
-def wash_toml(rtu_path: str, tcp_port: int, status_save_sec: float = 30.0) -> str:
-    bays = "".join(
-        f'[[bays]]\nid = "{b}"\nname = "Bay {b[-1]}"\nbus = "rs485"\nunit = {i + 1}\n' for i, b in enumerate(RTU_BAYS))
+def rtu_addresses(shared_unit: bool) -> list[tuple[str, int, int]]:
+    """The RS485 bays' (bay, unit, base): one unit each, or all behind unit 1 at bases 0/100/200."""
+    return [(b, 1, 100 * i) if shared_unit else (b, i + 1, 0) for i, b in enumerate(RTU_BAYS)]
+
+
+def wash_toml(rtu_path: str, tcp_port: int, status_save_sec: float = 30.0, shared_unit: bool = False) -> str:
+    bays = "".join(f'[[bays]]\nid = "{b}"\nname = "Bay {b[-1]}"\nbus = "rs485"\nunit = {u}\nbase = {base}\n'
+                   for b, u, base in rtu_addresses(shared_unit))
     bays += f'[[bays]]\nid = "{TCP_BAYS[0]}"\nbus = "lan"\nunit = 1\n'
     return (
         "[wash]\nstart_timeout_sec = 3.0\noffline_after = 3\npoll_period_ms = 100\noffline_backoff_max_sec = 1.0\n"
@@ -72,17 +81,29 @@ def wash_toml(rtu_path: str, tcp_port: int, status_save_sec: float = 30.0) -> st
     )
 
 
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """Which PLC simulator the site's PLCs are: "project" or "independent"."""
+    return str(request.param)
+
+
 @contextlib.asynccontextmanager
-async def wash_site(tmp: Path, *, with_web: bool = True, status_save_sec: float = 30.0) -> AsyncIterator[WashSite]:
+async def wash_site(tmp: Path, kind: str, *, with_web: bool = True, status_save_sec: float = 30.0,
+                    shared_unit: bool = False, process: bool = False) -> AsyncIterator[WashSite]:
+    """A site with its PLCs of `kind`; `shared_unit`: the RS485 bays behind one unit id;
+    `process`: the project's PLCs in processes of their own too (so they can be paused)."""
     pty = SocatPair(tmp / "pty")
     await asyncio.to_thread(pty.start)
     tcp_port = free_port()
-    rtu = PlcSimulator.rtu(pty.plc_path, bays=[(b, i + 1, 0) for i, b in enumerate(RTU_BAYS)], wash_time=WASH_TIME)
-    tcp = PlcSimulator.tcp("127.0.0.1", tcp_port, bays=[(TCP_BAYS[0], 1, 0)], wash_time=WASH_TIME)
-    await rtu.start()
-    await tcp.start()
-    ws = WashSite(make_site(tmp / "site", wash_toml(pty.gateway_path, tcp_port, status_save_sec)), pty, rtu, tcp)
+    rtu = make_plc(kind, tmp / "plc", name="rtu", rtu=pty.plc_path, bays=rtu_addresses(shared_unit),
+                   wash_time=WASH_TIME, process=process)
+    tcp = make_plc(kind, tmp / "plc", name="tcp", tcp=("127.0.0.1", tcp_port), bays=[(TCP_BAYS[0], 1, 0)],
+                   wash_time=WASH_TIME, process=process)
+    ws = WashSite(make_site(tmp / "site", wash_toml(pty.gateway_path, tcp_port, status_save_sec, shared_unit)),
+                  pty, rtu, tcp)
     try:
+        await rtu.start()
+        await tcp.start()
         await ws.start_core()
         if with_web:
             ws.web = await asyncio.to_thread(start_process, ws.site, "web")
@@ -126,8 +147,8 @@ def status_of(probe: Probe, bay: str, pred: Any, timeout: float = 15) -> list[di
             return seen
 
 
-async def test_full_wash_rest_to_plc_and_back_to_every_listener(tmp_path: Path) -> None:
-    async with wash_site(tmp_path) as ws:
+async def test_full_wash_rest_to_plc_and_back_to_every_listener(tmp_path: Path, kind: str) -> None:
+    async with wash_site(tmp_path, kind) as ws:
         sio = SocketIoClient(ws.url)
         sse = await asyncio.to_thread(SseReader, ws.url + "/api/wash/events")
         try:
@@ -181,8 +202,8 @@ async def test_full_wash_rest_to_plc_and_back_to_every_listener(tmp_path: Path) 
             await asyncio.to_thread(sio.close)
 
 
-async def test_mqtt_command_stop_and_rejections(tmp_path: Path) -> None:
-    async with wash_site(tmp_path, with_web=False) as ws:
+async def test_mqtt_command_stop_and_rejections(tmp_path: Path, kind: str) -> None:
+    async with wash_site(tmp_path, kind, with_web=False) as ws:
         async with watching(ws, "wash/bay4/#", ("bay4",)) as p:
             cmd = {"bayId": "bay4", "action": "START", "course": "PREMIUM", "requestId": "m-1",
                    "timestampUtc": "2026-01-14T08:00:00.000Z"}
@@ -208,8 +229,8 @@ async def test_mqtt_command_stop_and_rejections(tmp_path: Path) -> None:
             assert (res["accepted"], res["statusCode"], res["errorCode"]) == (False, 404, "BAY_NOT_FOUND")
 
 
-async def test_faults_error_code_start_timeout_bad_registers(tmp_path: Path) -> None:
-    async with wash_site(tmp_path, with_web=False) as ws:
+async def test_faults_error_code_start_timeout_bad_registers(tmp_path: Path, kind: str) -> None:
+    async with wash_site(tmp_path, kind, with_web=False) as ws:
         async with watching(ws, "wash/bay2/status", ("bay2",)) as p:
             # A PLC error code: ERROR with its name; cleared: IDLE.
             ws.rtu.set_error("bay2", 4)
@@ -218,7 +239,10 @@ async def test_faults_error_code_start_timeout_bad_registers(tmp_path: Path) -> 
             ws.rtu.set_error("bay2", 77)
             s = (await asyncio.to_thread(status_of, p, "bay2", lambda s: s["errorCode"] == "PLC_ERROR_77"))[-1]
             assert s["state"] == "ERROR"
+            # The fault is gone, but the PLC latched it: ERROR until reset (here: its panel's button).
             ws.rtu.set_error("bay2", 0)
+            assert ws.rtu.status("bay2")["state"] == "ERROR"
+            assert ws.rtu.local_reset("bay2") is True
             await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE" and s["errorCode"] is None)
             # Out-of-range registers: the bay keeps its last valid state (they count as failed polls).
             ws.rtu.set_raw("bay2", 10, 9)  # state 9
@@ -266,10 +290,10 @@ def _stored(site: Site, bay: str) -> tuple[str, list[str]]:
         db.close()
 
 
-async def test_session_ends_stored_at_once_other_changes_saved_later(tmp_path: Path) -> None:
+async def test_session_ends_stored_at_once_other_changes_saved_later(tmp_path: Path, kind: str) -> None:
     """SD-card wear: a session's start and end are stored when they happen; WASHING and IDLE only
     replace the bay's unsaved view, stored every wash.status_save_sec and at stop."""
-    async with wash_site(tmp_path / "slow", with_web=False, status_save_sec=3600) as ws:
+    async with wash_site(tmp_path / "slow", kind, with_web=False, status_save_sec=3600) as ws:
         async with watching(ws, "wash/bay4/status", ("bay4",)) as p:
             cmd = {"bayId": "bay4", "action": "START", "course": "BASIC", "requestId": "r-1"}
             await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps(cmd))
@@ -278,7 +302,7 @@ async def test_session_ends_stored_at_once_other_changes_saved_later(tmp_path: P
         assert await asyncio.to_thread(_stored, ws.site, "bay4") == ("DONE", ["DONE"])
         assert await ws.stop_core() == 0
         assert await asyncio.to_thread(_stored, ws.site, "bay4") == ("IDLE", ["IDLE"])
-    async with wash_site(tmp_path / "fast", with_web=False, status_save_sec=0.2) as ws:
+    async with wash_site(tmp_path / "fast", kind, with_web=False, status_save_sec=0.2) as ws:
         async with watching(ws, "wash/bay4/status", ("bay4",)) as p:
             cmd = {"bayId": "bay4", "action": "START", "course": "BASIC", "requestId": "r-2"}
             await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps(cmd))
@@ -291,8 +315,9 @@ async def test_session_ends_stored_at_once_other_changes_saved_later(tmp_path: P
     assert [(s["request_id"], s["state"]) for s in sessions] == [("r-2", "DONE")]
 
 
-async def test_socat_killed_bays_offline_then_recover_and_muted_plc_does_not_stall_others(tmp_path: Path) -> None:
-    async with wash_site(tmp_path, with_web=False) as ws:
+async def test_socat_killed_bays_offline_then_recover_and_muted_plc_does_not_stall_others(tmp_path: Path,
+                                                                                         kind: str) -> None:
+    async with wash_site(tmp_path, kind, with_web=False) as ws:
         async with watching(ws, "wash/+/status", ("bay1", "bay4")) as p:
             # One muted PLC (bay3's unit) among several: it goes offline; bay1 keeps washing.
             ws.rtu.mute("bay3", True)
@@ -317,8 +342,8 @@ async def test_socat_killed_bays_offline_then_recover_and_muted_plc_does_not_sta
         assert code is None  # the core never crashed
 
 
-async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> None:
-    async with wash_site(tmp_path, with_web=False) as ws:
+async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path, kind: str) -> None:
+    async with wash_site(tmp_path, kind, with_web=False) as ws:
         async with watching(ws, "wash/bay4/status", ("bay4",)) as p:
             # A coin box wired to the PLC starts a session: recorded with requestId null.
             ws.tcp.local_start("bay4", 2)
@@ -326,7 +351,7 @@ async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> No
             assert seen[-1]["requestId"] is None and seen[-1]["course"] == "STANDARD"
             await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "IDLE")
             # A wash started through the gateway; the core restarts in the middle of it.
-            ws.tcp.bays["bay4"].wash_time = 4.0
+            ws.tcp.set_wash_time("bay4", 4.0)
             cmd = {"bayId": "bay4", "action": "START", "course": "BASIC", "requestId": "r-9"}
             await asyncio.to_thread(p.publish, "wash/bay4/cmd", json.dumps(cmd))
             washing = (await asyncio.to_thread(status_of, p, "bay4", lambda s: s["state"] == "WASHING"))[-1]
@@ -341,7 +366,7 @@ async def test_plc_local_session_and_core_restart_mid_wash(tmp_path: Path) -> No
     assert sessions[0]["session_id"].endswith("-bay4-001") and sessions[1]["session_id"].endswith("-bay4-002")
 
 
-async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path) -> None:
+async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path, kind: str) -> None:
     """The core probes unit ids between polls: the simulated PLC's units answer and decode, the
     absent ones time out, and the polls go on."""
     import subprocess
@@ -350,7 +375,7 @@ async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path) -> None:
     from gateway.procs import child_env, gateway_command
     from tests.test_commands_e2e import token_for
 
-    async with wash_site(tmp_path) as ws:
+    async with wash_site(tmp_path, kind) as ws:
         out = await asyncio.to_thread(subprocess.run, gateway_command("scan-bus", "rs485", "--first", "1", "--last",
                                                                       str(len(RTU_BAYS) + 2), "--config",
                                                                       str(ws.site.config_path)),
@@ -377,3 +402,43 @@ async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path) -> None:
         # a timing: bench/wash_bays.py measures it).
         assert all(b["polls_per_s"] > 0 and b["error_rate"] < 0.2 for b in diag["data"]["rs485"]["bays"].values()), \
             diag["data"]["rs485"]["bays"]
+
+
+@pytest.mark.parametrize("fault", ["late", "pause"])
+@pytest.mark.xfail(strict=True, reason="issue #16 §1 (gateway, plc/bus.py): a reply that comes after timeout_ms "
+                   "is credited to the next request, so another bay behind the same unit id shows this bay's wash")
+async def test_late_replies_never_move_a_wash_to_another_bay(tmp_path: Path, kind: str, fault: str) -> None:
+    """Three RS485 bays behind one unit id (bases 0/100/200). During bay1's wash the PLC answers
+    late (each reply 1.5 x timeout_ms after its request, in order) or stops dead five times for
+    250 ms (SIGSTOP/SIGCONT). The wash stays one session of bay1; bay2 and bay3 never leave
+    IDLE/OFFLINE, and no session is recorded for them."""
+    async with wash_site(tmp_path, kind, with_web=False, shared_unit=True, process=True) as ws:
+        ws.rtu.set_wash_time("bay1", 5.0)
+        async with watching(ws, "wash/+/status", RTU_BAYS) as p:
+            cmd = {"bayId": "bay1", "action": "START", "course": "PREMIUM", "requestId": "late-1"}
+            await asyncio.to_thread(p.publish, "wash/bay1/cmd", json.dumps(cmd))
+            await asyncio.to_thread(status_of, p, "bay1", lambda s: s["state"] == "WASHING")
+            if fault == "late":
+                ws.rtu.late(0.15)  # timeout_ms is 100 on the RS485 bus
+                await asyncio.sleep(2.0)  # the fault's duration, not a synchronisation
+                ws.rtu.late(0)
+            else:
+                for _ in range(5):
+                    ws.rtu.pause()
+                    await asyncio.sleep(0.25)  # the length of the pause is the fault itself
+                    ws.rtu.resume()
+                    await asyncio.sleep(0.25)
+            # The PLC's truth: its one session of bay1 ran to its end and the bay went idle.
+            deadline = asyncio.get_running_loop().time() + 20
+            while (plc := ws.rtu.status("bay1"))["state"] != "IDLE":
+                assert asyncio.get_running_loop().time() < deadline, plc
+                await asyncio.sleep(0.1)
+            assert plc["session_counter"] == 1
+            seen = await asyncio.to_thread(status_of, p, "bay1", lambda s: s["state"] == "DONE", 10)
+            while not p.messages.empty():
+                p.skipped.append(p.messages.get_nowait())
+            others = [json.loads(m.payload) for m in p.skipped if m.topic != "wash/bay1/status"]
+        assert all(s["state"] in ("WASHING", "OFFLINE", "DONE") for s in seen), seen
+        assert {s["state"] for s in others} <= {"IDLE", "OFFLINE"}, others
+    sessions = await asyncio.to_thread(_sessions, ws.site)
+    assert [(s["bay"], s["request_id"], s["state"]) for s in sessions] == [("bay1", "late-1", "DONE")], sessions
