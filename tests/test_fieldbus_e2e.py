@@ -184,6 +184,20 @@ def wait_state(p: Probe, bay: str, state: str, code: str | None = "any") -> dict
     return seen[-1]
 
 
+def wait_reset(url: str, auth: dict[str, str], n: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The resets listed once there are `n` (a reset's outcome is stored, not published)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        code, listed = http_json(url + "/api/wash/resets", headers=auth)
+        if code == 200 and len(listed) >= n:
+            return listed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} resets expected, listed: {listed}")
+        threading.Event().wait(0.1)  # no event carries a reset's outcome: poll the API
+
+
 async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(tmp_path: Path) -> None:
     """And the bus scan: unit ids × the configured bases on RTU; on TCP a PLC that answers every
     unit id (the scripted one, as many real ones) is named as such, not listed under every id."""
@@ -217,13 +231,21 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
             code, body = await asyncio.to_thread(http_json, site.web_url + "/api/wash/reset", method="POST",
                                                  body={"bayId": "bay3"})
             assert (code, body["errorCode"]) == (401, "UNAUTHORIZED")
+            # The door is still open: the PLC takes the reset and stays in ERROR.
             code, body = await asyncio.to_thread(http_json, site.web_url + "/api/wash/reset", method="POST",
                                                  body={"bayId": "bay3"}, headers=auth)
             assert code == 200 and body["success"] is True and body["requestId"]
+            await asyncio.to_thread(wait_reset, site.web_url, auth, 1)
+            # Closed: the PLC latches ERROR (code kept on the status) until the next reset clears it.
+            sim.set_error("bay3", 0)
+            code, body = await asyncio.to_thread(http_json, site.web_url + "/api/wash/reset", method="POST",
+                                                 body={"bayId": "bay3"}, headers=auth)
+            assert code == 200
             await asyncio.to_thread(wait_state, p, "bay3", "IDLE")
             # MQTT, from Debian's mosquitto_pub as the wash backend; answered on cmd/result.
             sim.set_error("bay4", 5)
             await asyncio.to_thread(wait_state, p, "bay4", "ERROR", "MOTOR_FAULT")
+            sim.set_error("bay4", 0)
             await asyncio.to_thread(p.subscribe, "wash/bay4/cmd/result")
             cmd = json.dumps({"bayId": "bay4", "action": "RESET", "timestampUtc": "2026-12-06T08:00:00.000Z"})
             await asyncio.to_thread(subprocess.run, [
@@ -236,6 +258,7 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
             # The CLI, through the running core.
             sim.set_error("bay1", 2)
             await asyncio.to_thread(wait_state, p, "bay1", "ERROR", "WATER_PRESSURE_LOW")
+            sim.set_error("bay1", 0)
             out = await asyncio.to_thread(subprocess.run, gateway_command("reset-bay", "bay1", "--config",
                                                                           str(site.config_path)),
                                           capture_output=True, text=True, timeout=60)
@@ -260,11 +283,12 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
         assert [(r["bayId"], r["by"], r["errorCode"], r["outcome"]) for r in listed] == [
             ("bay1", f"cli:{getpass.getuser()}", "WATER_PRESSURE_LOW", "CLEARED"),
             ("bay4", "mqtt:backend-1", "MOTOR_FAULT", "CLEARED"),
-            ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED")]
-        assert resets(db)[0] == ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED")
+            ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED"),
+            ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")]
+        assert resets(db)[0] == ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")
         with sqlite3.connect(db) as c:
             (n,) = c.execute("""SELECT count(*) FROM "outbox_event" WHERE "type" = 'wash.reset'""").fetchone()
-        assert n == 3
+        assert n == 4
         code, _ = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets")
         assert code == 401
     finally:
