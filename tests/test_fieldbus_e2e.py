@@ -2,9 +2,10 @@
 
 Four bays sit behind one unit id at bases 0/100/200/300 on an RS485 line (socat pty pair), two
 behind one unit id on Modbus TCP. A wash runs on one bay of each bus while the PLC processes are
-paused (SIGSTOP/SIGCONT) five times for longer than the gateway's timeout: the issue saw one wash
-become four session records, and idle bays open ghost sessions. Here every wash is one session,
-with its requestId and its outcome, and no other bay ever leaves IDLE.
+paused (SIGSTOP/SIGCONT; the project's simulator) or answer late (the independent umodbus PLC)
+five times for longer than the gateway's timeout: the issue saw one wash become four session
+records, and idle bays open ghost sessions. Here every wash is one session, with its requestId and
+its outcome, and no other bay ever leaves IDLE.
 
 Then the reset of a latched error, decided by the core, from REST (technician token), from MQTT
 (Debian's mosquitto_pub as the wash backend) and from the CLI, each recorded with who asked.
@@ -15,12 +16,8 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import os
-import shutil
-import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +30,9 @@ from gateway.procs import gateway_command
 from plc.pty import SocatPair
 from plc.simulator import PlcSimulator
 from tests.clients import http_json
-from tests.conftest import Proc, make_site, start_process
+from tests.conftest import make_site, start_process
 from tests.mqtt_probe import Probe
+from tests.plcs import TestPlc, make_plc
 from tests.scripted_plc import ScriptedTcpPlc
 
 RTU_BAYS = {"bay1": 0, "bay2": 100, "bay3": 200, "bay4": 300}
@@ -52,45 +50,6 @@ def site_toml(rtu_path: str, tcp_port: int) -> str:
     for bay, base in TCP_BAYS.items():
         out += f'[[bays]]\nid = "{bay}"\nbus = "lan"\nunit = 1\nbase = {base}\n'
     return out
-
-
-class SimProcess:
-    """The project's PLC simulator (`carwash-gateway simulate-plc`) in a process of its own."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        with log.open("wb") as err:
-            self.proc = subprocess.Popen(gateway_command("simulate-plc", *args),
-                                         stdout=subprocess.PIPE, stderr=err, text=True)
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith("plc simulator:"):
-                    ready.set()
-            ready.set()
-
-        self._reader = threading.Thread(target=read, daemon=True)
-        self._reader.start()
-        if not ready.wait(20) or self.proc.poll() is not None:
-            self.stop()
-            raise AssertionError(f"simulator did not start: {log.read_text()[-2000:]}")
-
-    def pause(self, on: bool) -> None:
-        self.proc.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 def statuses(probe: Probe, until: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -114,29 +73,33 @@ def sessions(db: Path) -> list[tuple[Any, ...]]:
                          'ORDER BY "id"').fetchall()
 
 
-@pytest.fixture
-def paused_site(tmp_path: Path) -> Iterator[tuple[Any, SimProcess, SimProcess, Proc]]:
+@pytest.fixture(params=[("project", "pause"), ("independent", "late")], ids=lambda p: f"{p[0]}-{p[1]}")
+def faulty_site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, TestPlc, TestPlc, str]]:
+    """The core, and both buses' PLCs as processes of the given kind; the fault to inject."""
+    kind, fault = request.param
     pair = SocatPair(tmp_path / "pty")
     pair.start()
     tcp_port = free_port()
-    rtu = SimProcess(["--rtu", pair.plc_path, "--wash-time", "15", "--baudrate", "115200",
-                      *[a for b, base in RTU_BAYS.items() for a in ("--bay", f"{b}:1:{base}")]], tmp_path / "rtu.log")
-    tcp = SimProcess(["--tcp", f"127.0.0.1:{tcp_port}", "--wash-time", "15",
-                      *[a for b, base in TCP_BAYS.items() for a in ("--bay", f"{b}:1:{base}")]], tmp_path / "tcp.log")
+    rtu = make_plc(kind, tmp_path / "rtu", bays=[(b, 1, base) for b, base in RTU_BAYS.items()], rtu=pair.plc_path,
+                   wash_time=15, process=True, name="rtu")
+    tcp = make_plc(kind, tmp_path / "tcp", bays=[(b, 1, base) for b, base in TCP_BAYS.items()],
+                   tcp=("127.0.0.1", tcp_port), wash_time=15, process=True, name="tcp")
+    rtu.start_blocking()  # type: ignore[attr-defined]
+    tcp.start_blocking()  # type: ignore[attr-defined]
     site = make_site(tmp_path / "site", site_toml(pair.gateway_path, tcp_port))
     core = start_process(site, "core")
     try:
-        yield site, rtu, tcp, core
+        yield site, rtu, tcp, fault
     finally:
         rc = core.stop()
-        rtu.stop()
-        tcp.stop()
+        rtu.stop_blocking()  # type: ignore[attr-defined]
+        tcp.stop_blocking()  # type: ignore[attr-defined]
         pair.stop()
         assert rc == 0, core.log()[-3000:]
 
 
-def test_paused_plcs_never_split_a_wash_nor_open_ghost_sessions(paused_site: Any) -> None:
-    site, rtu, tcp, _core = paused_site
+def test_late_or_paused_plcs_never_split_a_wash_nor_open_ghost_sessions(faulty_site: Any) -> None:
+    site, rtu, tcp, fault = faulty_site
     cfg = site.config
     with Probe(site.mqtt_port, username=cfg.mqtt.internal_username,
                password=site.secrets.mqtt_internal_password) as p:
@@ -149,12 +112,13 @@ def test_paused_plcs_never_split_a_wash_nor_open_ghost_sessions(paused_site: Any
                                                      "requestId": rid, "timestampUtc": "2026-12-06T08:00:00.000Z"}))
         seen += statuses(p, lambda s: {"bay2", "bay6"} <= {x["bayId"] for x in s if x["state"] == "WASHING"})
         for _ in range(5):
-            # The fault: both PLC processes stop answering for longer than the timeouts, then go on.
-            rtu.pause(True)
-            tcp.pause(True)
-            threading.Event().wait(PAUSE_SEC)
-            rtu.pause(False)
-            tcp.pause(False)
+            # The fault, longer than both buses' timeouts: the PLC processes stop dead, or every
+            # reply comes late (in order, as a PLC whose scan overran).
+            for plc in (rtu, tcp):
+                plc.pause() if fault == "pause" else plc.late(PAUSE_SEC)
+            threading.Event().wait(PAUSE_SEC)  # the fault's length, not a synchronisation
+            for plc in (rtu, tcp):
+                plc.resume() if fault == "pause" else plc.late(0)
             # The wash goes on: the next progress of bay2 (published at most once a second).
             seen += statuses(p, lambda s: any(x["bayId"] == "bay2" and x["state"] == "WASHING" for x in s))
         seen += statuses(p, lambda s: all(any(x["bayId"] == b and x["state"] == "IDLE" for x in s)
