@@ -34,6 +34,7 @@ from tests.conftest import make_site, start_process
 from tests.mqtt_probe import Probe
 from tests.plcs import TestPlc, make_plc
 from tests.scripted_plc import ScriptedTcpPlc
+from tests.test_technician_page import CHROMEDRIVER, CHROMIUM, browser  # noqa: F401 - the fixture
 
 RTU_BAYS = {"bay1": 0, "bay2": 100, "bay3": 200, "bay4": 300}
 TCP_BAYS = {"bay5": 0, "bay6": 100}
@@ -162,7 +163,34 @@ def wait_reset(url: str, auth: dict[str, str], n: int, timeout: float = 30.0) ->
         threading.Event().wait(0.1)  # no event carries a reset's outcome: poll the API
 
 
-async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(tmp_path: Path) -> None:
+def reset_in_the_browser(driver: Any, url: str, sim: PlcSimulator) -> None:
+    """The bay tile's Reset button, in headless Chromium: shown only while the bay is in ERROR,
+    asks for confirmation, and the bay goes back to IDLE."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 30)
+    driver.get(url + "/login")
+    driver.find_element(By.ID, "username").send_keys("demo")
+    driver.find_element(By.ID, "password").send_keys("demo")
+    driver.find_element(By.ID, "login-button").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".tile")))
+    tile = driver.find_element(By.CSS_SELECTOR, '.tile[data-bay="bay2"]')
+    wait.until(lambda _: tile.find_element(By.CSS_SELECTOR, ".bay-error").text == "EMERGENCY_STOP")
+    button = tile.find_element(By.CSS_SELECTOR, ".bay-reset")
+    assert button.is_displayed() and button.text  # Thai label by default
+    other = driver.find_element(By.CSS_SELECTOR, '.tile[data-bay="bay1"] .bay-reset')
+    assert not other.is_displayed()
+    sim.set_error("bay2", 0)  # the emergency stop released: the PLC still latches ERROR
+    button.click()
+    wait.until(ec.alert_is_present()).accept()
+    wait.until(lambda _: tile.find_element(By.CSS_SELECTOR, ".bay-state").text == "IDLE")
+    assert not tile.find_element(By.CSS_SELECTOR, ".bay-reset").is_displayed()
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver")
+async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(tmp_path: Path, browser: Any) -> None:
     """And the bus scan: unit ids × the configured bases on RTU; on TCP a PLC that answers every
     unit id (the scripted one, as many real ones) is named as such, not listed under every id."""
     pair = SocatPair(tmp_path / "pty")
@@ -229,6 +257,10 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
             assert out.returncode == 0, out.stderr
             assert "bay1: reset sent" in out.stdout and "lost the local broker" not in out.stderr
             await asyncio.to_thread(wait_state, p, "bay1", "IDLE")
+            # The technician page, in a real browser.
+            sim.set_error("bay2", 1)
+            await asyncio.to_thread(wait_state, p, "bay2", "ERROR", "EMERGENCY_STOP")
+            await asyncio.to_thread(reset_in_the_browser, browser, site.web_url, sim)
         scan = await asyncio.to_thread(subprocess.run, gateway_command("scan-bus", "rs485", "--first", "1", "--last",
                                                                        "2", "--config", str(site.config_path)),
                                        capture_output=True, text=True, timeout=120)
@@ -245,6 +277,7 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
         code, listed = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets", headers=auth)
         assert code == 200
         assert [(r["bayId"], r["by"], r["errorCode"], r["outcome"]) for r in listed] == [
+            ("bay2", "technician:demo", "EMERGENCY_STOP", "CLEARED"),
             ("bay1", f"cli:{getpass.getuser()}", "WATER_PRESSURE_LOW", "CLEARED"),
             ("bay4", "mqtt:backend-1", "MOTOR_FAULT", "CLEARED"),
             ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED"),
@@ -252,7 +285,7 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
         assert resets(db)[0] == ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")
         with sqlite3.connect(db) as c:
             (n,) = c.execute("""SELECT count(*) FROM "outbox_event" WHERE "type" = 'wash.reset'""").fetchone()
-        assert n == 4
+        assert n == 5
         code, _ = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets")
         assert code == 401
     finally:
