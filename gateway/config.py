@@ -100,7 +100,7 @@ class MqttConfig:
 @dataclass(frozen=True, kw_only=True)
 class SignaturesConfig:
     http_schemes: tuple[Literal["sha256-suffix", "hmac-sha256"], ...] = _f(
-        ("sha256-suffix",), min_len=1
+        ("sha256-suffix", "hmac-sha256"), min_len=1
     )
     legacy_empty_body_signature: bool = _f(False)
     mqtt: Literal["require", "off"] = _f("require")

@@ -84,7 +84,7 @@ def verify_signature() -> None:
 
 def _body() -> dict[str, Any]:
     verify_signature()
-    return read_json()  # type: ignore[no-any-return]
+    return read_json(untyped_is_json=True)  # type: ignore[no-any-return]
 
 
 def _invalid(exc: validate.Invalid) -> ApiError:

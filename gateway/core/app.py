@@ -19,7 +19,7 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway import __version__
+from gateway import __version__, mqtt_accounts
 from gateway.bus.broker import BrokerSettings, LocalBus
 from gateway.bus.rpc import RpcError, RpcServer
 from gateway.bus.topics import HEALTH, STATUS
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET = 4.0
 UPLINK_HEALTH_SEC = 2.0
+MQTT_ACCOUNTS_RELOAD_SEC = 1.0  # an account added, changed or removed takes effect within this
 TEST_HOOKS_ENV = "CARWASH_GATEWAY_TEST_HOOKS"
 
 
@@ -139,6 +140,7 @@ class CoreApp:
         self.notifier.status("starting the MQTT broker")
         ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
         self.bus = LocalBus(broker_settings(cfg.mqtt, self.secrets.mqtt_internal_password))
+        await self.bus.reload_accounts(mqtt_accounts.load(self.db))
         try:
             await self.bus.start()
             self.rpc = RpcServer(self.bus)
@@ -167,7 +169,8 @@ class CoreApp:
 
             self.gpio = GpioService(cfg.gpio, self.health.snapshot, short_press, long_press)
             self.gpio.start()
-            services = [Service("bus-dispatch", self.bus.dispatch_forever)]
+            services = [Service("bus-dispatch", self.bus.dispatch_forever),
+                        Service("mqtt-accounts", self._reload_mqtt_accounts)]
             parts = (self.wash.services() + self.presence.services() + self.pairing.services()
                      + self.commands.services() + self.payments.services() + self.gpio.services())
             services += [Service(name, run) for name, run in parts]
@@ -325,6 +328,15 @@ class CoreApp:
     async def publish_health(self) -> None:
         assert self.bus is not None
         await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
+
+    async def _reload_mqtt_accounts(self) -> None:
+        """Follow `mqtt_account` (written by the web and the `mqtt-user` CLI, which cannot reach
+        the broker's memory): a read of a few rows a second, on the loop (a WAL read never waits
+        for a writer)."""
+        assert self.bus is not None and self.db is not None
+        while True:
+            await asyncio.sleep(MQTT_ACCOUNTS_RELOAD_SEC)
+            await self.bus.reload_accounts(mqtt_accounts.load(self.db))
 
     async def _uplink_health(self) -> None:
         """Health follows the drainer: reachable cloud, degraded, and the backlog rounded so that a
