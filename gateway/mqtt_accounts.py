@@ -60,6 +60,14 @@ class AccountError(Exception):
     """A refused change, with a sentence naming the field."""
 
 
+class AccountExists(AccountError):
+    pass
+
+
+class NoAccount(AccountError):
+    pass
+
+
 @dataclass(frozen=True)
 class Account:
     username: str
@@ -87,36 +95,56 @@ def _check(username: str, *, password: str | None = None, role: str | None = Non
         raise AccountError(f"role: one of {', '.join(ROLES)}")
 
 
+def check(username: str, *, password: str | None = None, role: str | None = None,
+          internal_username: str = "") -> None:
+    """AccountError naming the field, before anything is hashed or written."""
+    _check(username, password=password, role=role, internal_username=internal_username)
+
+
+def hash_password(password: str) -> str:
+    """argon2id (tens of milliseconds: the web hashes in the request's thread, not its writer's)."""
+    return _hasher.hash(password)
+
+
 def add(db: SqliteDatabase, username: str, password: str, role: str, *, internal_username: str = "") -> None:
     _check(username, password=password, role=role, internal_username=internal_username)
+    add_hashed(db, username, hash_password(password), role)
+
+
+def add_hashed(db: SqliteDatabase, username: str, password_hash: str, role: str) -> None:
+    """Insert a checked account (`check` first). AccountExists."""
     now = utc_now()
     with write_tx(db):
         if MqttAccount.select().where(MqttAccount.username == username).exists():
-            raise AccountError(f"name: account {username!r} exists")
-        MqttAccount.create(username=username, password_hash=_hasher.hash(password), role=role,
-                           created_at=now, changed_at=now)
+            raise AccountExists(f"name: account {username!r} exists")
+        MqttAccount.create(username=username, password_hash=password_hash, role=role, created_at=now, changed_at=now)
 
 
 def change(db: SqliteDatabase, username: str, *, password: str | None = None, role: str | None = None) -> None:
     """New password and/or role; the account's live connections are cut (they log in again)."""
     _check(username, password=password, role=role)
+    change_hashed(db, username, password_hash=hash_password(password) if password is not None else None, role=role)
+
+
+def change_hashed(db: SqliteDatabase, username: str, *, password_hash: str | None, role: str | None) -> None:
+    """Set a checked new hash and/or role and bump the generation. NoAccount."""
     fields: dict[object, object] = {MqttAccount.generation: MqttAccount.generation + 1,
                                     MqttAccount.changed_at: utc_now()}
-    if password is not None:
-        fields[MqttAccount.password_hash] = _hasher.hash(password)
+    if password_hash is not None:
+        fields[MqttAccount.password_hash] = password_hash
     if role is not None:
         fields[MqttAccount.role] = role
     with write_tx(db):
         n = MqttAccount.update(fields).where(MqttAccount.username == username).execute()
     if n == 0:
-        raise AccountError(f"name: no account {username!r}")
+        raise NoAccount(f"name: no account {username!r}")
 
 
 def remove(db: SqliteDatabase, username: str) -> None:
     with write_tx(db):
         n = MqttAccount.delete().where(MqttAccount.username == username).execute()
     if n == 0:
-        raise AccountError(f"name: no account {username!r}")
+        raise NoAccount(f"name: no account {username!r}")
 
 
 def listing(db: SqliteDatabase) -> list[dict[str, str]]:

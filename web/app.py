@@ -7,7 +7,7 @@ from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
 from gateway.ratelimit import RateLimiter, retry_after
-from web import auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
+from web import access, auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
 from web.cors import OriginPolicy
 from web.context import WebContext, ctx
 from web.errors import ApiError
@@ -65,6 +65,7 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.register_blueprint(payments.bp)
     app.register_blueprint(cloud.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(access.bp)
     # Socket.IO for clients of the seed's `wash:status` event; threading mode under gthread.
     socketio = SocketIO(app, async_mode="threading", cors_allowed_origins=origins.allows, cors_credentials=False,
                         path=SOCKETIO_PATH)
