@@ -323,3 +323,43 @@ def test_cors_allow_list_for_rest_sse_and_socketio(gw: Gateway) -> None:
     assert status == 200 and h.get("access-control-allow-origin") == KIOSK
     status, h, _ = raw_http(port, hs.format("http://evil.example"))
     assert status == 400 and "access-control-allow-origin" not in h
+
+
+# --- 1. MQTT accounts through the web API -------------------------------------------------------
+
+
+def test_mqtt_accounts_api_validates_hides_hashes_and_the_broker_follows(gw: Gateway) -> None:
+    from tests.mqtt_probe import Probe
+
+    auth = {"Authorization": f"Bearer {gw.login()}"}
+    api = gw.url + "/api/v1/mqtt-accounts"
+    for body, field in [({"username": "kiosk", "password": "short", "role": "monitor"}, "password"),
+                        ({"username": "kiosk", "password": "long-enough-pass", "role": "admin"}, "role"),
+                        ({"username": "carwash-web", "password": "long-enough-pass", "role": "monitor"}, "name"),
+                        ({"username": "bad name", "password": "long-enough-pass", "role": "monitor"}, "name")]:
+        code, answer = http_json(api, method="POST", body=body, headers=auth)
+        assert (code, answer["errorCode"]) == (400, "VALIDATION_FAILED") and answer["message"].startswith(field), answer
+    assert http_json(api, method="POST", body={"username": "kiosk", "password": "long-enough-pass",
+                                               "role": "monitor"})[0] == 401
+    body = {"username": "kiosk", "password": "long-enough-pass", "role": "monitor"}
+    assert http_json(api, method="POST", body=body, headers=auth)[0] == 201
+    assert http_json(api, method="POST", body=body, headers=auth)[1]["errorCode"] == "CONFLICT"
+    code, listing = http_json(api, headers=auth)
+    assert [(a["username"], a["role"]) for a in listing["data"]] == [("kiosk", "monitor")]
+    assert "argon2" not in json.dumps(listing) and "password_hash" not in json.dumps(listing)
+    # The core's broker takes the account up without a restart (it reloads every second).
+    with Probe(gw.site.mqtt_port, username="kiosk", password="long-enough-pass") as p:
+        import time
+
+        deadline = time.monotonic() + 10
+        while (rc := p.connect()).is_failure:
+            assert time.monotonic() < deadline, rc
+            p.close()
+            p = Probe(gw.site.mqtt_port, username="kiosk", password="long-enough-pass")
+        assert p.subscribe("gateway/health") == [1]
+        code, _ = http_json(api + "/kiosk", method="DELETE", headers=auth)
+        assert code == 200
+        assert p.disconnected.wait(10)  # cut off once the core saw the removal
+        p.close()
+    assert http_json(api + "/kiosk", method="DELETE", headers=auth)[1]["errorCode"] == "NOT_FOUND"
+    assert http_json(api + "/kiosk", method="POST", body={"role": "monitor"}, headers=auth)[0] == 404
