@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 
@@ -180,6 +181,10 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
             bad_sig = good.replace(b"-76", b"-77")
             for payload in (b"not json", bad_sig, sign_mqtt({"rssi": "loud"}, KEY), good):
                 device.publish(f"server/{DEVICE}/streaming", payload)
+            # A malformed ACK: dropped (it cannot be trusted), but counted for the device's page.
+            device.publish(f"server/{DEVICE}/ack", sign_mqtt({"command_id": "cmd-1", "device_id": DEVICE,
+                                                              "command": "RESTART", "status": "MAYBE",
+                                                              "timestamp": 1}, KEY))
             device.publish("server/device-unknown/streaming", good)
             watch.until("server/device-unknown/streaming")
             # Online now; silent for 2 intervals: offline.
@@ -192,10 +197,19 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
         log = core.log()
         for reason in ("not_json", "bad_signature", "invalid", "unknown_device"):
             assert f": {reason}: " in log, reason
+        # The device's page: per-device counts and the last reason (issue 17).
+        import urllib.request
+
+        token = login(site.web_url)["Authorization"].split()[1]
+        req = urllib.request.Request(site.web_url + f"/devices/{DEVICE}", headers={"Cookie": f"cw_token={token}"})
+        with urllib.request.urlopen(req, timeout=15) as r:
+            html = r.read().decode()
+        m = re.search(r'<p id="bad-messages"[^>]*>(.*?)</p>', html, re.S)
+        assert m is not None, html
+        assert "ACK 1" in m.group(1) and "streaming 3" in m.group(1) and "ack invalid" in m.group(1)
     finally:
         web.stop()
         assert core.stop() == 0
-
 
 
 def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> None:  # type: ignore[no-untyped-def]

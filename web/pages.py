@@ -288,7 +288,13 @@ def device_page(user: str, device_id: str) -> Any:
     cfg = DeviceConfig.select().where(DeviceConfig.device == device_id).order_by(DeviceConfig.id.desc()).first()
     reported = json.loads(cfg.configs) if cfg else None
     form = config_form(schema(d.device_type), reported) if d.device_type in SCHEMA_FILES else None
-    return render("device.html", user, d=d, reported=reported, form=form,
+    from web.context import ask_core
+
+    try:
+        bad = ask_core("devices.bad_messages", {"device_id": device_id})  # the core's memory, since its start
+    except ApiError:
+        bad = None
+    return render("device.html", user, d=d, reported=reported, form=form, bad=bad,
                   reported_json=json.dumps(reported, indent=2, ensure_ascii=False) if reported else "")
 
 

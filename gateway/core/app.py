@@ -27,6 +27,7 @@ from gateway.clock import iso_z
 from gateway.commands.service import CommandService
 from gateway.config import Config, MqttConfig, Secrets
 from gateway.core.supervisor import Service, Supervisor
+from gateway.devices.badmessages import BadMessages
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
 from gateway.gpio import PAIRING_SEC, GpioService
@@ -128,6 +129,7 @@ class CoreApp:
         self.bridge: CloudBridge | None = None
         self.gpio: GpioService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self.bad_messages = BadMessages()  # malformed ACK/streaming per device (RPC devices.bad_messages)
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -148,11 +150,11 @@ class CoreApp:
             await self._publish_retained()
             self.wash = WashService(cfg, self.db, self.bus, self._on_plc_health)
             await self.wash.start(self.rpc)
-            self.presence = PresenceService(cfg, self.secrets, self.db, self.bus)
+            self.presence = PresenceService(cfg, self.secrets, self.db, self.bus, self.bad_messages)
             await self.presence.start()
             self.pairing = PairingWindow(self.bus, cfg.devices.pairing_window_sec)
             await self.pairing.start(self.rpc)
-            self.commands = CommandService(cfg, self.secrets, self.db, self.bus)
+            self.commands = CommandService(cfg, self.secrets, self.db, self.bus, self.bad_messages)
             await self.commands.start(self.rpc)
             self.drainer = OutboxDrainer(cfg, self.secrets.cloud_key, self.db)
             self.payments = PaymentFollower(cfg, self.secrets, self.db, self.bus)
@@ -293,8 +295,15 @@ class CoreApp:
             return {"clients": len(self.bus.clients), "refused": dict(self.bus.refusals.counts),
                     "handler_errors": self.bus.dropped_handler_errors}
 
+        async def bad_messages(params: dict[str, Any]) -> dict[str, Any] | None:
+            device_id = params.get("device_id")
+            if not isinstance(device_id, str):
+                raise RpcError("VALIDATION_FAILED", "device_id must be a string", 400)
+            return self.bad_messages.get(device_id)
+
         rpc.register("ping", ping)
         rpc.register("broker.stats", broker_stats)
+        rpc.register("devices.bad_messages", bad_messages)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             async def block(params: dict[str, Any]) -> dict[str, Any]:
                 # Test hook only (never set by the units): freeze the event loop as a hung handler
