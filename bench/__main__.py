@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    access_checks,
     bridge,
     broker_throughput,
     chaos,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     chaos.NAME: chaos.run,
     soak.NAME: soak.run,
     fuzz_api.NAME: fuzz_api.run,
+    access_checks.NAME: access_checks.run,
 }
 
 

@@ -21,7 +21,6 @@ from gateway import users
 from gateway.clock import iso_z
 from gateway.config import Config
 from gateway.ratelimit import RateLimiter, retry_after
-from gateway.store.models import TechnicianUser
 from web.body import read_json
 from web.context import ctx
 from web.errors import ApiError
@@ -79,6 +78,9 @@ def end_sessions(username: str) -> None:
     c.writer.run(lambda: users.end_sessions(db, username))
 
 
+ACCOUNT_ROW_SQL = 'SELECT "disabled", "token_version" FROM "technician_user" WHERE "username" = ?'
+
+
 class TokenRefused(Exception):
     """Why a token does not authenticate: a short English sentence for the 401 message."""
 
@@ -93,8 +95,11 @@ def account_of(token: str) -> str:
     except jwt.InvalidTokenError:
         raise TokenRefused("invalid token") from None
     username = str(claims["sub"])
-    row = (TechnicianUser.select(TechnicianUser.disabled, TechnicianUser.token_version)
-           .where(TechnicianUser.username == username).tuples().first())
+    db = ctx().db
+    if db is None:
+        raise TokenRefused("database not open")
+    # Plain SQL on the unique index: Peewee's query building cost 4x the read (bench access_checks).
+    row = db.execute_sql(ACCOUNT_ROW_SQL, (username,)).fetchone()
     if row is None or row[0]:
         raise TokenRefused("account no longer exists or is disabled")
     if claims.get("ver", 0) != row[1]:
