@@ -825,7 +825,19 @@ def _outbox_payload_rules(r: dict[str, Any]) -> Iterator[str]:
         yield "payload not a JSON object"
 
 
+def _mqtt_account_rules(row: dict[str, Any]) -> Iterator[str]:
+    from gateway.mqtt_accounts import ROLES, USERNAME_RE
+
+    if not USERNAME_RE.match(row["username"]) or row["username"].lower().startswith("carwash"):
+        yield f"username {row['username']!r} is not a valid account name"
+    if row["role"] not in ROLES:
+        yield f"role {row['role']!r} is not a role"
+    if not str(row["password_hash"]).startswith("$argon2id$"):
+        yield "password not stored as an argon2id hash"
+
+
 TABLE_RULES: dict[str, Rule] = {
+    "mqtt_account": _mqtt_account_rules,
     "device": _device_rules,
     "device_config": _config_rules,
     "device_lifecycle_event": _lifecycle_rules,
