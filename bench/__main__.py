@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    access_checks,
     bridge,
     broker_throughput,
     chaos,
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
     powercut.NAME: powercut.run,
     soak.NAME: soak.run,
     fuzz_api.NAME: fuzz_api.run,
+    access_checks.NAME: access_checks.run,
 }
 
 

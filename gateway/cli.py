@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from gateway import __version__
+from gateway import __version__, mqtt_user_cli
 from gateway.config import Config, ConfigError, Secrets, config_path, load_config, load_secrets
 
 EX_CONFIG = 78
@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("username")
     u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     u.set_defaults(fn=cmd_user)
+    mqtt_user_cli.add_parser(sub, common)
     return p
 
 

@@ -76,6 +76,9 @@ class WebConfig:
     login_failure_burst: int = _f(10, min=1, max=10000)
     device_base_url: str = _f("", doc="how devices reach this web server; empty: the URL of the request",
                               pattern=r"^(|https?://\S+)$")
+    cors_allowed_origins: tuple[str, ...] = _f(
+        (), doc="browser origins (scheme://host[:port]) allowed besides the gateway's own, for REST, SSE and "
+                "Socket.IO; \"*\": any", pattern=r"^(\*|https?://[A-Za-z0-9.\-\[\]:]+)\Z")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +103,7 @@ class MqttConfig:
 @dataclass(frozen=True, kw_only=True)
 class SignaturesConfig:
     http_schemes: tuple[Literal["sha256-suffix", "hmac-sha256"], ...] = _f(
-        ("sha256-suffix",), min_len=1
+        ("sha256-suffix", "hmac-sha256"), min_len=1
     )
     legacy_empty_body_signature: bool = _f(False)
     mqtt: Literal["require", "off"] = _f("require")

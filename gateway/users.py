@@ -1,4 +1,8 @@
-"""Technician accounts: argon2id password hashes in the `technician_user` table."""
+"""Technician accounts: argon2id password hashes in the `technician_user` table.
+
+`token_version` is what the web's tokens are bound to (web/auth.py): a password change, disabling
+and `end_sessions` (logout) bump it, so every token issued before stops working at once.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def exists(db: SqliteDatabase, username: str) -> bool:
 def set_password(db: SqliteDatabase, username: str, password: str) -> None:
     _check(username, password)
     with write_tx(db):
-        n = (TechnicianUser.update(password_hash=_hasher.hash(password))
+        n = (TechnicianUser.update(password_hash=_hasher.hash(password),
+                                   token_version=TechnicianUser.token_version + 1)
              .where(TechnicianUser.username == username).execute())
     if n == 0:
         raise UserError(f"no user {username!r}")
@@ -56,6 +61,28 @@ def remove_user(db: SqliteDatabase, username: str) -> None:
         n = TechnicianUser.delete().where(TechnicianUser.username == username).execute()
     if n == 0:
         raise UserError(f"no user {username!r}")
+
+
+def set_disabled(db: SqliteDatabase, username: str, disabled: bool) -> None:
+    """Disable (ending its sessions) or enable an account."""
+    with write_tx(db):
+        n = (TechnicianUser.update(disabled=disabled, token_version=TechnicianUser.token_version + 1)
+             .where(TechnicianUser.username == username).execute())
+    if n == 0:
+        raise UserError(f"no user {username!r}")
+
+
+def end_sessions(db: SqliteDatabase, username: str) -> None:
+    """Invalidate every token issued to `username` so far (logout)."""
+    with write_tx(db):
+        (TechnicianUser.update(token_version=TechnicianUser.token_version + 1)
+         .where(TechnicianUser.username == username).execute())
+
+
+def token_version(db: SqliteDatabase, username: str) -> int | None:
+    row = (TechnicianUser.select(TechnicianUser.token_version).where(TechnicianUser.username == username)
+           .tuples().first())
+    return int(row[0]) if row else None
 
 
 def verify(db: SqliteDatabase, username: str, password: str) -> bool:

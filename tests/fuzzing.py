@@ -242,6 +242,10 @@ def describe(document: dict[str, Any]) -> dict[str, OpInfo]:
     return out
 
 
+# Operations no scope runs: each would end the fuzzer's own session (tests/test_site_access.py covers it).
+NOT_FUZZED = {"POST /api/v1/auth/logout": "ends every session of the fuzzer's technician"}
+
+
 def select(ops: dict[str, OpInfo], scope: Scope) -> tuple[list[str], dict[str, str]]:
     """(operations to fuzz, excluded ones with the reason). Scope `json` keeps the JSON API:
     routes under /api/ whose success is JSON. Out of it: the event streams (they stay open;
@@ -250,7 +254,9 @@ def select(ops: dict[str, OpInfo], scope: Scope) -> tuple[list[str], dict[str, s
     bytes, served to OTA clients unauthenticated)."""
     chosen, excluded = [], {}
     for label, info in sorted(ops.items()):
-        if scope == "all":
+        if label in NOT_FUZZED:
+            excluded[label] = NOT_FUZZED[label]
+        elif scope == "all":
             chosen.append(label)
         elif info.stream:
             excluded[label] = "event stream (stays open)"
@@ -819,7 +825,19 @@ def _outbox_payload_rules(r: dict[str, Any]) -> Iterator[str]:
         yield "payload not a JSON object"
 
 
+def _mqtt_account_rules(row: dict[str, Any]) -> Iterator[str]:
+    from gateway.mqtt_accounts import ROLES, USERNAME_RE
+
+    if not USERNAME_RE.match(row["username"]) or row["username"].lower().startswith("carwash"):
+        yield f"username {row['username']!r} is not a valid account name"
+    if row["role"] not in ROLES:
+        yield f"role {row['role']!r} is not a role"
+    if not str(row["password_hash"]).startswith("$argon2id$"):
+        yield "password not stored as an argon2id hash"
+
+
 TABLE_RULES: dict[str, Rule] = {
+    "mqtt_account": _mqtt_account_rules,
     "device": _device_rules,
     "device_config": _config_rules,
     "device_lifecycle_event": _lifecycle_rules,

@@ -42,7 +42,8 @@ class Probe:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = lambda c, u: self._connack.put("connect failed")
-        self.client.on_disconnect = lambda c, u, f, rc, p: self._connack.put(rc) if rc.is_failure else None
+        self.client.on_disconnect = self._on_disconnect
+        self.disconnected = threading.Event()
 
     def connect(self, timeout: float = 5.0) -> Any:
         """Connect and return the CONNACK reason code (raises TimeoutError)."""
@@ -65,6 +66,24 @@ class Probe:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.disconnected.set()
+        if rc.is_failure:
+            self._connack.put(rc)
+
+    def publish_refused(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 5.0) -> bool:
+        """Publish and wait for the broker to close the connection; True when it closed it without
+        acknowledging the publish (paho's reconnects are stopped)."""
+        self.disconnected.clear()
+        info = self.client.publish(topic, payload, qos=qos)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        if not self.disconnected.wait(timeout):
+            raise TimeoutError(f"connection not closed after publishing {topic}")
+        self.client.disconnect()  # no reconnect that would send it again
+        with self._lock:
+            acked = self._published.get(info.mid)
+        return acked is None or not acked.is_set()
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, reason_codes: list[Any], _p: Any) -> None:
         with self._lock:

@@ -71,22 +71,29 @@ async def test_anonymous_refused_when_not_allowed() -> None:
             assert not (await asyncio.to_thread(p.connect)).is_failure
 
 
-async def test_anonymous_publish_to_wash_cmd_is_dropped_but_device_topics_pass() -> None:
+async def test_anonymous_publish_outside_device_topics_is_not_acknowledged() -> None:
+    """MQTT 3.1.1 has no negative PUBACK (§3.3.5: acknowledge or close): a refused publish closes
+    the connection before any PUBACK, is counted, and reaches nobody; device topics pass."""
     async with running_bus() as bus:
         seen: list[str] = []
         bus.subscribe("#", lambda topic, data, cid: seen.append(topic))
-        with internal(bus) as watcher, Probe(port_of(bus)) as device:
+        with internal(bus) as watcher:
             await asyncio.to_thread(watcher.connect)
             assert await asyncio.to_thread(watcher.subscribe, "#") == [1]
-            await asyncio.to_thread(device.connect)
-            for topic in ("wash/bay1/cmd", "device/d1/command", "gateway/rpc/ping", "server/d1/other"):
-                await asyncio.to_thread(device.publish, topic, b'{"x":1}')
-            await asyncio.to_thread(device.publish, "server/d1/ack", b'{"a":1}')
-            await asyncio.to_thread(device.publish, "server/d1/streaming", b'{"marker":1}')
+            refused = ("wash/bay1/cmd", "device/d1/command", "gateway/rpc/ping", "server/d1/other")
+            for topic in refused:
+                with Probe(port_of(bus)) as device:
+                    await asyncio.to_thread(device.connect)
+                    assert await asyncio.to_thread(device.publish_refused, topic, b'{"x":1}'), topic
+            with Probe(port_of(bus)) as device:
+                await asyncio.to_thread(device.connect)
+                await asyncio.to_thread(device.publish, "server/d1/ack", b'{"a":1}')
+                await asyncio.to_thread(device.publish, "server/d1/streaming", b'{"marker":1}')
             before = await asyncio.to_thread(watcher.until, "server/d1/streaming")
             assert [m.topic for m in before] == ["server/d1/ack"]
         # The core's in-process handlers saw exactly what the ACL let through.
         assert [t for t in seen if not t.startswith("$")] == ["server/d1/ack", "server/d1/streaming"]
+        assert bus.refusals.counts["acl_publish"] == len(refused)
 
 
 async def test_internal_user_may_publish_wash_cmd() -> None:
@@ -512,3 +519,64 @@ async def test_refused_logins_leave_no_session_behind() -> None:
             finally:
                 c.close()
         assert len(bus.broker._sessions) == before
+
+
+def _accounts(**roles: tuple[str, int]) -> dict[str, Any]:
+    from argon2 import PasswordHasher
+
+    from gateway.mqtt_accounts import Account
+
+    hasher = PasswordHasher()
+    return {name: Account(name, hasher.hash(f"{name}-password-123"), role, gen) for name, (role, gen) in roles.items()}
+
+
+async def test_accounts_roles_and_their_acl() -> None:
+    """wash-backend publishes wash/+/cmd and reads status and results; monitor only reads; neither
+    gets wildcards beyond its role nor the gateway's own topics; wrong passwords are refused."""
+    async with running_bus() as bus:
+        await bus.reload_accounts(_accounts(backend=("wash-backend", 0), dash=("monitor", 0)))
+        got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        bus.subscribe("wash/+/cmd", lambda topic, data, cid: got.put_nowait((topic, data)))
+        with Probe(port_of(bus), username="backend", password="wrong-password-123") as p:
+            assert (await asyncio.to_thread(p.connect)).is_failure
+        with Probe(port_of(bus), username="nobody", password="backend-password-123") as p:
+            assert (await asyncio.to_thread(p.connect)).is_failure
+        with Probe(port_of(bus), username="backend", password="backend-password-123") as backend, \
+                Probe(port_of(bus), username="dash", password="dash-password-123") as dash:
+            assert not (await asyncio.to_thread(backend.connect)).is_failure
+            assert not (await asyncio.to_thread(dash.connect)).is_failure
+            for topic_filter, code in [("wash/+/status", 1), ("wash/bay1/status", 1), ("wash/+/cmd/result", 1),
+                                       ("wash/#", 0x80), ("gateway/#", 0x80), ("device/d1/command", 0x80),
+                                       ("wash/+/cmd", 0x80)]:
+                assert await asyncio.to_thread(backend.subscribe, topic_filter) == [code], topic_filter
+            for topic_filter, code in [("wash/+/status", 1), ("gateway/status", 1), ("gateway/health", 1),
+                                       ("gateway/presence/+", 1), ("wash/+/cmd/result", 0x80), ("gateway/#", 0x80),
+                                       ("gateway/rpc/+", 0x80), ("#", 0x80)]:
+                assert await asyncio.to_thread(dash.subscribe, topic_filter) == [code], topic_filter
+            await asyncio.to_thread(backend.publish, "wash/bay1/cmd", b'{"action":"START"}')
+            assert await asyncio.wait_for(got.get(), 5) == ("wash/bay1/cmd", b'{"action":"START"}')
+            await bus.publish("wash/bay1/status", b'{"state":"IDLE"}')
+            assert (await asyncio.to_thread(dash.expect, "wash/bay1/status")).payload == b'{"state":"IDLE"}'
+            assert await asyncio.to_thread(dash.publish_refused, "wash/bay1/cmd", b'{"action":"START"}')
+            assert await asyncio.to_thread(backend.publish_refused, "gateway/rpc/wash.command", b"{}")
+        assert got.empty()
+        assert bus.refusals.counts["acl_publish"] == 2 and bus.refusals.counts["login"] == 2
+
+
+async def test_account_removed_or_changed_is_cut_off_at_once() -> None:
+    async with running_bus() as bus:
+        await bus.reload_accounts(_accounts(backend=("wash-backend", 0), dash=("monitor", 0)))
+        with Probe(port_of(bus), username="backend", password="backend-password-123") as backend, \
+                Probe(port_of(bus), username="dash", password="dash-password-123") as dash:
+            await asyncio.to_thread(backend.connect)
+            await asyncio.to_thread(dash.connect)
+            assert await asyncio.to_thread(dash.subscribe, "wash/+/status") == [1]
+            # The dashboard's password changes (generation 1): cut; the backend is untouched.
+            assert await bus.reload_accounts(_accounts(backend=("wash-backend", 0), dash=("monitor", 1))) == 1
+            assert await asyncio.to_thread(dash.disconnected.wait, 5)
+            assert not backend.disconnected.is_set()
+            await asyncio.to_thread(backend.publish, "wash/bay1/cmd", b"{}")
+            assert await bus.reload_accounts({}) == 1
+            assert await asyncio.to_thread(backend.disconnected.wait, 5)
+        with Probe(port_of(bus), username="backend", password="backend-password-123") as p:
+            assert (await asyncio.to_thread(p.connect)).is_failure

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 
 import pytest
 
+from gateway.demo import ensure_demo_user
 from gateway.signing import http_signature
 from gateway.store import open_database
 from gateway.store.models import Device, DeviceConfig, EventLogItem, OutboxEvent
@@ -36,6 +38,8 @@ LOG_ITEM = {"qr": {"chargeId": "ACB-1152-1152", "net_amount": 0},
 
 @pytest.fixture
 def api(site: Site, web: Proc) -> Iterator[str]:
+
+    ensure_demo_user(site.config_path)  # the device listing needs a technician
     web.notify.wait_for("STATUS=" + STATUS_CONNECTED, 20)
     yield site.web_url
 
@@ -64,12 +68,13 @@ def test_pairing_with_the_spec_vector_and_listing(api: str, site: Site) -> None:
     # Pressing Pairing Mode again: the same id, a fresh PIN; nothing duplicated.
     code, again = post(api + "/api/v1/devices/need-register", REGISTER_BODY)
     assert code == 200 and again["data"]["device_id"] == DEVICE
-    code, listing = http_json(api + "/api/v1/devices?status=pending")
+    auth = login(api)
+    code, listing = http_json(api + "/api/v1/devices?status=pending", headers=auth)
     [dev] = listing["data"]
     assert (dev["device_id"], dev["device_type"], dev["pending"], dev["pin"]) == (
         DEVICE, "CAR_WASH", True, again["data"]["pin"])
     assert counts(site)["devices"] == 1
-    assert http_json(api + "/api/v1/devices?type=HELMET_DRYER")[1]["data"] == []
+    assert http_json(api + "/api/v1/devices?type=HELMET_DRYER", headers=auth)[1]["data"] == []
 
 
 def test_signature_failures_store_nothing(api: str, site: Site) -> None:
@@ -121,7 +126,7 @@ def test_config_sync_both_forms(api: str, site: Site) -> None:
     other = json.dumps({**STARTUP, "device_id": "device-other"}).encode()
     code, body = post(api + f"/api/v1/device/sync-configs/{DEVICE}", other)
     assert (code, body["errorCode"]) == (400, "VALIDATION_FAILED") and "device_id" in body["message"]
-    code, dev = http_json(api + f"/api/v1/devices/{DEVICE}")
+    code, dev = http_json(api + f"/api/v1/devices/{DEVICE}", headers=login(api))
     assert dev["data"]["configs"] == STARTUP["payload"]["configs"] and dev["data"]["status"] == "NORMAL"
     assert [e["kind"] for e in dev["data"]["events"]][:2] == ["startup", "startup"]
     assert counts(site)["configs"] == 3
@@ -160,6 +165,7 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
     from tests.mqtt_probe import Probe
 
     site = make_site(tmp_path / "site", "[devices]\nstreaming_interval_sec = 1.0\noffline_after_intervals = 2\n")
+    ensure_demo_user(site.config_path)
     core = start_process(site, "core")
     web = start_process(site, "web")
     try:
@@ -175,22 +181,35 @@ def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  
             bad_sig = good.replace(b"-76", b"-77")
             for payload in (b"not json", bad_sig, sign_mqtt({"rssi": "loud"}, KEY), good):
                 device.publish(f"server/{DEVICE}/streaming", payload)
+            # A malformed ACK: dropped (it cannot be trusted), but counted for the device's page.
+            device.publish(f"server/{DEVICE}/ack", sign_mqtt({"command_id": "cmd-1", "device_id": DEVICE,
+                                                              "command": "RESTART", "status": "MAYBE",
+                                                              "timestamp": 1}, KEY))
             device.publish("server/device-unknown/streaming", good)
             watch.until("server/device-unknown/streaming")
             # Online now; silent for 2 intervals: offline.
             online = json.loads(watch.expect(f"gateway/presence/{DEVICE}").payload)
             offline = json.loads(watch.expect(f"gateway/presence/{DEVICE}", 15).payload)
         assert (online["online"], online["rssi"], offline["online"]) == (True, -76, False)
-        code, dev = http_json(site.web_url + f"/api/v1/devices/{DEVICE}")
+        code, dev = http_json(site.web_url + f"/api/v1/devices/{DEVICE}", headers=login(site.web_url))
         assert dev["data"]["online"] is False and dev["data"]["rssi"] == -76 and dev["data"]["status"] == "NORMAL"
         assert [e["kind"] for e in dev["data"]["events"]][:2] == ["offline", "online"]
         log = core.log()
         for reason in ("not_json", "bad_signature", "invalid", "unknown_device"):
             assert f": {reason}: " in log, reason
+        # The device's page: per-device counts and the last reason (issue 17).
+        import urllib.request
+
+        token = login(site.web_url)["Authorization"].split()[1]
+        req = urllib.request.Request(site.web_url + f"/devices/{DEVICE}", headers={"Cookie": f"cw_token={token}"})
+        with urllib.request.urlopen(req, timeout=15) as r:
+            html = r.read().decode()
+        m = re.search(r'<p id="bad-messages"[^>]*>(.*?)</p>', html, re.S)
+        assert m is not None, html
+        assert "ACK 1" in m.group(1) and "streaming 3" in m.group(1) and "ack invalid" in m.group(1)
     finally:
         web.stop()
         assert core.stop() == 0
-
 
 
 def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -280,9 +299,9 @@ def test_claim_and_reject_need_a_technician(api: str, site: Site) -> None:
     code, body = http_json(url, method="POST", body={"name": "Box 1", "pin": wrong}, headers=auth)
     assert (code, body["errorCode"]) == (409, "CONFLICT")
     assert http_json(url, method="POST", body={"name": "Box 1", "pin": pin}, headers=auth)[0] == 200
-    dev = http_json(api + f"/api/v1/devices/{DEVICE}")[1]["data"]
+    dev = http_json(api + f"/api/v1/devices/{DEVICE}", headers=auth)[1]["data"]
     assert (dev["claimed"], dev["pending"], dev["name"], dev["pin"]) == (True, False, "Box 1", None)
-    assert http_json(api + "/api/v1/devices?status=pending")[1]["data"] == []
+    assert http_json(api + "/api/v1/devices?status=pending", headers=auth)[1]["data"] == []
     code, body = http_json(api + "/api/v1/devices/nobody/reject", method="POST", headers=auth)
     assert (code, body["errorCode"]) == (404, "DEVICE_NOT_FOUND")
 
@@ -291,6 +310,7 @@ def test_pin_expires(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import make_site, start_process
 
     site = make_site(tmp_path / "site", "[devices]\npin_ttl_sec = 30\n")
+    ensure_demo_user(site.config_path)
     core, web = start_process(site, "core"), None
     try:
         web = start_process(site, "web")
@@ -304,7 +324,7 @@ def test_pin_expires(tmp_path) -> None:  # type: ignore[no-untyped-def]
             Device.update(pin_expires_at=utc_now()).where(Device.device_id == DEVICE).execute()
         finally:
             db.close()
-        dev = http_json(site.web_url + "/api/v1/devices")[1]["data"][0]
+        dev = http_json(site.web_url + "/api/v1/devices", headers=login(site.web_url))[1]["data"][0]
         assert (dev["pending"], dev["pin"]) == (True, None)
     finally:
         if web is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from gateway.fleet import Fleet
 from gateway.signing import parse_signed_mqtt, sign_mqtt
 from tests.clients import http_json
+from gateway.demo import ensure_demo_user
 from tests.conftest import Site, make_site, start_process
 from tests.mqtt_probe import Probe
 from web.context import STATUS_CONNECTED
@@ -27,6 +28,7 @@ async def fleet_on_site(tmp_path: Path, toml: str, topics: tuple[str, ...], **fl
     """A real core and web, an internal MQTT probe subscribed to `topics`, and `Fleet(**fleet_kw)`
     running (paired and connected) against them; everything stopped afterwards."""
     site = make_site(tmp_path / "site", toml)
+    ensure_demo_user(site.config_path)  # the device listing needs a technician
     core = await asyncio.to_thread(start_process, site, "core")
     web = await asyncio.to_thread(start_process, site, "web")
     stop = asyncio.Event()
@@ -74,11 +76,16 @@ async def test_fleet_pairs_streams_and_answers(tmp_path: Path) -> None:
                 ack = parse_signed_mqtt(m.payload, key)
                 answers[ack["device_id"]] = ack["status"]
         assert answers == {fleet.devices[0].device_id: "SUCCESS", fleet.devices[1].device_id: "FAILED"}
-        code, listing = await asyncio.to_thread(http_json, site.web_url + "/api/v1/devices?status=online")
+        code, token = await asyncio.to_thread(http_json, site.web_url + "/api/v1/auth/login", method="POST",
+                                              body={"username": "demo", "password": "demo"})
+        auth = {"Authorization": "Bearer " + token["data"]["token"]}
+        code, listing = await asyncio.to_thread(http_json, site.web_url + "/api/v1/devices?status=online",
+                                                headers=auth)
         assert code == 200 and len(listing["data"]) == COUNT
         kinds = {d["device_type"] for d in listing["data"]}
         assert kinds == {"CAR_WASH", "HELMET_DRYER"}
-        code, one = await asyncio.to_thread(http_json, site.web_url + f"/api/v1/devices/{fleet.devices[0].device_id}")
+        code, one = await asyncio.to_thread(http_json, site.web_url + f"/api/v1/devices/{fleet.devices[0].device_id}",
+                                            headers=auth)
         assert one["data"]["configs"]["machine"]["ACTIVE"] is True
 
 

@@ -16,7 +16,8 @@ from gateway.demo import ensure_demo_user, free_port, write_demo_site
 from gateway.store import migrate, open_database
 from web.app import create_app
 
-PAGES = ("/", "/devices", "/bulk", "/commands", "/money", "/firmware-store", "/cloud", "/diagnostics")
+PAGES = ("/", "/devices", "/bulk", "/commands", "/money", "/firmware-store", "/cloud", "/diagnostics",
+         "/mqtt-accounts")
 
 
 @pytest.fixture

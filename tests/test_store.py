@@ -229,7 +229,7 @@ def test_migration_4_shortens_dedup_keys_and_re_uploads_still_match(db: SqliteDa
             'INSERT INTO "event_log_item" ("device_id","dedup_key","type","status","timestamp_ms","total_amount",'
             '"amount_mismatch","received_at") VALUES (?,?,?,?,?,?,0,?)',
             (dev, key, it.type, it.status, it.timestamp_ms, it.total_amount, now))
-    assert migrate(db, 4) == [4]
+    assert migrate(db, target=4) == [4]
     assert sorted(k for (k,) in db.execute_sql('SELECT "dedup_key" FROM "event_log_item"')) == sorted(
         k[:16] for k in old_keys[:2])
     r = upload_logs(db, dev, items, site_id="site-1")  # two known from before the migration, one new
@@ -243,7 +243,7 @@ def test_migration_4_stores_sent_at_in_epoch_seconds(db: SqliteDatabase) -> None
         db.execute_sql('INSERT INTO "outbox_event" ("seq","event_id","type","occurred_at","size","state","sent_at")'
                        " VALUES (?,?,?,?,?,?,?)", (seq, f"e{seq}", "wash.status", "x", 2,
                                                    "sent" if sent_at else "pending", sent_at))
-    assert migrate(db, 4) == [4]
+    assert migrate(db, target=4) == [4]
     assert db.execute_sql('SELECT "sent_at", typeof("sent_at") FROM "outbox_event" ORDER BY "seq"').fetchall() == [
         (1_796_335_457, "integer"), (None, "null")]
     assert OutboxEvent.get_by_id(1).sent_at == dt.datetime(2026, 12, 3, 22, 4, 17)  # naive UTC, as before

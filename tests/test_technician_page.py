@@ -175,6 +175,23 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     assert all(any(state in r.text for state in ("IDLE", "DONE", "WASHING")) for r in answered)
     shot(d, "diagnostics")
 
+    # An MQTT account for a dashboard: added, its password changed, removed (issue 17).
+    d.get(demo.url + "/mqtt-accounts")
+    d.find_element(By.ID, "acct-name").send_keys("lobby-screen")
+    d.find_element(By.ID, "acct-pw").send_keys("lobby-screen-pass-1")
+    Select(d.find_element(By.ID, "acct-role")).select_by_value("monitor")
+    d.find_element(By.CSS_SELECTOR, "#mqtt-account-add button[type=submit]").click()
+    row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, 'tr[data-account="lobby-screen"]')))
+    assert "monitor" in row.text
+    shot(d, "mqtt_accounts")
+    changed_at = row.find_elements(By.TAG_NAME, "td")[2].text
+    row.find_element(By.CSS_SELECTOR, ".acct-password").send_keys("lobby-screen-pass-2")
+    row.find_element(By.CSS_SELECTOR, ".acct-passwd").click()
+    wait.until(lambda drv: drv.find_element(By.CSS_SELECTOR, 'tr[data-account="lobby-screen"]')
+               .find_elements(By.TAG_NAME, "td")[2].text != changed_at)
+    d.find_element(By.CSS_SELECTOR, 'tr[data-account="lobby-screen"] .acct-remove').click()
+    wait.until(lambda drv: not drv.find_elements(By.CSS_SELECTOR, 'tr[data-account="lobby-screen"]'))
+
     # English on request.
     d.find_element(By.CSS_SELECTOR, "a.lang").click()
     wait.until(lambda drv: drv.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en")

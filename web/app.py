@@ -7,7 +7,8 @@ from flask_socketio import SocketIO
 
 from gateway.config import Config, Secrets
 from gateway.ratelimit import RateLimiter, retry_after
-from web import auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
+from web import access, auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
+from web.cors import OriginPolicy
 from web.context import WebContext, ctx
 from web.errors import ApiError
 
@@ -26,6 +27,8 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["carwash"] = WebContext(config, secrets)
     errors.install(app)
+    origins = OriginPolicy(config.web.cors_allowed_origins)
+    origins.install(app)
 
     @app.before_request
     def _guards() -> None:
@@ -62,8 +65,10 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.register_blueprint(payments.bp)
     app.register_blueprint(cloud.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(access.bp)
     # Socket.IO for clients of the seed's `wash:status` event; threading mode under gthread.
-    socketio = SocketIO(app, async_mode="threading", cors_allowed_origins="*", path=SOCKETIO_PATH)
+    socketio = SocketIO(app, async_mode="threading", cors_allowed_origins=origins.allows, cors_credentials=False,
+                        path=SOCKETIO_PATH)
     ctx(app).feed.add_listener(lambda status: socketio.emit("wash:status", status))
     app.extensions["carwash.socketio"] = socketio
     return app

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import request
+from flask import g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from web.errors import ApiError
 
@@ -15,15 +16,41 @@ SQLITE_MAX_INT = 2**63 - 1
 
 
 def raw_body() -> bytes:
-    """The body exactly as received (the limit was enforced before reading)."""
-    return request.get_data(cache=True)
+    """The body exactly as received, at most the request's limit (`max_content_length`).
+
+    A declared length above the limit was refused before reading (web/app.py). A body without one
+    (`Transfer-Encoding: chunked`) is read up to the limit and refused with 413 PAYLOAD_TOO_LARGE
+    past it, before the endpoint checks anything else (signature, JSON): Werkzeug's
+    `get_data()` would hand over the first `limit` bytes as if they were the whole body."""
+    cached: bytes | None = g.get("carwash_body")
+    if cached is not None:
+        return cached
+    limit = request.max_content_length
+    if limit is None:
+        data = request.get_data(cache=True)
+    else:
+        try:
+            data = request.stream.read(limit + 1)
+            if len(data) == limit:
+                data += request.stream.read(1)  # Werkzeug's stream stops at the limit; one more raises
+        except RequestEntityTooLarge:
+            data = b"x" * (limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes")
+    g.carwash_body = data
+    return data
 
 
-def read_json(*, require_object: bool = True) -> Any:
+def read_json(*, require_object: bool = True, untyped_is_json: bool = False) -> Any:
     """Parse the body as JSON: 415 UNSUPPORTED_MEDIA_TYPE unless the content type is JSON,
-    400 INVALID_JSON when it does not parse, 400 VALIDATION_FAILED when not an object."""
-    if request.mimetype != "application/json":
-        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+    400 INVALID_JSON when it does not parse, 400 VALIDATION_FAILED when not an object.
+
+    `untyped_is_json`: a request without Content-Type is JSON (signed device requests: the seed's
+    firmware sends none, and the signature already vouches for the bytes). A declared type other
+    than JSON is still 415."""
+    if request.mimetype != "application/json" and not (untyped_is_json and not request.headers.get("Content-Type")):
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE",
+                       "Content-Type must be application/json" + (" or absent" if untyped_is_json else ""))
     data = raw_body()
     try:
         value = json.loads(data)

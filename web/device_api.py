@@ -84,7 +84,7 @@ def verify_signature() -> None:
 
 def _body() -> dict[str, Any]:
     verify_signature()
-    return read_json()  # type: ignore[no-any-return]
+    return read_json(untyped_is_json=True)  # type: ignore[no-any-return]
 
 
 def _invalid(exc: validate.Invalid) -> ApiError:
@@ -198,8 +198,9 @@ def _device_view(d: Device) -> dict[str, Any]:
 @bp.get("/api/v1/devices")
 @doc("Devices with status and pairing PIN while pending; filters type and status", tags=("device",),
      response={"type": "object"}, params={"type": {"enum": ["CAR_WASH", "HELMET_DRYER", "UNKNOWN"]},
-                                          "status": {"type": "string"}}, errors=(400,))
+                                          "status": {"type": "string"}}, errors=(400, 401), security="bearer")
 def list_devices() -> Any:
+    require_technician()  # the PIN is the proof that a technician stands at the device
     q = Device.select().order_by(Device.registered_at)
     if (kind := request.args.get("type")) is not None:
         q = q.where(Device.device_type == kind)
@@ -217,8 +218,9 @@ def list_devices() -> Any:
 
 @bp.get("/api/v1/devices/<device_id>")
 @doc("One device with its reported configs and recent events", tags=("device",), response={"type": "object"},
-     errors=(404,))
+     errors=(401, 404), security="bearer")
 def get_device(device_id: str) -> Any:
+    require_technician()
     d = Device.get_or_none(Device.device_id == device_id)
     if d is None:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {device_id!r}")
@@ -273,8 +275,10 @@ def reject_device(device_id: str) -> Any:
 
 
 @bp.get("/api/v1/pairing")
-@doc("The pairing window: open, and until when", tags=("device",), response={"type": "object"})
+@doc("The pairing window: open, and until when", tags=("device",), response={"type": "object"}, errors=(401,),
+     security="bearer")
 def pairing_state() -> Any:
+    require_technician()
     c = ctx()
     return jsonify({"success": True, "data": {"open": c.pairing_open(), "until": c.pairing.get("until"),
                                               "required": c.config.devices.pairing_requires_button}})

@@ -45,7 +45,8 @@ def doc(
     content_type: str = "application/json",
     request_content_type: str = "application/json",
 ) -> Callable[[F], F]:
-    """Attach OpenAPI metadata to a view. `security`: "device-signature" or "bearer";
+    """Attach OpenAPI metadata to a view. `security`: "device-signature", "bearer" or "session"
+    (the technician page's cookie); None: public (the operation says so with `security: []`);
     `required_params`: the query parameters (of `params`) the view refuses to go without."""
 
     def wrap(fn: F) -> F:
@@ -66,6 +67,10 @@ def doc(
 
     return wrap
 
+
+# The wash writes of the seed need only LAN access; `web.wash_api_auth = "jwt"` puts them behind the
+# technician token (web/wash.py), so their declared security follows the configuration.
+WASH_WRITES = ("wash.start", "wash.stop")
 
 _CONVERTER = re.compile(r"<(?:(\w+):)?(\w+)>")
 # Path parameters the URL converter already restricts (Werkzeug's `int` takes digits only; the
@@ -91,6 +96,8 @@ def build_spec(app: Flask) -> dict[str, Any]:
                 op["responses"] = {"default": {"description": "undocumented"}}
             else:
                 op.update(_operation(meta, path_params))
+                if rule.endpoint in WASH_WRITES and _wash_writes_need_token(app):
+                    op["security"] = [{"bearer": []}]
             paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -105,10 +112,19 @@ def build_spec(app: Flask) -> dict[str, Any]:
                     "name": "x-signature",
                     "description": "SHA256(raw body || key) in lowercase hex (device-api.md §2)",
                 },
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                           "description": "technician token (POST /api/v1/auth/login); the page's session "
+                                          "cookie also works, with X-CSRF-Token on changes"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "cw_token",
+                            "description": "the technician page's session (POST /login)"},
             },
         },
     }
+
+
+def _wash_writes_need_token(app: Flask) -> bool:
+    context = app.extensions.get("carwash")
+    return bool(context is not None and context.config.web.wash_api_auth == "jwt")
 
 
 def _operation(meta: dict[str, Any], path_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -136,6 +152,7 @@ def _operation(meta: dict[str, Any], path_params: dict[str, dict[str, Any]]) -> 
     for code in sorted({*meta["errors"], 500}):
         responses[str(code)] = err_ref
     op["responses"] = responses
-    if meta["security"]:
-        op["security"] = [{meta["security"]: []}]
+    # Every operation states its security; `[]` is "public" (the health, the wash API as the
+    # contract defines it, firmware downloads, the logins).
+    op["security"] = [{meta["security"]: []}] if meta["security"] else []
     return op

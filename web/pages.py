@@ -18,7 +18,6 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-import jwt
 from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
 from markupsafe import Markup, escape
 
@@ -35,7 +34,7 @@ from gateway.store.models import (
     Payment,
     WashSession,
 )
-from web.auth import ALGORITHM, CSRF_COOKIE, ISSUER, TOKEN_COOKIE, csrf_ok, issue_token, verify_login
+from web.auth import CSRF_COOKIE, TOKEN_COOKIE, TokenRefused, account_of, csrf_ok, end_sessions, issue_token, verify_login
 from web.commands import result_counts
 from web.context import ctx
 from web.errors import ApiError
@@ -45,6 +44,7 @@ bp = Blueprint("pages", __name__, template_folder="templates")
 
 LANGS = ("th", "en")
 PAGE = dict(tags=("pages",), response={"type": "string"}, content_type="text/html")
+PAGE_SESSION = dict(PAGE, security="session")  # without a valid session: 302 to /login
 BANKNOTES = (20, 50, 100, 500, 1000)
 COINS = (1, 2, 5, 10)
 
@@ -65,15 +65,14 @@ def t(key: str) -> str:
 
 
 def _user() -> str | None:
+    """The session's technician: the same check as the API's (web/auth.py `account_of`)."""
     token = request.cookies.get(TOKEN_COOKIE)
     if not token:
         return None
     try:
-        claims = jwt.decode(token, ctx().secrets.jwt_secret, algorithms=[ALGORITHM], issuer=ISSUER,
-                            options={"require": ["exp", "sub", "iss"]})
-    except jwt.InvalidTokenError:
+        return account_of(token)
+    except TokenRefused:
         return None
-    return str(claims["sub"])
 
 
 def page(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -141,6 +140,10 @@ def login_post() -> Any:
 def logout() -> Any:
     resp = make_response(redirect(url_for("pages.login_form")))
     if csrf_ok():
+        # Ends every session of this technician, not only this browser's cookie (a copied or
+        # stolen cookie stops working too).
+        if (user := _user()) is not None:
+            end_sessions(user)
         resp.delete_cookie(TOKEN_COOKIE)
     return resp
 
@@ -202,7 +205,7 @@ def _profile_courses(extra_profiles: tuple[str, ...], bay_profiles: tuple[str, .
 
 
 @bp.get("/")
-@doc("Technician page: the site at a glance (bays live, gateway health)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: the site at a glance (bays live, gateway health)", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def overview(user: str) -> Response:
     from web.meta import health_report
@@ -225,7 +228,7 @@ def _device_rows() -> list[dict[str, Any]]:
 
 
 @bp.get("/devices")
-@doc("Technician page: devices, pending devices with their PIN, the pairing window", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: devices, pending devices with their PIN, the pairing window", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def devices(user: str) -> Response:
     return render("devices.html", user, devices=_device_rows(), pairing=ctx().pairing,
@@ -276,7 +279,7 @@ def config_form(schema_doc: dict[str, Any], values: Any, prefix: str = "configs"
 
 
 @bp.get("/devices/<device_id>")
-@doc("Technician page: one device, its reported configs and the config form of its type", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: one device, its reported configs and the config form of its type", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def device_page(user: str, device_id: str) -> Any:
     d = Device.get_or_none(Device.device_id == device_id)
@@ -285,12 +288,18 @@ def device_page(user: str, device_id: str) -> Any:
     cfg = DeviceConfig.select().where(DeviceConfig.device == device_id).order_by(DeviceConfig.id.desc()).first()
     reported = json.loads(cfg.configs) if cfg else None
     form = config_form(schema(d.device_type), reported) if d.device_type in SCHEMA_FILES else None
-    return render("device.html", user, d=d, reported=reported, form=form,
+    from web.context import ask_core
+
+    try:
+        bad = ask_core("devices.bad_messages", {"device_id": device_id})  # the core's memory, since its start
+    except ApiError:
+        bad = None
+    return render("device.html", user, d=d, reported=reported, form=form, bad=bad,
                   reported_json=json.dumps(reported, indent=2, ensure_ascii=False) if reported else "")
 
 
 @bp.get("/bulk")
-@doc("Technician page: select devices and apply a config, restart, reset or update firmware, live", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: select devices and apply a config, restart, reset or update firmware, live", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def bulk(user: str) -> Response:
     forms = {}
@@ -304,7 +313,7 @@ def bulk(user: str) -> Response:
 
 
 @bp.get("/commands")
-@doc("Technician page: command history with outcomes", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: command history with outcomes", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def commands(user: str) -> Response:
     rows = list(Command.select().order_by(Command.created_at.desc()).limit(100))
@@ -351,7 +360,7 @@ def bar_chart(series: dict[str, dict[str, float]], keys: list[str], labels: dict
 
 
 @bp.get("/money")
-@doc("Technician page: cash and QR per device and day, payments, sessions, and their plots", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: cash and QR per device and day, payments, sessions, and their plots", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def money(user: str) -> Response:
     zone = zoneinfo.ZoneInfo(ctx().config.site.timezone)
@@ -404,7 +413,7 @@ def money(user: str) -> Response:
 
 
 @bp.get("/firmware-store")
-@doc("Technician page: upload, list and delete firmware images", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: upload, list and delete firmware images", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def firmware_page(user: str) -> Response:
     return render("firmware.html", user, images=list(FirmwareImage.select().order_by(FirmwareImage.id.desc())),
@@ -412,7 +421,7 @@ def firmware_page(user: str) -> Response:
 
 
 @bp.get("/cloud")
-@doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def cloud(user: str) -> Response:
     health = (ctx().bus.health or {}) if ctx().bus else {}
@@ -425,7 +434,7 @@ def cloud(user: str) -> Response:
 
 
 @bp.get("/diagnostics")
-@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def diagnostics(user: str) -> Response:
     from web.context import ask_core

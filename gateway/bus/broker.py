@@ -3,10 +3,19 @@
 Who may do what (docs/security.md explains why):
 - The gateway's own services log in as `mqtt.internal_username` with the internal password from
   the secrets file: they may publish and subscribe anything.
+- Programs of the site (a wash backend, dashboards) log in with an MQTT account
+  (`gateway.mqtt_accounts`: argon2id hash, a role that is a fixed ACL). The core hands the accounts
+  to `LocalBus.reload_accounts()` at start and whenever the table changed; connections of an
+  account that was removed or changed are closed at once, and every ACL check looks the account up
+  again, so a removed account loses its rights even before its connection is gone.
 - Anyone else connects anonymously when `mqtt.allow_anonymous` is true (ESP32 devices do) and may
   publish only `server/{id}/ack` and `server/{id}/streaming`, and subscribe only to exact
   `device/{id}/command` and `device/{chargeId}/payment-status` topics (no wildcards). Any other
   username, or a wrong password, is refused at CONNECT.
+- A PUBLISH the ACL refuses (account or anonymous) closes the client's connection before the
+  broker acknowledges it: MQTT 3.1.1 has no negative PUBACK, and §3.3.5 allows either a positive
+  acknowledgement or closing the connection. It is counted (`acl_publish`) and logged. Publishes
+  over the rate limit are still acknowledged and dropped (a device's burst is not an error).
 
 `LocalBus` is how core code talks to the broker without a TCP hop: `publish()` broadcasts (and
 retains) in-process; `subscribe()` registers a handler for messages that clients published and
@@ -30,6 +39,7 @@ Every refusal is counted per reason (`LocalBus.refusals`) and logged once a minu
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -47,6 +57,7 @@ from amqtt.session import ApplicationMessage, Session
 
 from gateway.bus.topics import is_valid_filter, matches
 from gateway.droplog import Drops
+from gateway.mqtt_accounts import ROLES, Account, Role
 from gateway.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -89,22 +100,34 @@ class GatewayAuthPlugin(BaseAuthPlugin):
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.guard = AbuseGuard(BrokerLimits())  # LocalBus replaces it with the one it shares
+        self.accounts = AccountBook()  # likewise
+
+    def _client_id_ok(self, session: Session) -> bool:
+        problem = client_id_problem(session.client_id)
+        if problem is not None:
+            self.guard.refusals.drop("client_id", "connect", f"{problem}: {session.client_id[:40]!r}")
+            return False
+        return True
 
     async def authenticate(self, *, session: Session) -> bool | None:
         cfg = self.config
         if session.username is None:
             if not cfg.allow_anonymous:
                 return False
-            problem = client_id_problem(session.client_id)
-            if problem is not None:
-                self.guard.refusals.drop("client_id", "connect", f"{problem}: {session.client_id[:40]!r}")
-                return False
-            return True
+            return self._client_id_ok(session)
         user_ok = hmac.compare_digest(session.username.encode(), cfg.internal_username.encode())
         pw_ok = hmac.compare_digest((session.password or "").encode(), cfg.internal_password.encode())
         if user_ok and pw_ok:
             return True
-        log.warning("mqtt: refused login of user %r from client %r", session.username, session.client_id)
+        if not user_ok and (account := self.accounts.get(session.username)) is not None:
+            if await self.accounts.verify(account, session.password or "", session.remote_address) \
+                    and self._client_id_ok(session):
+                session.attributes[ACCOUNT] = (account.username, account.generation)
+                log.info("mqtt: account %r (%s) connected as client %r", account.username, account.role,
+                         session.client_id)
+                return True
+        self.guard.refusals.drop("login", "connect", f"refused login of user {session.username[:64]!r} "
+                                 f"from client {session.client_id[:40]!r} at {session.remote_address}")
         return False
 
 
@@ -118,6 +141,7 @@ class GatewayTopicPlugin(BaseTopicPlugin):
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.guard = AbuseGuard(BrokerLimits())  # LocalBus replaces it with the one it shares
+        self.accounts = AccountBook()  # likewise
 
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
@@ -127,19 +151,95 @@ class GatewayTopicPlugin(BaseTopicPlugin):
         if session.username is not None and session.username == self.config.internal_username:
             return True  # authenticate() already checked the password
         if action == Action.RECEIVE:
-            return True  # the subscription was checked when it was made
+            # The subscription was checked when it was made; an account must still exist as it was.
+            return ACCOUNT not in session.attributes or self.accounts.role_of(session) is not None
         if action == Action.PUBLISH:
-            allowed = any(matches(f, topic) for f in ANON_PUBLISH)
+            allowed = may_publish(session, topic, self.accounts)
             if allowed and not await self.guard.may_publish(session, topic):
                 return False
         elif action == Action.SUBSCRIBE:
-            allowed = (is_valid_filter(topic) and "+" not in topic and "#" not in topic
-                       and any(matches(a, topic) for a in ANON_SUBSCRIBE))
+            allowed = may_subscribe(session, topic, self.accounts)
         else:
             allowed = False
         if not allowed:
-            self.context.logger.info("mqtt acl: denied %s of %r to client %r", action, topic, session.client_id)
+            self.guard.refusals.drop(f"acl_{getattr(action, 'name', str(action)).lower()}", topic[:128],
+                                     f"denied {action} of {topic[:128]!r} to client {session.client_id!r}")
         return allowed
+
+
+def may_publish(session: Session, topic: str, accounts: AccountBook) -> bool:
+    """The publish ACL of a non-internal client (anonymous device or account)."""
+    if ACCOUNT in session.attributes:
+        role = accounts.role_of(session)
+        return role is not None and role.may_publish(topic)
+    return any(matches(f, topic) for f in ANON_PUBLISH)
+
+
+def may_subscribe(session: Session, topic_filter: str, accounts: AccountBook) -> bool:
+    """The subscribe ACL of a non-internal client: a role's filters cover it; anonymous clients
+    only exact device topics."""
+    if not is_valid_filter(topic_filter):
+        return False
+    if ACCOUNT in session.attributes:
+        role = accounts.role_of(session)
+        return role is not None and role.may_subscribe(topic_filter)
+    return ("+" not in topic_filter and "#" not in topic_filter
+            and any(matches(a, topic_filter) for a in ANON_SUBSCRIBE))
+
+
+class AccountBook:
+    """The MQTT accounts as the broker knows them (replaced whole by `LocalBus.reload_accounts`),
+    and the failed logins per address: past `LOGIN_FAILURE_BURST` failures an address waits
+    (`LOGIN_FAILURES_PER_MIN`) before its password is checked again, so a LAN client cannot keep
+    the Pi busy with argon2 checks. A successful check is remembered per (account, generation,
+    password digest): a backend that reconnects costs a hash lookup, not an argon2 check."""
+
+    LOGIN_FAILURES_PER_MIN = 10
+    LOGIN_FAILURE_BURST = 10
+
+    def __init__(self) -> None:
+        self._accounts: dict[str, Account] = {}
+        self._failures = RateLimiter(self.LOGIN_FAILURES_PER_MIN / 60.0, self.LOGIN_FAILURE_BURST)
+        self._verified: set[tuple[str, int, bytes]] = set()
+
+    def __len__(self) -> int:
+        return len(self._accounts)
+
+    def get(self, username: str) -> Account | None:
+        return self._accounts.get(username)
+
+    def replace(self, accounts: dict[str, Account]) -> set[str]:
+        """Take the new table; returns the names removed or changed (their connections must go)."""
+        gone = {name for name, old in self._accounts.items()
+                if (new := accounts.get(name)) is None or new.generation != old.generation}
+        self._accounts = dict(accounts)
+        if gone:
+            self._verified = {v for v in self._verified if v[0] not in gone}
+        return gone
+
+    def role_of(self, session: Session) -> Role | None:
+        """The role of an account session, None when its account was removed or changed since it
+        logged in (a dict lookup: this runs for every publish and every delivery)."""
+        name, generation = session.attributes[ACCOUNT]
+        account = self._accounts.get(name)
+        if account is None or account.generation != generation:
+            return None
+        return ROLES.get(account.role)
+
+    async def verify(self, account: Account, password: str, address: str | None) -> bool:
+        key = (account.username, account.generation, hashlib.sha256(password.encode()).digest())
+        if key in self._verified:
+            return True
+        if self._failures.peek(address):
+            return False
+        ok = await asyncio.to_thread(account.verify, password)  # argon2: tens of ms, off the loop
+        if ok:
+            if len(self._verified) > 1000:
+                self._verified.clear()
+            self._verified.add(key)
+        else:
+            self._failures.check(address)
+        return ok
 
 
 class GatewayBusPlugin(BasePlugin[BaseContext]):
@@ -195,9 +295,11 @@ class GatewayBroker(Broker):
     4. A refused client's session is not kept (`_handle_client_session`).
     """
 
-    def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None) -> None:
+    def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None,
+                 accounts: AccountBook | None = None) -> None:
         super().__init__(config)
         self.guard = guard or AbuseGuard(BrokerLimits())
+        self.accounts = accounts if accounts is not None else AccountBook()
         self.guard.kick = self._kick
         self._subscriptions = _Subscriptions()
         self._wildcard_filters: set[str] = set()  # a superset: stale ones are dropped while routing
@@ -255,6 +357,27 @@ class GatewayBroker(Broker):
             if not await self._handle_message_delivery(client_session, handler, message):
                 break
 
+    def _refuse_before_ack(self, session: Session, handler: Any) -> None:
+        """Check a non-internal client's PUBLISH against the ACL before amqtt acknowledges it
+        (amqtt PUBACKs on receipt and filters later): a refused one closes the connection instead
+        (MQTT 3.1.1 §3.3.5), so the sender does not take it for accepted."""
+        accept = handler.handle_publish
+
+        async def handle_publish(packet: Any) -> None:
+            topic = packet.topic_name
+            if session.attributes.get(KICKED):
+                return  # read after the cut: neither acknowledged nor delivered
+            if topic and not may_publish(session, topic, self.accounts):
+                session.attributes[KICKED] = True
+                who = session.attributes.get(ACCOUNT, ("anonymous",))[0]
+                self.guard.refusals.drop("acl_publish", topic[:128], f"client {session.client_id!r} ({who}) may not "
+                                         f"publish {topic[:128]!r}: not acknowledged, connection closed")
+                await self._kick(session)
+                return
+            await accept(packet)
+
+        handler.handle_publish = handle_publish
+
     async def _kick(self, session: Session) -> None:
         """Close a client's connection (amqtt then cleans its session up as for any lost client)."""
         _, handler = self._sessions.get(session.client_id, (None, None))
@@ -282,6 +405,8 @@ class GatewayBroker(Broker):
         # the password is checked, which is harmless: a refused login is closed right after CONNACK.
         if isinstance(reader, _GuardedReader) and client_session.username == self.guard.limits.internal_username:
             reader.max_bytes = self.guard.limits.internal_max_packet_bytes
+        elif args:
+            self._refuse_before_ack(client_session, args[0])
         try:
             await super()._handle_client_session(reader, writer, client_session, *args)
         finally:
@@ -293,6 +418,9 @@ class GatewayBroker(Broker):
                     del self._sessions[client_session.client_id]
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
+        # A resumed (persistent) session keeps its attributes: each login decides them anew.
+        session.attributes.pop(KICKED, None)
+        session.attributes.pop(ACCOUNT, None)
         ok: bool = await super()._authenticate(session, listener)
         session.attributes[AUTHENTICATED] = ok
         return ok
@@ -382,6 +510,7 @@ class BrokerLimits:
 # Session.attributes is amqtt's place for plugin-owned state.
 KICKED = "carwash.kicked"
 AUTHENTICATED = "carwash.authenticated"
+ACCOUNT = "carwash.account"  # (name, generation) of an MQTT account session
 
 
 class AbuseGuard:
@@ -496,6 +625,7 @@ class LocalBus:
         self.dropped_handler_errors = 0
         self.guard = AbuseGuard(settings.limits)
         self.refusals = self.guard.refusals  # what the broker refused to whom, per reason (module doc)
+        self.accounts = AccountBook()
         self._publish_listeners: list[Callable[[str, bytes], None]] = []
 
     @property
@@ -510,11 +640,12 @@ class LocalBus:
 
     async def start(self) -> None:
         """Bind the listener; raises if the address cannot be bound."""
-        broker = GatewayBroker(broker_config(self._settings), self.guard)
+        broker = GatewayBroker(broker_config(self._settings), self.guard, self.accounts)
         for name in ("GatewayAuthPlugin", "GatewayTopicPlugin"):
             plugin_ = broker.plugins_manager.get_plugin(name)
             assert isinstance(plugin_, (GatewayAuthPlugin, GatewayTopicPlugin))
             plugin_.guard = self.guard
+            plugin_.accounts = self.accounts
         plugin = broker.plugins_manager.get_plugin("GatewayBusPlugin")
         assert isinstance(plugin, GatewayBusPlugin)
         plugin.sink = self._enqueue
@@ -527,6 +658,24 @@ class LocalBus:
         if self._broker is not None:
             broker, self._broker = self._broker, None
             await broker.shutdown()
+
+    async def reload_accounts(self, accounts: dict[str, Account]) -> int:
+        """Take the MQTT accounts as stored now; close the connections of accounts removed or
+        changed since (they lost their rights already: the ACL looks the account up every time).
+        Returns how many connections were closed."""
+        gone = self.accounts.replace(accounts)
+        if not gone or self._broker is None:
+            return 0
+        cut = 0
+        for session, _ in list(self._broker._sessions.values()):
+            account = session.attributes.get(ACCOUNT)
+            if account is not None and account[0] in gone and session.transitions.state == "connected":
+                session.attributes[KICKED] = True
+                log.warning("mqtt: account %r was removed or changed; closing its connection %r",
+                            account[0], session.client_id)
+                await self.broker._kick(session)
+                cut += 1
+        return cut
 
     async def _on_presence(self, client_id: str, connected: bool) -> None:
         async with self._presence_changed:

@@ -53,3 +53,20 @@ def is_valid_filter(topic_filter: str) -> bool:
         if "+" in level and level != "+":
             return False
     return True
+
+
+def covers(allowed: str, requested: str) -> bool:
+    """True when every topic `requested` (a valid filter) can match is matched by `allowed`:
+    `wash/+/status` covers `wash/bay1/status` and itself, not `wash/#` nor `+/+/status`."""
+    a_levels, r_levels = allowed.split("/"), requested.split("/")
+    for i, a in enumerate(a_levels):
+        if a == "#":
+            return True
+        if i >= len(r_levels):
+            return False
+        r = r_levels[i]
+        if r == "#":
+            return False
+        if a != "+" and a != r:
+            return False
+    return len(a_levels) == len(r_levels)

@@ -41,6 +41,7 @@ from gateway.commands.persist import CommandStore, StoredEvent
 from gateway.commands.tracker import DeviceResult, Tracked, Tracker, Update, parse_ack
 from gateway.config import Config, Secrets
 from gateway.devices.validate import DEVICE_ID_RE, Invalid
+from gateway.devices.badmessages import BadMessages
 from gateway.droplog import Drops
 from gateway.signing import SignatureError, parse_signed_mqtt, sign_mqtt
 
@@ -56,8 +57,10 @@ def _invalid(exc: Invalid) -> RpcError:
 
 
 class CommandService:
-    def __init__(self, config: Config, secrets: Secrets, db: SqliteDatabase, bus: LocalBus) -> None:
+    def __init__(self, config: Config, secrets: Secrets, db: SqliteDatabase, bus: LocalBus,
+                 bad: BadMessages | None = None) -> None:
         self.config = config
+        self.bad = bad if bad is not None else BadMessages()
         self.key = secrets.device_signing_key
         self.bus = bus
         self.store = CommandStore(db, config.site.id)
@@ -222,9 +225,11 @@ class CommandService:
             ack = parse_ack(device, msg)
         except SignatureError as exc:
             self.drops.drop(exc.reason, topic, str(exc))
+            self.bad.add(device, "ack", exc.reason, str(exc))
             return
         except Invalid as exc:
             self.drops.drop("invalid", topic, str(exc))
+            self.bad.add(device, "ack", "invalid", str(exc))
             return
         update = self.tracker.ack(ack, epoch_ms())
         if update is not None:

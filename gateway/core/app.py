@@ -19,7 +19,7 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway import __version__
+from gateway import __version__, mqtt_accounts
 from gateway.bus.broker import BrokerSettings, LocalBus
 from gateway.bus.rpc import RpcError, RpcServer
 from gateway.bus.topics import HEALTH, STATUS
@@ -27,6 +27,7 @@ from gateway.clock import iso_z
 from gateway.commands.service import CommandService
 from gateway.config import Config, MqttConfig, Secrets
 from gateway.core.supervisor import Service, Supervisor
+from gateway.devices.badmessages import BadMessages
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
 from gateway.gpio import PAIRING_SEC, GpioService
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET = 4.0
 UPLINK_HEALTH_SEC = 2.0
+MQTT_ACCOUNTS_RELOAD_SEC = 1.0  # an account added, changed or removed takes effect within this
 TEST_HOOKS_ENV = "CARWASH_GATEWAY_TEST_HOOKS"
 
 
@@ -127,6 +129,7 @@ class CoreApp:
         self.bridge: CloudBridge | None = None
         self.gpio: GpioService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self.bad_messages = BadMessages()  # malformed ACK/streaming per device (RPC devices.bad_messages)
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -139,6 +142,7 @@ class CoreApp:
         self.notifier.status("starting the MQTT broker")
         ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
         self.bus = LocalBus(broker_settings(cfg.mqtt, self.secrets.mqtt_internal_password))
+        await self.bus.reload_accounts(mqtt_accounts.load(self.db))
         try:
             await self.bus.start()
             self.rpc = RpcServer(self.bus)
@@ -146,11 +150,11 @@ class CoreApp:
             await self._publish_retained()
             self.wash = WashService(cfg, self.db, self.bus, self._on_plc_health)
             await self.wash.start(self.rpc)
-            self.presence = PresenceService(cfg, self.secrets, self.db, self.bus)
+            self.presence = PresenceService(cfg, self.secrets, self.db, self.bus, self.bad_messages)
             await self.presence.start()
             self.pairing = PairingWindow(self.bus, cfg.devices.pairing_window_sec)
             await self.pairing.start(self.rpc)
-            self.commands = CommandService(cfg, self.secrets, self.db, self.bus)
+            self.commands = CommandService(cfg, self.secrets, self.db, self.bus, self.bad_messages)
             await self.commands.start(self.rpc)
             self.drainer = OutboxDrainer(cfg, self.secrets.cloud_key, self.db)
             self.payments = PaymentFollower(cfg, self.secrets, self.db, self.bus)
@@ -167,7 +171,8 @@ class CoreApp:
 
             self.gpio = GpioService(cfg.gpio, self.health.snapshot, short_press, long_press)
             self.gpio.start()
-            services = [Service("bus-dispatch", self.bus.dispatch_forever)]
+            services = [Service("bus-dispatch", self.bus.dispatch_forever),
+                        Service("mqtt-accounts", self._reload_mqtt_accounts)]
             parts = (self.wash.services() + self.presence.services() + self.pairing.services()
                      + self.commands.services() + self.payments.services() + self.gpio.services())
             services += [Service(name, run) for name, run in parts]
@@ -290,8 +295,15 @@ class CoreApp:
             return {"clients": len(self.bus.clients), "refused": dict(self.bus.refusals.counts),
                     "handler_errors": self.bus.dropped_handler_errors}
 
+        async def bad_messages(params: dict[str, Any]) -> dict[str, Any] | None:
+            device_id = params.get("device_id")
+            if not isinstance(device_id, str):
+                raise RpcError("VALIDATION_FAILED", "device_id must be a string", 400)
+            return self.bad_messages.get(device_id)
+
         rpc.register("ping", ping)
         rpc.register("broker.stats", broker_stats)
+        rpc.register("devices.bad_messages", bad_messages)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             async def block(params: dict[str, Any]) -> dict[str, Any]:
                 # Test hook only (never set by the units): freeze the event loop as a hung handler
@@ -325,6 +337,15 @@ class CoreApp:
     async def publish_health(self) -> None:
         assert self.bus is not None
         await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
+
+    async def _reload_mqtt_accounts(self) -> None:
+        """Follow `mqtt_account` (written by the web and the `mqtt-user` CLI, which cannot reach
+        the broker's memory): a read of a few rows a second, on the loop (a WAL read never waits
+        for a writer)."""
+        assert self.bus is not None and self.db is not None
+        while True:
+            await asyncio.sleep(MQTT_ACCOUNTS_RELOAD_SEC)
+            await self.bus.reload_accounts(mqtt_accounts.load(self.db))
 
     async def _uplink_health(self) -> None:
         """Health follows the drainer: reachable cloud, degraded, and the backlog rounded so that a

@@ -32,6 +32,7 @@ from gateway.bus.broker import LocalBus
 from gateway.clock import iso_z, utc_now
 from gateway.config import Config, Secrets
 from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
+from gateway.devices.badmessages import BadMessages
 from gateway.droplog import Drops
 from gateway.outbox import add_event
 from gateway.signing import SignatureError, parse_signed_mqtt
@@ -88,8 +89,10 @@ def _bucket(at: dt.datetime) -> dt.datetime:
 
 
 class PresenceService:
-    def __init__(self, config: Config, secrets: Secrets, db: SqliteDatabase, bus: LocalBus) -> None:
+    def __init__(self, config: Config, secrets: Secrets, db: SqliteDatabase, bus: LocalBus,
+                 bad: BadMessages | None = None) -> None:
         self.config = config
+        self.bad = bad if bad is not None else BadMessages()
         self.key = secrets.device_signing_key
         self.db = db
         self.bus = bus
@@ -119,6 +122,8 @@ class PresenceService:
 
     def _drop(self, reason: str, topic: str, detail: str) -> None:
         self._drops.drop(reason, topic, detail)
+        if reason != "unknown_device":
+            self.bad.add(topic.split("/")[1], "streaming", reason, detail)
 
     async def _on_streaming(self, topic: str, data: bytes, client_id: str | None) -> None:
         dev = topic.split("/")[1]

@@ -173,6 +173,19 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         5,
+        "technician token versions, MQTT accounts",
+        (
+            # Tokens carry the version; bumping it ends every session of the account (web/auth.py).
+            'ALTER TABLE "technician_user" ADD COLUMN "token_version" INTEGER NOT NULL DEFAULT 0',
+            # Programs on the site LAN (wash backend, dashboards) with a role each (gateway/mqtt_accounts.py).
+            """CREATE TABLE "mqtt_account" ("id" INTEGER NOT NULL PRIMARY KEY, "username" TEXT NOT NULL,
+            "password_hash" TEXT NOT NULL, "role" TEXT NOT NULL, "generation" INTEGER NOT NULL DEFAULT 0,
+            "created_at" DATETIME NOT NULL, "changed_at" DATETIME NOT NULL)""",
+            'CREATE UNIQUE INDEX "mqtt_account_username" ON "mqtt_account" ("username")',
+        ),
+    ),
+    Migration(
+        6,
         "bay resets: who cleared which latched PLC error, when",
         (
             """CREATE TABLE "bay_reset" ("id" INTEGER NOT NULL PRIMARY KEY, "bay_id" TEXT NOT NULL,

@@ -287,6 +287,19 @@ class TechnicianUser(BaseModel):
     password_hash = TextField()
     created_at = DateTimeField()
     disabled = BooleanField(default=False)
+    token_version = IntegerField(default=0)  # tokens carry it; bumped to end every session (users.py)
+
+
+class MqttAccount(BaseModel):
+    """owner: web (technician page) and the `mqtt-user` CLI; the core reads it (broker auth)."""
+
+    id = IntegerField(primary_key=True)
+    username = TextField(unique=True)
+    password_hash = TextField()
+    role = TextField()
+    generation = IntegerField(default=0)  # bumped on a password or role change: live connections are cut
+    created_at = DateTimeField()
+    changed_at = DateTimeField()
 
 
 MODELS: tuple[type[BaseModel], ...] = (
@@ -308,4 +321,5 @@ MODELS: tuple[type[BaseModel], ...] = (
     OutboxEvent,
     OutboxPayload,
     TechnicianUser,
+    MqttAccount,
 )

@@ -243,6 +243,26 @@ const pages = {
       });
     }
   },
+  accounts() {
+    document.getElementById("mqtt-account-add").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const body = {username: document.getElementById("acct-name").value,
+                    password: document.getElementById("acct-pw").value,
+                    role: document.getElementById("acct-role").value};
+      if ((await api("POST", "/api/v1/mqtt-accounts", body)).ok) location.reload();
+    });
+    for (const b of document.querySelectorAll(".acct-passwd")) {
+      b.addEventListener("click", async () => {
+        const pw = b.parentElement.querySelector(".acct-password").value;
+        if ((await api("POST", "/api/v1/mqtt-accounts/" + encodeURIComponent(b.dataset.name), {password: pw})).ok) location.reload();
+      });
+    }
+    for (const b of document.querySelectorAll(".acct-remove")) {
+      b.addEventListener("click", async () => {
+        if ((await api("DELETE", "/api/v1/mqtt-accounts/" + encodeURIComponent(b.dataset.name))).ok) location.reload();
+      });
+    }
+  },
 };
 
 document.addEventListener("DOMContentLoaded", () => {
