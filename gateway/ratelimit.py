@@ -14,13 +14,16 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 MAX_CLIENTS = 10_000
 
 
 class RateLimiter:
-    def __init__(self, rate: float, burst: int, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(self, rate: float, burst: int, exempt: tuple[str, ...] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
+        self.clock = clock  # monotonic seconds; tests give their own
         self.burst = float(burst)
         self.exempt = frozenset(exempt)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # addr -> (tokens, at)
@@ -38,7 +41,7 @@ class RateLimiter:
     def _take(self, addr: str | None, now: float | None, *, take: bool) -> float:
         if self.rate <= 0 or addr is None or addr in self.exempt:
             return 0.0
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             tokens, at = self._buckets.pop(addr, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)

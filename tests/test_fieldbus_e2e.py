@@ -234,15 +234,20 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
                                                  body={"bayId": "bay3"}, headers=auth)
             assert code == 200
             await asyncio.to_thread(wait_state, p, "bay3", "IDLE")
-            # MQTT, from Debian's mosquitto_pub as the wash backend; answered on cmd/result.
+            # MQTT, from Debian's mosquitto_pub as the wash backend (a `wash-backend` account, added
+            # while the core runs); answered on cmd/result, recorded with the account's name.
             sim.set_error("bay4", 5)
             await asyncio.to_thread(wait_state, p, "bay4", "ERROR", "MOTOR_FAULT")
             sim.set_error("bay4", 0)
             await asyncio.to_thread(p.subscribe, "wash/bay4/cmd/result")
             cmd = json.dumps({"bayId": "bay4", "action": "RESET", "timestampUtc": "2026-12-06T08:00:00.000Z"})
+            added = await asyncio.to_thread(subprocess.run, gateway_command(
+                "mqtt-user", "add", "backend", "--role", "wash-backend", "--password-stdin", "--config",
+                str(site.config_path)), input="backend-secret-1\n", capture_output=True, text=True, timeout=60)
+            assert added.returncode == 0, added.stderr
             await asyncio.to_thread(subprocess.run, [
-                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-u", cfg.mqtt.internal_username,
-                "-P", sec.mqtt_internal_password, "-i", "backend-1", "-q", "1", "-t", "wash/bay4/cmd", "-m", cmd],
+                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-u", "backend",
+                "-P", "backend-secret-1", "-i", "backend-1", "-q", "1", "-t", "wash/bay4/cmd", "-m", cmd],
                 check=True, timeout=20)
             res = json.loads((await asyncio.to_thread(p.expect, "wash/bay4/cmd/result", 20)).payload)
             assert (res["action"], res["accepted"]) == ("RESET", True)
@@ -279,7 +284,7 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
         assert [(r["bayId"], r["by"], r["errorCode"], r["outcome"]) for r in listed] == [
             ("bay2", "technician:demo", "EMERGENCY_STOP", "CLEARED"),
             ("bay1", f"cli:{getpass.getuser()}", "WATER_PRESSURE_LOW", "CLEARED"),
-            ("bay4", "mqtt:backend-1", "MOTOR_FAULT", "CLEARED"),
+            ("bay4", "mqtt:backend/backend-1", "MOTOR_FAULT", "CLEARED"),
             ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED"),
             ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")]
         assert resets(db)[0] == ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")

@@ -632,6 +632,13 @@ class LocalBus:
     def started(self) -> bool:
         return self._broker is not None
 
+    def username_of(self, client_id: str | None) -> str | None:
+        """The user name a connected client logged in with (None: anonymous, or gone)."""
+        if self._broker is None or client_id is None:
+            return None
+        session, _ = self._broker._sessions.get(client_id, (None, None))
+        return None if session is None else session.username
+
     @property
     def broker(self) -> GatewayBroker:
         if self._broker is None:

@@ -246,7 +246,7 @@ class BayReset(BaseModel):
     id = IntegerField(primary_key=True)
     bay = ForeignKeyField(Bay, column_name="bay_id", on_delete="RESTRICT")
     request_id = TextField()
-    requested_by = TextField()  # "technician:NAME", "mqtt:CLIENT_ID", "cli:USER"
+    requested_by = TextField()  # "technician:NAME", "mqtt:ACCOUNT/CLIENT_ID", "cli:USER"
     error_code = TextField(null=True)  # the code shown when the reset was asked for
     outcome = TextField()  # CLEARED | STILL_IN_ERROR | NO_ANSWER | OFFLINE
     requested_at = DateTimeField()

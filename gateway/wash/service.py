@@ -172,7 +172,7 @@ class WashService:
     async def judge(self, bay_id: str, action: str, course: str | None, request_id: str | None,
                     by: str = "") -> Decision:
         """Decide a START/STOP/RESET for a bay and carry out what it implies; `by` names the
-        sender for the reset record ("technician:NAME", "mqtt:CLIENT", "cli:USER")."""
+        sender for the reset record ("technician:NAME", "mqtt:ACCOUNT/CLIENT", "cli:USER")."""
         bay = self.bays.get(bay_id)
         if bay is None:
             return Decision(Verdict.REJECTED, 404, "BAY_NOT_FOUND", f"no bay {bay_id!r}")
@@ -294,11 +294,17 @@ class WashService:
             await self._publish_result(topic_bay, None, None,
                                        Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", str(exc)))
             return
-        d = await self.judge(topic_bay, action, course, request_id, f"mqtt:{client_id}")
+        d = await self.judge(topic_bay, action, course, request_id, self._mqtt_sender(client_id))
         if d.verdict is Verdict.REJECTED:
             self.rejected_mqtt += 1
             log.info("wash/%s/cmd %s from %r refused: %s %s", topic_bay, action, client_id, d.code, d.message)
         await self._publish_result(topic_bay, action, request_id, d)
+
+    def _mqtt_sender(self, client_id: str | None) -> str:
+        """Who sent an MQTT command, for the reset record: the account's name (authenticated),
+        with the client id (chosen by the client) beside it."""
+        user = self.bus.username_of(client_id) if client_id else None
+        return f"mqtt:{user}/{client_id}" if user else f"mqtt:{client_id}"
 
     async def _publish_result(self, bay_id: str, action: str | None, request_id: str | None, d: Decision) -> None:
         body = {"bayId": bay_id, "action": action, "requestId": d.request_id or request_id,
