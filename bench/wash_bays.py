@@ -6,7 +6,8 @@
 2. Status latency: a register change on the simulator (an error code set) → the status on MQTT
    at a paho subscriber, through the real core process polling every 200 ms.
 3. Command latency: `wash/<bay>/cmd` published → the command block written on the simulator.
-4. Core CPU % with 16 bays polled at 5 Hz, and bytes the core writes to disk per hour at steady
+4. Reset round trip: a latched error (the fault gone) and `RESET` on `wash/<bay>/cmd` -> IDLE on MQTT.
+5. Core CPU % with 16 bays polled at 5 Hz, and bytes the core writes to disk per hour at steady
    state with no washes (from /proc/<pid>/io).
 All clocks are time.monotonic() of this one process (the simulator and the MQTT client live here).
 """
@@ -160,6 +161,7 @@ async def _through_core(tmp: Path, quick: bool) -> list[Result]:
                         stdout=log, stderr=log)
     results: list[Result] = []
     sub = None
+    pub: mqtt.Client | None = None
     try:
         await asyncio.to_thread(notify.wait_for, "READY=1", 30)
         sub = _Subscriber(mqtt_port, cfg.mqtt.internal_username, sec.mqtt_internal_password)
@@ -176,8 +178,13 @@ async def _through_core(tmp: Path, quick: bool) -> list[Result]:
         results.append(Result(NAME, f"core CPU, {BAYS} bays x 5 Hz", "%", [cpu], notes=f"over {window:.0f} s"))
         results.append(Result(NAME, "core disk writes at steady state", "bytes/h",
                               [(io1 - io0) * 3600 / window], notes=f"/proc/pid/io over {window:.0f} s; goal ~0"))
-        # Status latency: error code set on the PLC -> status on MQTT.
-        lat = []
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+        pub.username_pw_set(cfg.mqtt.internal_username, sec.mqtt_internal_password)
+        pub.connect("127.0.0.1", mqtt_port)
+        pub.loop_start()
+        # Status latency: error code set on the PLC -> status on MQTT; then the reset's round trip:
+        # the fault gone (the PLC latches ERROR), RESET published -> IDLE on MQTT.
+        lat, reset_lat = [], []
         for k in range(10 if quick else 40):
             bay = f"bay{1 + k % BAYS}"
             # A change lands anywhere in the poll cycle, as in life (else it would always follow a poll).
@@ -187,39 +194,38 @@ async def _through_core(tmp: Path, quick: bool) -> list[Result]:
             t1 = await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "ERROR")
             lat.append((t1 - t0) * 1000)
             sim.set_error(bay, 0)
-            sim.local_reset(bay)  # the PLC latches errors until reset
-            await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "IDLE")
+            t0 = time.monotonic()
+            pub.publish(f"wash/{bay}/cmd", json.dumps({"bayId": bay, "action": "RESET"}), qos=1)
+            t1 = await asyncio.to_thread(sub.wait, bay, lambda s: s["state"] == "IDLE")
+            reset_lat.append((t1 - t0) * 1000)
         results.append(Result(NAME, "status latency PLC register -> MQTT", "ms", lat,
                               notes="poll period 200 ms; goal p99 <= 205 ms"))
+        results.append(Result(NAME, "reset round trip: MQTT RESET -> IDLE on MQTT", "ms", reset_lat,
+                              notes="the core decides, writes RESET_ERROR, the next polls show it taken"))
         # Command latency: publish wash/<bay>/cmd -> command block written on the simulator.
         for b in sim.bays:
             sim.ignore_commands(b, True)
-        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
-        pub.username_pw_set(cfg.mqtt.internal_username, sec.mqtt_internal_password)
-        pub.connect("127.0.0.1", mqtt_port)
-        pub.loop_start()
         cmd_lat = []
-        try:
-            for k in range(BAYS if quick else 3 * BAYS):
-                bay = f"bay{1 + k % BAYS}"
-                if k >= BAYS:  # the previous START of this bay has timed out (ignored by the PLC)
-                    await asyncio.to_thread(sub.wait_state, bay, lambda s: s["state"] == "IDLE")
-                n = len(sim.commands)
-                t0 = time.monotonic()
-                pub.publish(f"wash/{bay}/cmd", json.dumps({"bayId": bay, "action": "START", "course": "BASIC",
-                                                          "requestId": f"bench-{k}"}), qos=1)
-                async with asyncio.timeout(10):
-                    while len(sim.commands) == n:
-                        await asyncio.sleep(0.0005)
-                cmd_lat.append((sim.commands[n][2] - t0) * 1000)
-        finally:
-            pub.disconnect()
-            pub.loop_stop()
+        for k in range(BAYS if quick else 3 * BAYS):
+            bay = f"bay{1 + k % BAYS}"
+            if k >= BAYS:  # the previous START of this bay has timed out (ignored by the PLC)
+                await asyncio.to_thread(sub.wait_state, bay, lambda s: s["state"] == "IDLE")
+            n = len(sim.commands)
+            t0 = time.monotonic()
+            pub.publish(f"wash/{bay}/cmd", json.dumps({"bayId": bay, "action": "START", "course": "BASIC",
+                                                      "requestId": f"bench-{k}"}), qos=1)
+            async with asyncio.timeout(10):
+                while len(sim.commands) == n:
+                    await asyncio.sleep(0.0005)
+            cmd_lat.append((sim.commands[n][2] - t0) * 1000)
         results.append(Result(NAME, "command latency MQTT cmd -> register written", "ms", cmd_lat,
                               notes="while polling 16 bays; goal p99 <= 15 ms"))
     finally:
         if sub is not None:
             sub.close()
+        if pub is not None:
+            pub.disconnect()
+            pub.loop_stop()
         stop_process(core)  # type: ignore[arg-type]
         log.close()
         notify.close()

@@ -149,6 +149,22 @@ def wait_state(p: Probe, bay: str, state: str, code: str | None = "any") -> dict
     return seen[-1]
 
 
+def publish_as_account(port: int, topic: str, payload: str, timeout: float = 30.0) -> None:
+    """mosquitto_pub as the `backend` account; the core learns a new account within a second
+    (it reloads the table), so a refused login (exit 5) is tried again until then."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-u", "backend", "-P",
+                            "backend-secret-1", "-i", "backend-1", "-q", "1", "-t", topic, "-m", payload],
+                           capture_output=True, text=True, timeout=20)
+        if r.returncode == 0:
+            return
+        assert r.returncode == 5 and time.monotonic() < deadline, (r.returncode, r.stderr)
+        threading.Event().wait(0.2)  # the account table is reloaded once a second: nothing to wait on
+
+
 def wait_reset(url: str, auth: dict[str, str], n: int, timeout: float = 30.0) -> list[dict[str, Any]]:
     """The resets listed once there are `n` (a reset's outcome is stored, not published)."""
     import time
@@ -245,10 +261,7 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
                 "mqtt-user", "add", "backend", "--role", "wash-backend", "--password-stdin", "--config",
                 str(site.config_path)), input="backend-secret-1\n", capture_output=True, text=True, timeout=60)
             assert added.returncode == 0, added.stderr
-            await asyncio.to_thread(subprocess.run, [
-                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-u", "backend",
-                "-P", "backend-secret-1", "-i", "backend-1", "-q", "1", "-t", "wash/bay4/cmd", "-m", cmd],
-                check=True, timeout=20)
+            await asyncio.to_thread(publish_as_account, site.mqtt_port, "wash/bay4/cmd", cmd)
             res = json.loads((await asyncio.to_thread(p.expect, "wash/bay4/cmd/result", 20)).payload)
             assert (res["action"], res["accepted"]) == ("RESET", True)
             await asyncio.to_thread(wait_state, p, "bay4", "IDLE")

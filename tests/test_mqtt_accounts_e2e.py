@@ -116,7 +116,9 @@ def connects(port: int, user: str, password: str, timeout: float = 10) -> bool:
 async def test_wash_backend_and_dashboard_with_mosquitto_clients(tmp_path: Path) -> None:
     command = seed_block("### Command (Backend -> Gateway)")
     assert b'"action": "START"' in command and b'"requestId": "uuid-1234"' in command
-    async with wash_site(tmp_path, with_web=False) as ws:
+    # The bays are the independent umodbus PLC's: the backend, the dashboard and the PLC are all
+    # someone else's code.
+    async with wash_site(tmp_path, "independent", with_web=False) as ws:
         port = ws.site.mqtt_port
         # Before any account: an anonymous START is not acknowledged (connection closed) and the bay stays IDLE.
         r = await asyncio.to_thread(pub, port, None, None, "wash/bay1/cmd", command)
