@@ -152,7 +152,8 @@ def write_secrets(path: Path, *, device_signing_key: str, cloud_key: str = "") -
         os.close(dir_fd)
 
 
-def _read_password(args: argparse.Namespace) -> str:
+def read_password(args: argparse.Namespace) -> str:
+    """A new password: from standard input (`--password-stdin` or not a terminal), else typed twice."""
     if args.password_stdin or not sys.stdin.isatty():
         return sys.stdin.readline().rstrip("\n")
     first = getpass.getpass("password: ")
@@ -170,9 +171,9 @@ def cmd_user(args: argparse.Namespace) -> int:
     migrate(db)  # same forward migrations the core applies; harmless when current
     try:
         if args.action == "add":
-            users.add_user(db, args.username, _read_password(args))
+            users.add_user(db, args.username, read_password(args))
         elif args.action == "passwd":
-            users.set_password(db, args.username, _read_password(args))
+            users.set_password(db, args.username, read_password(args))
         else:
             users.remove_user(db, args.username)
     except users.UserError as exc:

@@ -8,7 +8,6 @@ account can be made before the first start. The running core picks a change up w
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 from typing import Any
@@ -28,17 +27,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     m.set_defaults(fn=cmd_mqtt_user)
 
 
-def _password(args: argparse.Namespace) -> str:
-    if args.password_stdin or not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\n")
-    first = getpass.getpass("password: ")
-    if getpass.getpass("again: ") != first:
-        raise SystemExit("passwords differ")
-    return first
-
-
 def cmd_mqtt_user(args: argparse.Namespace) -> int:
     from gateway import mqtt_accounts
+    from gateway.cli import read_password
     from gateway.store import migrate, open_database
 
     cfg = load_config(config_path(args.config))
@@ -60,10 +51,10 @@ def cmd_mqtt_user(args: argparse.Namespace) -> int:
                     print(f"{r['username']:<24} {r['role']:<14} changed {r['changed_at']}")
             return 0
         if args.action == "add":
-            mqtt_accounts.add(db, args.username, _password(args), args.role,
+            mqtt_accounts.add(db, args.username, read_password(args), args.role,
                               internal_username=cfg.mqtt.internal_username)
         elif args.action == "passwd":
-            mqtt_accounts.change(db, args.username, password=_password(args), role=args.role)
+            mqtt_accounts.change(db, args.username, password=read_password(args), role=args.role)
         else:
             mqtt_accounts.remove(db, args.username)
     except mqtt_accounts.AccountError as exc:

@@ -152,10 +152,8 @@ def parse_pdu(unit: int, pdu: bytes, tid: int | None = None) -> Reply:
     return Reply(unit, fc, address=int.from_bytes(pdu[1:3], "big"), count=int.from_bytes(pdu[3:5], "big"), tid=tid)
 
 
-class RtuReader:
-    """Cuts RTU replies out of the bytes received. `feed()` then iterate `frames()`; a frame whose
-    CRC fails, or bytes that start no reply, raise FrameError (the rest of the buffer is dropped:
-    after noise the line must be drained anyway)."""
+class _Reader:
+    """Bytes received and not yet cut into replies."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -164,6 +162,7 @@ class RtuReader:
         self._buf += data
 
     def clear(self) -> int:
+        """Drop what is buffered; returns how many bytes that was."""
         n = len(self._buf)
         self._buf.clear()
         return n
@@ -171,6 +170,15 @@ class RtuReader:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    def frames(self) -> Iterator[Reply]:
+        raise NotImplementedError
+
+
+class RtuReader(_Reader):
+    """Cuts RTU replies out of the bytes received. `feed()` then iterate `frames()`; a frame whose
+    CRC fails, or bytes that start no reply, raise FrameError (the rest of the buffer is dropped:
+    after noise the line must be drained anyway)."""
 
     def frames(self) -> Iterator[Reply]:
         while len(self._buf) >= 2:
@@ -200,24 +208,9 @@ def tcp_frame(request: Request, tid: int) -> bytes:
     return tid.to_bytes(2, "big") + b"\x00\x00" + (len(pdu) + 1).to_bytes(2, "big") + bytes((request.unit,)) + pdu
 
 
-class TcpReader:
+class TcpReader(_Reader):
     """Cuts Modbus TCP replies (MBAP header + PDU) out of a stream. A header that cannot be one
     raises FrameError: the stream has lost its framing and the connection must be dropped."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    def clear(self) -> int:
-        n = len(self._buf)
-        self._buf.clear()
-        return n
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
 
     def frames(self) -> Iterator[Reply]:
         while len(self._buf) >= 7:

@@ -10,16 +10,28 @@ to the wrong bay shows up as a wrong `ack_seq`. The frame codec itself is tested
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from plc.bus import BayAddress, BusScheduler, BusSettings, PollResult
-from plc.frames import FrameError, Request, RtuReader, TcpReader, answers, crc16, rtu_frame, tcp_frame
+from plc.frames import (
+    FrameError,
+    Request,
+    RtuReader,
+    TcpReader,
+    answers,
+    crc16,
+    rtu_frame,
+    tcp_frame,
+)
 from plc.profile import builtin_profiles
 from plc.pty import SocatPair
 from tests.scripted_plc import ScriptedRtuPlc, ScriptedTcpPlc
+from tests.test_plc import Collector
 
 P = builtin_profiles()["washbay-v1"]
 BASES = (0, 100, 200, 300)
@@ -30,14 +42,8 @@ def every_10th(n: int) -> bool:
     return n % 10 == 5
 
 
-class Polls:
-    def __init__(self) -> None:
-        self.results: list[PollResult] = []
-        self.changed = asyncio.Event()
-
-    def __call__(self, r: PollResult) -> None:
-        self.results.append(r)
-        self.changed.set()
+class Polls(Collector):
+    """The poll results, and a wait on any condition of them."""
 
     async def until(self, pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
         async with asyncio.timeout(timeout):
@@ -109,31 +115,39 @@ def test_tcp_frames_carry_the_transaction_id() -> None:
 
 # --- the bus against a PLC that answers late --------------------------------------------------
 
-async def _run_bus(settings: BusSettings, polls: Polls) -> tuple[BusScheduler, asyncio.Task[None]]:
+@contextlib.asynccontextmanager
+async def running_bus(settings: BusSettings) -> AsyncIterator[tuple[BusScheduler, Polls]]:
+    polls = Polls()
     bus = BusScheduler(settings, bays(), polls, offline_after=3, backoff_max=0.2)
-    return bus, asyncio.create_task(bus.run(), name="bus")
+    task = asyncio.create_task(bus.run(), name="bus")
+    try:
+        yield bus, polls
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+@contextlib.asynccontextmanager
+async def rtu_line(tmp_path: Path, late: Callable[[int], bool] = lambda n: False) -> AsyncIterator[
+        tuple[ScriptedRtuPlc, BusScheduler, Polls]]:
+    """The scripted PLC on one end of a socat pty pair, the bus scheduler on the other."""
+    pair = SocatPair(tmp_path / "pty")
+    await asyncio.to_thread(pair.start)
+    plc = ScriptedRtuPlc(pair.plc_path, late=late)
+    await plc.start()
+    try:
+        async with running_bus(BusSettings(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200,
+                                           timeout=0.05)) as (bus, polls):
+            yield plc, bus, polls
+    finally:
+        await plc.stop()
+        await asyncio.to_thread(pair.stop)
 
 
 async def test_rtu_late_replies_are_never_credited_to_the_next_request(tmp_path: Path) -> None:
-    pair = SocatPair(tmp_path / "pty")
-    await asyncio.to_thread(pair.start)
-    plc = ScriptedRtuPlc(pair.plc_path, late=every_10th)
-    await plc.start()
-    polls = Polls()
-    bus, task = await _run_bus(BusSettings(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200,
-                                           timeout=0.05), polls)
-    try:
+    async with rtu_line(tmp_path, every_10th) as (plc, bus, polls):
         await polls.until(lambda: len(polls.ok()) >= 120 and plc.late_sent >= 5)
         stats = bus.line_stats()
-    finally:
-        await _stop(task)
-        await plc.stop()
-        await asyncio.to_thread(pair.stop)
     assert misattributed(polls) == []
     # The late replies reached the gateway during later transactions, and were dropped as stale.
     assert stats["stale_dropped"] >= 5 and stats["fences"] >= 5
@@ -141,24 +155,13 @@ async def test_rtu_late_replies_are_never_credited_to_the_next_request(tmp_path:
 
 
 async def test_rtu_garbage_on_the_line_costs_one_poll_and_nothing_is_misread(tmp_path: Path) -> None:
-    pair = SocatPair(tmp_path / "pty")
-    await asyncio.to_thread(pair.start)
-    plc = ScriptedRtuPlc(pair.plc_path)
-    await plc.start()
-    polls = Polls()
-    bus, task = await _run_bus(BusSettings(name="rs485", type="rtu", device=pair.gateway_path, baudrate=115200,
-                                           timeout=0.05), polls)
-    try:
+    async with rtu_line(tmp_path) as (plc, bus, polls):
         await polls.until(lambda: len(polls.ok()) >= 8)
         for _ in range(3):
             plc.garbage(bytes(range(1, 40)))
             n = len(polls.ok())
             await polls.until(lambda: len(polls.ok()) >= n + 8)
         stats = bus.line_stats()
-    finally:
-        await _stop(task)
-        await plc.stop()
-        await asyncio.to_thread(pair.stop)
     assert misattributed(polls) == []
     assert stats["bad_frames"] + stats["drained_bytes"] + stats["stale_dropped"] > 0
 
@@ -166,14 +169,12 @@ async def test_rtu_garbage_on_the_line_costs_one_poll_and_nothing_is_misread(tmp
 async def test_tcp_late_replies_are_told_apart_by_transaction_id() -> None:
     plc = ScriptedTcpPlc(late=every_10th)
     await plc.start()
-    polls = Polls()
-    bus, task = await _run_bus(BusSettings(name="lan", type="tcp", host="127.0.0.1", port=plc.port,
-                                           timeout=0.05), polls)
     try:
-        await polls.until(lambda: len(polls.ok()) >= 120 and plc.late_sent >= 5)
-        stats = bus.line_stats()
+        async with running_bus(BusSettings(name="lan", type="tcp", host="127.0.0.1", port=plc.port,
+                                           timeout=0.05)) as (bus, polls):
+            await polls.until(lambda: len(polls.ok()) >= 120 and plc.late_sent >= 5)
+            stats = bus.line_stats()
     finally:
-        await _stop(task)
         await plc.stop()
     assert misattributed(polls) == []
     assert stats["stale_dropped"] >= 1 and stats["fences"] == 0
