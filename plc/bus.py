@@ -214,14 +214,20 @@ class BusScheduler:
                     await self._serve()
                 except _BusDown as exc:
                     self._mark_down(str(exc))
+                link = self._link
                 self._close()
                 self._fail_jobs("bus disconnected")
+                if link is not None:
+                    await link.wait_closed()
                 await self._wait_reconnect(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 self.reconnects += 1
         finally:
+            link = self._link
             self._close()
             self._fail_jobs("bus stopped")
+            if link is not None:
+                await link.wait_closed()
 
     # --- connection -----------------------------------------------------------------------------
 

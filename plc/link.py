@@ -24,6 +24,8 @@ class Link(Protocol):
 
     def close(self) -> None: ...
 
+    async def wait_closed(self) -> None: ...
+
     def send(self, data: bytes) -> None: ...
 
     async def receive(self, timeout: float) -> bytes: ...
@@ -102,6 +104,9 @@ class SerialLink:
             pass
         self._ser, self._fd = None, -1
 
+    async def wait_closed(self) -> None:
+        return None  # a serial port is closed by close() itself
+
     def send(self, data: bytes) -> None:
         if self._ser is None or self._error is not None:
             raise LinkDown(self._error or "not open")
@@ -149,6 +154,7 @@ class TcpLink:
         self.connect_timeout = connect_timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._closing: asyncio.StreamWriter | None = None
 
     async def open(self) -> None:
         try:
@@ -160,7 +166,17 @@ class TcpLink:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._closing = self._writer
         self._reader = self._writer = None
+
+    async def wait_closed(self) -> None:
+        """Until the socket of a closed connection is released (close() only schedules it)."""
+        writer, self._closing = self._closing, None
+        if writer is not None:
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass  # a connection that broke: closed all the same
 
     def send(self, data: bytes) -> None:
         if self._writer is None or self._writer.is_closing():

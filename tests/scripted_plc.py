@@ -15,6 +15,7 @@ lands while the next transaction is in flight, whatever the speed of the machine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import termios
@@ -155,6 +156,8 @@ class ScriptedTcpPlc(ScriptedPlc):
             pass
         finally:
             writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
             self._handlers.discard(me)
 
     async def stop(self) -> None:
