@@ -19,8 +19,6 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-SCHEMES = ("sha256-suffix", "hmac-sha256")
-
 
 class SignatureError(Exception):
     """Why a message was refused; `reason` is a stable word used in counters and logs."""

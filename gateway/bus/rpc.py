@@ -6,7 +6,7 @@ Reply on `reply_to`: `{"id": str, "ok": true, "result": ...}` or
 HTTP envelope's error code and status (device-api.md §1), so the web can relay a decision as is.
 Only the gateway's own users may use `gateway/#` (ACL), so requests come from the web or the
 cloud bridge. The server side lives in the core (`RpcServer`), the client side in any process
-with a paho connection (`RpcClient` in web/bus_client.py).
+with a paho connection (`BusClient.call()` in gateway/bus/client.py).
 """
 
 from __future__ import annotations

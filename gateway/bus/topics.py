@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-PREFIX = "gateway"
 RPC_REQUEST = "gateway/rpc/{method}"
 RPC_REQUEST_FILTER = "gateway/rpc/+"
 RPC_REPLY = "gateway/reply/{client_id}"
@@ -24,6 +23,8 @@ DEVICE_ACK = "server/{device_id}/ack"
 DEVICE_STREAMING = "server/{device_id}/streaming"
 PAYMENT_STATUS = "device/{charge_id}/payment-status"
 WASH_CMD = "wash/{bay_id}/cmd"
+WASH_CMD_FILTER = "wash/+/cmd"
+WASH_CMD_RESULT = "wash/{bay_id}/cmd/result"
 WASH_STATUS = "wash/{bay_id}/status"
 
 

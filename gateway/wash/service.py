@@ -35,6 +35,7 @@ from peewee import SqliteDatabase
 
 from gateway.bus.broker import LocalBus
 from gateway.bus.rpc import RpcError, RpcServer
+from gateway.bus.topics import WASH_CMD, WASH_CMD_FILTER, WASH_CMD_RESULT, WASH_STATUS
 from gateway.clock import iso_z
 from gateway.config import BusConfig, Config
 from gateway.outbox import add_event
@@ -60,7 +61,6 @@ SCAN_MAX_UNITS = 32
 SCAN_MAX_PROBES = 128  # unit ids × bases of one scan
 ACTIONS = ("START", "STOP", "RESET")
 
-WASH_CMD_FILTER = "wash/+/cmd"
 TICK_SEC = 0.1
 
 
@@ -112,7 +112,6 @@ class WashService:
         self.schedulers: dict[str, BusScheduler] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wash-db")
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.rejected_mqtt = 0
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -270,7 +269,7 @@ class WashService:
 
     async def command_from(self, bay_id: str, payload: bytes, source: str) -> None:
         """A `wash/{bay}/cmd` message that came another way (the cloud bridge): same rules."""
-        await self._on_mqtt_command(f"wash/{bay_id}/cmd", payload, source)
+        await self._on_mqtt_command(WASH_CMD.format(bay_id=bay_id), payload, source)
 
     async def _on_mqtt_command(self, topic: str, data: bytes, client_id: str | None) -> None:
         topic_bay = topic.split("/")[1]
@@ -289,14 +288,12 @@ class WashService:
             if request_id is not None and not isinstance(request_id, str):
                 raise ValueError("requestId must be a string")
         except (ValueError, UnicodeDecodeError) as exc:
-            self.rejected_mqtt += 1
             log.warning("wash/%s/cmd from %r rejected: %s", topic_bay, client_id, exc)
             await self._publish_result(topic_bay, None, None,
                                        Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", str(exc)))
             return
         d = await self.judge(topic_bay, action, course, request_id, self._mqtt_sender(client_id))
         if d.verdict is Verdict.REJECTED:
-            self.rejected_mqtt += 1
             log.info("wash/%s/cmd %s from %r refused: %s %s", topic_bay, action, client_id, d.code, d.message)
         await self._publish_result(topic_bay, action, request_id, d)
 
@@ -310,7 +307,7 @@ class WashService:
         body = {"bayId": bay_id, "action": action, "requestId": d.request_id or request_id,
                 "accepted": d.verdict is not Verdict.REJECTED, "idempotent": d.verdict is Verdict.IDEMPOTENT,
                 "errorCode": d.code, "message": d.message or None, "statusCode": d.status, "timestampUtc": iso_z()}
-        await self.bus.publish(f"wash/{bay_id}/cmd/result", json.dumps(body).encode(), qos=1)
+        await self.bus.publish(WASH_CMD_RESULT.format(bay_id=bay_id), json.dumps(body).encode(), qos=1)
 
     # --- PLC and time -----------------------------------------------------------------------
 
@@ -420,7 +417,7 @@ class WashService:
         body = {"bayId": bay_id, "sessionId": v.session_id, "requestId": v.request_id, "state": v.state,
                 "progress": v.progress, "course": v.course, "errorCode": v.error_code,
                 "timestampUtc": iso_z(_dt(v.changed_at))}
-        await self.bus.publish(f"wash/{bay_id}/status", json.dumps(body).encode(), qos=1, retain=True)
+        await self.bus.publish(WASH_STATUS.format(bay_id=bay_id), json.dumps(body).encode(), qos=1, retain=True)
 
     def _report_health(self) -> None:
         self.on_health({b.id: b.machine.view.state != "OFFLINE" for b in self.bays.values()})
