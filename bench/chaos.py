@@ -64,7 +64,15 @@ import psutil
 
 from bench.common import WEB_CONNECTED, Result, log, tail, temp_dir
 from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, DEMO_USER, demo_plc_toml, ensure_demo_user, free_port, spec_test_key, write_demo_site
+from gateway.demo import (
+    DEMO_CLOUD_KEY,
+    DEMO_USER,
+    demo_plc_toml,
+    ensure_demo_user,
+    free_port,
+    spec_test_key,
+    write_demo_site,
+)
 from gateway.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread, SimDevice
 from gateway.procs import NotifySocket, child_env, gateway_command
 from gateway.signing import http_signature
@@ -840,7 +848,7 @@ def _plc_sessions(washes: list[PlcWash], sessions: list[tuple[Any, ...]]) -> dic
     import datetime as dt
 
     def wall(v: str) -> float:
-        return dt.datetime.fromisoformat(v).replace(tzinfo=dt.timezone.utc).timestamp()
+        return dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC).timestamp()
 
     free: dict[str, list[PlcWash]] = {}
     for w in washes:

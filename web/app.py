@@ -8,10 +8,9 @@ from flask_socketio import SocketIO
 from gateway.config import Config, Secrets
 from gateway.ratelimit import RateLimiter, retry_after
 from web import access, auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
-from web.cors import OriginPolicy
 from web.context import WebContext, ctx
+from web.cors import OriginPolicy
 from web.errors import ApiError
-
 
 # Routes that answer while the schema is not current (health must always answer).
 UNGATED = ("/api/health", "/api/openapi.json", "/static/app.js", "/static/style.css")

@@ -62,7 +62,7 @@ def verify_login(username: str, password: str) -> bool:
 def issue_token(username: str) -> tuple[str, dt.datetime]:
     """A token for `username` (whose password was just checked), bound to its current version."""
     c = ctx()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     exp = now + dt.timedelta(minutes=c.config.web.jwt_ttl_minutes)
     version = users.token_version(c.db, username) if c.db is not None else None
     claims = {"sub": username, "iat": now, "exp": exp, "iss": ISSUER, "site": c.config.site.id, "ver": version or 0}

@@ -34,7 +34,16 @@ from gateway.store.models import (
     Payment,
     WashSession,
 )
-from web.auth import CSRF_COOKIE, TOKEN_COOKIE, TokenRefused, account_of, csrf_ok, end_sessions, issue_token, verify_login
+from web.auth import (
+    CSRF_COOKIE,
+    TOKEN_COOKIE,
+    TokenRefused,
+    account_of,
+    csrf_ok,
+    end_sessions,
+    issue_token,
+    verify_login,
+)
 from web.commands import result_counts
 from web.context import ctx
 from web.errors import ApiError
@@ -131,7 +140,7 @@ def login_post() -> Any:
     target = form.get("next", "/")
     resp = make_response(redirect(target if target.startswith("/") and not target.startswith("//") else "/"))
     resp.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict",
-                    max_age=int((exp - dt.datetime.now(dt.timezone.utc)).total_seconds()))
+                    max_age=int((exp - dt.datetime.now(dt.UTC)).total_seconds()))
     return resp
 
 
@@ -390,7 +399,7 @@ def money(user: str) -> Response:
     hours = [f"{h:02d}" for h in range(24)]
     per_bay: dict[str, dict[str, float]] = {}
     for s in WashSession.select().where(WashSession.start_time >= utc_now() - dt.timedelta(days=1)):
-        local = s.start_time.replace(tzinfo=dt.timezone.utc).astimezone(zone)
+        local = s.start_time.replace(tzinfo=dt.UTC).astimezone(zone)
         if local.date() == today:
             per_bay.setdefault(s.bay_id, {})[f"{local.hour:02d}"] = per_bay.get(s.bay_id, {}).get(
                 f"{local.hour:02d}", 0) + 1
@@ -399,7 +408,7 @@ def money(user: str) -> Response:
                                t("sessions_per_hour"))
     errors: dict[str, dict[str, float]] = {}
     for s in WashSession.select().where((WashSession.start_time >= since) & WashSession.error_code.is_null(False)):
-        day = s.start_time.replace(tzinfo=dt.timezone.utc).astimezone(zone).strftime("%Y-%m-%d")
+        day = s.start_time.replace(tzinfo=dt.UTC).astimezone(zone).strftime("%Y-%m-%d")
         errors.setdefault(s.error_code, {})[day] = errors.get(s.error_code, {}).get(day, 0) + 1
     error_days = [(today - dt.timedelta(days=i)).strftime("%Y-%m-%d") for i in range(13, -1, -1)]
     errors_chart = bar_chart(errors, error_days, {}, {c: palette[i % len(palette)] for i, c in enumerate(errors)},

@@ -218,7 +218,7 @@ def _parse_time(name: str) -> dt.datetime | None:
         if t.tzinfo is not None:
             # OverflowError: a time at either end of the calendar has no UTC equivalent
             # ("0001-01-01T00:00:00+01:00"), which was a 500.
-            t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            t = t.astimezone(dt.UTC).replace(tzinfo=None)
     except (ValueError, OverflowError):
         raise ApiError(400, "VALIDATION_FAILED", f"{name} must be an ISO 8601 date-time") from None
     return t

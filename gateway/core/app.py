@@ -223,7 +223,7 @@ class CoreApp:
         if self.bus is not None:
             try:
                 await asyncio.wait_for(self.bus.stop(), SHUTDOWN_BUDGET)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
         if self.db is not None:
             self.db.close()

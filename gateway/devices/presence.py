@@ -31,8 +31,8 @@ from peewee import SqliteDatabase
 from gateway.bus.broker import LocalBus
 from gateway.clock import iso_z, utc_now
 from gateway.config import Config, Secrets
-from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
 from gateway.devices.badmessages import BadMessages
+from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
 from gateway.droplog import Drops
 from gateway.outbox import add_event
 from gateway.signing import SignatureError, parse_signed_mqtt

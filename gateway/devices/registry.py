@@ -21,7 +21,6 @@ from gateway.outbox import add_event
 from gateway.store import write_tx
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem
 
-
 # How stale a device's stored last_seen_at may be before an upload rewrites it (presence writes it
 # every minute for devices that stream).
 LAST_SEEN_PRECISION = dt.timedelta(minutes=2)

@@ -89,7 +89,7 @@ _Persist = tuple[str, str, View, list[OpenSession | CloseSession]]
 
 
 def _dt(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
 
 
 def bus_settings(c: BusConfig) -> BusSettings:
@@ -131,7 +131,7 @@ class WashService:
             if row is not None:
                 view = View(state=row.state, progress=row.progress, course=row.course, error_code=row.error_code,
                             session_id=row.session_id, request_id=row.request_id,
-                            changed_at=row.updated_at.replace(tzinfo=dt.timezone.utc).timestamp(),
+                            changed_at=row.updated_at.replace(tzinfo=dt.UTC).timestamp(),
                             plc_session=row.plc_session_counter if open_session is not None else None)
             machine = BayMachine(b.id, frozenset(profile.courses.values()), start_timeout=cfg.wash.start_timeout_sec,
                                  offline_after=cfg.wash.offline_after, view=view,
