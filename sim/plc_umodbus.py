@@ -43,6 +43,7 @@ import time
 import tty
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from umodbus.client.serial.redundancy_check import get_crc
@@ -107,7 +108,7 @@ class WashbayPlc:
             self.spaces.setdefault(0 if unit_ignored else b.unit, []).append(b)
         for space in self.spaces.values():
             bases = sorted(b.base for b in space)
-            if any(nxt - cur < SPAN for cur, nxt in zip(bases, bases[1:])):
+            if any(nxt - cur < SPAN for cur, nxt in pairwise(bases)):
                 raise ValueError(f"bays overlap in one register space: bases {bases}")
         self.memory = {k: [0] * (max(b.base for b in v) + SPAN) for k, v in self.spaces.items()}
         self.routes = Map()

@@ -39,8 +39,8 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
             # Refuse before reading a byte of the body.
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes")
         if request.path not in UNGATED and not ctx(app).schema_current():
-            raise ApiError(503, "SERVICE_UNAVAILABLE", "database schema is not current; the core is starting or upgrading",
-                           {"Retry-After": "5"})
+            raise ApiError(503, "SERVICE_UNAVAILABLE",
+                           "database schema is not current; the core is starting or upgrading", {"Retry-After": "5"})
 
     limiter = RateLimiter(config.web.device_rate_per_sec, config.web.device_rate_burst, config.web.rate_limit_exempt)
     app.extensions["carwash.ratelimit"] = limiter

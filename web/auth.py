@@ -51,7 +51,8 @@ def verify_login(username: str, password: str) -> bool:
     failures: RateLimiter = current_app.extensions["carwash.login_failures"]
     wait = failures.peek(request.remote_addr)
     if wait:
-        raise ApiError(429, "RATE_LIMITED", "too many failed logins from this address", {"Retry-After": retry_after(wait)})
+        raise ApiError(429, "RATE_LIMITED", "too many failed logins from this address",
+                       {"Retry-After": retry_after(wait)})
     db = ctx().db
     if db is not None and users.verify(db, username, password):
         return True

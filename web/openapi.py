@@ -148,7 +148,8 @@ def _operation(meta: dict[str, Any], path_params: dict[str, dict[str, Any]]) -> 
     if meta["response"] is not None:
         ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}
     responses: dict[str, Any] = {str(meta["status"]): ok}
-    err_ref = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    err_ref = {"description": "error",
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     for code in sorted({*meta["errors"], 500}):
         responses[str(code)] = err_ref
     op["responses"] = responses

@@ -487,8 +487,9 @@ class _GuardedReader(StreamReaderAdapter):
 
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_bytes:
-            self._guard.refusals.drop("packet_size", "connection", f"{self._peer}: a packet of more than {n} "
-                                      f"bytes, above the limit of {self.max_bytes}; connection closed, the address cools down")
+            self._guard.refusals.drop("packet_size", "connection",
+                                      f"{self._peer}: a packet of more than {n} bytes, above the limit of "
+                                      f"{self.max_bytes}; connection closed, the address cools down")
             # No device sends such packets: whoever does would otherwise reconnect and try again at once.
             self._guard.cool_down(self._peer[0] if self._peer else None)
             raise PacketTooLarge(f"packet above {self.max_bytes} bytes")

@@ -164,4 +164,5 @@ class BusClient:
             fut.set_result(reply.get("result"))
         else:
             err = reply.get("error") or {}
-            fut.set_exception(RpcError(str(err.get("code", "INTERNAL_ERROR")), str(err.get("message", "")), int(err.get("status", 500))))
+            fut.set_exception(RpcError(str(err.get("code", "INTERNAL_ERROR")), str(err.get("message", "")),
+                                       int(err.get("status", 500))))

@@ -187,7 +187,8 @@ class CoreApp:
             elapsed = time.monotonic() - t0
             self.notifier.ready(f"running: MQTT on {cfg.mqtt.bind}:{cfg.mqtt.port}")
             self.ready.set()
-            log.info("core ready in %.0f ms (MQTT %s:%d, site %s)", elapsed * 1000, cfg.mqtt.bind, cfg.mqtt.port, cfg.site.id)
+            log.info("core ready in %.0f ms (MQTT %s:%d, site %s)",
+                     elapsed * 1000, cfg.mqtt.bind, cfg.mqtt.port, cfg.site.id)
             stop_wait = asyncio.create_task(stop.wait(), name="stop-wait")
             done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             self.notifier.stopping()

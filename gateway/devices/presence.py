@@ -142,7 +142,8 @@ class PresenceService:
         if status is not None and status not in DEVICE_STATUSES:
             self._drop("invalid", topic, "status must be NORMAL, ERROR or OFFLINE")
             return
-        if uptime is not None and (isinstance(uptime, bool) or not isinstance(uptime, int) or not 0 <= uptime <= MAX_INT):
+        if uptime is not None and (isinstance(uptime, bool) or not isinstance(uptime, int)
+                                   or not 0 <= uptime <= MAX_INT):
             self._drop("invalid", topic, "uptime must be minutes")
             return
         if dev not in self.known:

@@ -188,7 +188,8 @@ class WashService:
         course, request_id, by = params.get("course"), params.get("requestId"), params.get("by", "")
         if not isinstance(bay_id, str) or action not in ACTIONS:
             raise RpcError("VALIDATION_FAILED", "bayId and action START|STOP|RESET are required", 400)
-        if course is not None and not isinstance(course, str) or request_id is not None and not isinstance(request_id, str):
+        if (course is not None and not isinstance(course, str)
+                or request_id is not None and not isinstance(request_id, str)):
             raise RpcError("VALIDATION_FAILED", "course and requestId must be strings", 400)
         if not isinstance(by, str):
             raise RpcError("VALIDATION_FAILED", "by must be a string", 400)
