@@ -221,8 +221,9 @@ def overview(user: str) -> Response:
     from web.wash import _statuses
 
     names = {b.id: b.name or b.id for b in ctx().config.bays}
+    bus = ctx().bus
     return render("overview.html", user, bays=list(_statuses().values()), names=names, health=health_report(),
-                  courses=_courses(), uplink=(ctx().bus.health or {}).get("uplink") if ctx().bus else None)
+                  courses=_courses(), uplink=(bus.health or {}).get("uplink") if bus else None)
 
 
 def _device_rows() -> list[dict[str, Any]]:
@@ -347,7 +348,7 @@ def bar_chart(series: dict[str, dict[str, float]], keys: list[str], labels: dict
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height + 40}" role="img" aria-label="{escape(title)}">',
              f'<text x="{pad}" y="16" class="chart-title">{escape(title)}</text>']
     for i, k in enumerate(keys):
-        y = height
+        y: float = height
         for s in series:
             v = series[s].get(k, 0)
             h = (height - pad) * v / top
@@ -409,7 +410,10 @@ def money(user: str) -> Response:
     errors: dict[str, dict[str, float]] = {}
     for s in WashSession.select().where((WashSession.start_time >= since) & WashSession.error_code.is_null(False)):
         day = s.start_time.replace(tzinfo=dt.UTC).astimezone(zone).strftime("%Y-%m-%d")
-        errors.setdefault(s.error_code, {})[day] = errors.get(s.error_code, {}).get(day, 0) + 1
+        code = s.error_code
+        if code is None:  # the query leaves NULL out; this tells the type checker
+            continue
+        errors.setdefault(code, {})[day] = errors.get(code, {}).get(day, 0) + 1
     error_days = [(today - dt.timedelta(days=i)).strftime("%Y-%m-%d") for i in range(13, -1, -1)]
     errors_chart = bar_chart(errors, error_days, {}, {c: palette[i % len(palette)] for i, c in enumerate(errors)},
                              t("errors_per_day"))
@@ -433,7 +437,8 @@ def firmware_page(user: str) -> Response:
 @doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE_SESSION)  # type: ignore[arg-type]
 @page
 def cloud(user: str) -> Response:
-    health = (ctx().bus.health or {}) if ctx().bus else {}
+    bus = ctx().bus
+    health = (bus.health or {}) if bus else {}
     dead = list(OutboxEvent.select().where(state_is("dead")).order_by(OutboxEvent.seq.desc()).limit(100))
     # The drainer's own figure (delivered events are marked sent up to outbox.mark_sent_delay_sec
     # later, so the database still counts them); the database's when the core is silent.

@@ -18,7 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from gateway.clock import iso_z
-from gateway.store.models import Bay, BayReset, WashSession
+from gateway.store.models import Bay, BayReset, WashSession, tuple_rows
 from web.auth import require_technician
 from web.body import read_json
 from web.context import ask_core, ctx
@@ -29,7 +29,7 @@ bp = Blueprint("wash", __name__)
 
 SSE_KEEPALIVE_SEC = 15.0
 
-STATUS = {
+STATUS: dict[str, Any] = {
     "type": "object",
     "properties": {
         "bayId": {"type": "string"}, "sessionId": {"type": ["string", "null"]},
@@ -256,8 +256,8 @@ def history() -> Any:
 @doc("Counts and average durations of finished sessions", tags=("wash",), response={"type": "object"},
      params=RANGE_PARAMS, errors=(400,))
 def stats() -> Any:
-    rows = list(_finished_between().select(WashSession.bay, WashSession.state, WashSession.error_code,
-                                           WashSession.start_time, WashSession.end_time).tuples())
+    rows = list(tuple_rows(_finished_between().select(WashSession.bay, WashSession.state, WashSession.error_code,
+                                                      WashSession.start_time, WashSession.end_time)))
     total = len(rows)
     completed = [r for r in rows if r[1] == "DONE"]
     per_bay: dict[str, list[float]] = {}
