@@ -293,7 +293,7 @@ class _Loader:
             if len(items) < meta.get("min_len", 0):
                 self.fail(key, f"needs at least {meta['min_len']} item(s)")
             return items
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.build(tp, raw, key)
         if origin is Literal:
             if raw not in typing.get_args(tp):
@@ -377,7 +377,7 @@ def load_secrets(cfg: Config) -> Secrets:
     p = Path(cfg.paths.secrets_file)
     data = _read_toml(p)
     loader = _Loader(str(p), p.resolve().parent)
-    secrets = loader.build(Secrets, data, "")
+    secrets: Secrets = loader.build(Secrets, data, "")
     if cfg.cloud.url and len(secrets.cloud_key) < 8:
         loader.fail("cloud_key", "required (at least 8 characters) when cloud.url is set")
     return secrets

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 BEHAVIOURS = ("success", "failure", "silent", "slow", "progress")
 MAX_REBOOT_DELAY = 300.0  # a simulator need not honour a longer delay_seconds
 
-CAR_WASH_CONFIGS = {
+CAR_WASH_CONFIGS: dict[str, dict[str, Any]] = {
     "machine": {"ACTIVE": True, "BANKNOTE": True, "COIN": True, "QR": True, "ON_TIME": "8:00", "OFF_TIME": "16:00",
                 "SAVE_STATE": True},
     "function": {"sec_per_baht": {"HP_WATER": 10, "FOAM": 10, "AIR": 10, "WATER": 10, "VACUUM": 10,
@@ -243,7 +243,7 @@ class Fleet:
     async def _commands(self, d: SimDevice, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             try:
-                cmd = parse_signed_mqtt(bytes(message.payload), self.key)  # type: ignore[arg-type]
+                cmd = parse_signed_mqtt(bytes(message.payload), self.key)
             except SignatureError as exc:
                 log.warning("%s: ignored a command: %s", d.device_id, exc)
                 continue
