@@ -23,7 +23,7 @@ from web.body import SQLITE_MAX_INT, read_json
 from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.firmware import download_url
-from web.openapi import doc
+from web.openapi import DocOptions, doc
 
 bp = Blueprint("commands", __name__)
 
@@ -236,14 +236,14 @@ def _stream(command_id: str) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-SSE_DOC = dict(tags=("commands",), response={"type": "string"}, content_type="text/event-stream",
-               errors=(400, 401, 404), security="bearer",
-               params={"access_token": {"type": "string"}, "lastEventId": {"type": "integer"}})
+SSE_DOC: DocOptions = {"tags": ("commands",), "response": {"type": "string"}, "content_type": "text/event-stream",
+                       "errors": (400, 401, 404), "security": "bearer",
+                       "params": {"access_token": {"type": "string"}, "lastEventId": {"type": "integer"}}}
 
 
 @bp.get("/api/v1/devices/command-events/<command_id>")
 @doc("SSE of one command: every stored event first (or after Last-Event-ID), then live ones; closes after "
-     "`results`", **SSE_DOC)  # type: ignore[arg-type]
+     "`results`", **SSE_DOC)
 def command_events(command_id: str) -> Response:
     require_technician(allow_query=True)
     if not Command.select().where(Command.command_id == command_id).exists():
@@ -252,13 +252,13 @@ def command_events(command_id: str) -> Response:
 
 
 @bp.get("/api/v1/devices/events/<command_id>")
-@doc("SSE of one command (the seed's second path for command-events)", **SSE_DOC)  # type: ignore[arg-type]
+@doc("SSE of one command (the seed's second path for command-events)", **SSE_DOC)
 def events(command_id: str) -> Response:
     return command_events(command_id)
 
 
 @bp.get("/api/v1/devices/bulk-events/<setup_id>")
-@doc("SSE of a bulk operation (its command's events)", **SSE_DOC)  # type: ignore[arg-type]
+@doc("SSE of a bulk operation (its command's events)", **SSE_DOC)
 def bulk_events(setup_id: str) -> Response:
     require_technician(allow_query=True)
     if not BulkOperation.select().where(BulkOperation.setup_id == setup_id).exists():

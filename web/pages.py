@@ -47,13 +47,13 @@ from web.auth import (
 from web.commands import result_counts
 from web.context import ctx
 from web.errors import ApiError
-from web.openapi import doc
+from web.openapi import DocOptions, doc
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 
 LANGS = ("th", "en")
-PAGE = dict(tags=("pages",), response={"type": "string"}, content_type="text/html")
-PAGE_SESSION = dict(PAGE, security="session")  # without a valid session: 302 to /login
+PAGE: DocOptions = {"tags": ("pages",), "response": {"type": "string"}, "content_type": "text/html"}
+PAGE_SESSION: DocOptions = {**PAGE, "security": "session"}  # without a valid session: 302 to /login
 BANKNOTES = (20, 50, 100, 500, 1000)
 COINS = (1, 2, 5, 10)
 
@@ -114,14 +114,14 @@ def render(template: str, user: str | None, **values: Any) -> Response:
 
 
 @bp.get("/login")
-@doc("Technician page: the login form", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: the login form", **PAGE)
 def login_form() -> Response:
     return render("login.html", None, why=request.args.get("why", ""), next=request.args.get("next", "/"),
                   csrf=request.cookies.get(CSRF_COOKIE, ""))
 
 
 @bp.post("/login")
-@doc("Technician page: log in (form post with the CSRF token); sets the session cookies", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: log in (form post with the CSRF token); sets the session cookies", **PAGE)
 def login_post() -> Any:
     form = request.form
     cookie = request.cookies.get(CSRF_COOKIE, "")
@@ -145,7 +145,7 @@ def login_post() -> Any:
 
 
 @bp.post("/logout")
-@doc("Technician page: log out (form post with the CSRF token)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: log out (form post with the CSRF token)", **PAGE)
 def logout() -> Any:
     resp = make_response(redirect(url_for("pages.login_form")))
     if csrf_ok():
@@ -158,13 +158,13 @@ def logout() -> Any:
 
 
 @bp.get("/recover")
-@doc("Technician page: set a password with the one-time code of the service button (10 s press)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: set a password with the one-time code of the service button (10 s press)", **PAGE)
 def recover_form() -> Response:
     return render("recover.html", None, done=False, error="", csrf=request.cookies.get(CSRF_COOKIE, ""))
 
 
 @bp.post("/recover")
-@doc("Technician page: redeem the one-time recovery code (decided by the core)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: redeem the one-time recovery code (decided by the core)", **PAGE)
 def recover_post() -> Any:
     from web.context import ask_core
 
@@ -181,7 +181,7 @@ def recover_post() -> Any:
 
 
 @bp.get("/lang/<code>")
-@doc("Technician page: switch the language (th, en)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: switch the language (th, en)", **PAGE)
 def set_lang(code: str) -> Any:
     back = request.args.get("next", "/")
     resp = make_response(redirect(back if back.startswith("/") and not back.startswith("//") else "/"))
@@ -214,7 +214,7 @@ def _profile_courses(extra_profiles: tuple[str, ...], bay_profiles: tuple[str, .
 
 
 @bp.get("/")
-@doc("Technician page: the site at a glance (bays live, gateway health)", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: the site at a glance (bays live, gateway health)", **PAGE_SESSION)
 @page
 def overview(user: str) -> Response:
     from web.meta import health_report
@@ -238,7 +238,7 @@ def _device_rows() -> list[dict[str, Any]]:
 
 
 @bp.get("/devices")
-@doc("Technician page: devices, pending devices with their PIN, the pairing window", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: devices, pending devices with their PIN, the pairing window", **PAGE_SESSION)
 @page
 def devices(user: str) -> Response:
     return render("devices.html", user, devices=_device_rows(), pairing=ctx().pairing,
@@ -289,7 +289,7 @@ def config_form(schema_doc: dict[str, Any], values: Any, prefix: str = "configs"
 
 
 @bp.get("/devices/<device_id>")
-@doc("Technician page: one device, its reported configs and the config form of its type", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: one device, its reported configs and the config form of its type", **PAGE_SESSION)
 @page
 def device_page(user: str, device_id: str) -> Any:
     d = Device.get_or_none(Device.device_id == device_id)
@@ -309,7 +309,7 @@ def device_page(user: str, device_id: str) -> Any:
 
 
 @bp.get("/bulk")
-@doc("Technician page: select devices and apply a config, restart, reset or update firmware, live", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: select devices and apply a config, restart, reset or update firmware, live", **PAGE_SESSION)
 @page
 def bulk(user: str) -> Response:
     forms = {}
@@ -323,7 +323,7 @@ def bulk(user: str) -> Response:
 
 
 @bp.get("/commands")
-@doc("Technician page: command history with outcomes", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: command history with outcomes", **PAGE_SESSION)
 @page
 def commands(user: str) -> Response:
     rows = list(Command.select().order_by(Command.created_at.desc()).limit(100))
@@ -370,7 +370,7 @@ def bar_chart(series: dict[str, dict[str, float]], keys: list[str], labels: dict
 
 
 @bp.get("/money")
-@doc("Technician page: cash and QR per device and day, payments, sessions, and their plots", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: cash and QR per device and day, payments, sessions, and their plots", **PAGE_SESSION)
 @page
 def money(user: str) -> Response:
     zone = zoneinfo.ZoneInfo(ctx().config.site.timezone)
@@ -426,7 +426,7 @@ def money(user: str) -> Response:
 
 
 @bp.get("/firmware-store")
-@doc("Technician page: upload, list and delete firmware images", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: upload, list and delete firmware images", **PAGE_SESSION)
 @page
 def firmware_page(user: str) -> Response:
     return render("firmware.html", user, images=list(FirmwareImage.select().order_by(FirmwareImage.id.desc())),
@@ -434,7 +434,7 @@ def firmware_page(user: str) -> Response:
 
 
 @bp.get("/cloud")
-@doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE_SESSION)
 @page
 def cloud(user: str) -> Response:
     bus = ctx().bus
@@ -448,7 +448,7 @@ def cloud(user: str) -> Response:
 
 
 @bp.get("/diagnostics")
-@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE_SESSION)
 @page
 def diagnostics(user: str) -> Response:
     from web.context import ask_core
