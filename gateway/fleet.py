@@ -123,9 +123,11 @@ class Fleet:
             "Content-Type": "application/json", "x-signature": http_signature(raw, self.key)})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())  # type: ignore[no-any-return]
+                reply: dict[str, Any] = json.loads(r.read())
+                return reply
         except urllib.error.HTTPError as e:
-            return json.loads(e.read())  # type: ignore[no-any-return]
+            refusal: dict[str, Any] = json.loads(e.read())
+            return refusal
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self._http, self._post, path, body)
@@ -288,7 +290,8 @@ class Fleet:
 
         def download() -> bytes:
             with urllib.request.urlopen(url, timeout=30) as r:
-                return r.read()  # type: ignore[no-any-return]
+                image: bytes = r.read()
+                return image
 
         try:
             image = await asyncio.get_running_loop().run_in_executor(self._http, download)

@@ -60,7 +60,8 @@ COINS = (1, 2, 5, 10)
 
 @functools.cache
 def _texts() -> dict[str, dict[str, str]]:
-    return json.loads(resources.files("web").joinpath("static/i18n.json").read_text())  # type: ignore[no-any-return]
+    texts: dict[str, dict[str, str]] = json.loads(resources.files("web").joinpath("static/i18n.json").read_text())
+    return texts
 
 
 def lang() -> str:

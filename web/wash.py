@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import queue
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
@@ -99,7 +99,17 @@ def _authorize_write() -> None:
         require_technician()
 
 
+@overload
+def _str_field(body: dict[str, Any], name: str, *, required: Literal[True], max_len: int = 128) -> str: ...
+
+
+@overload
+def _str_field(body: dict[str, Any], name: str, *, required: bool, max_len: int = 128) -> str | None: ...
+
+
 def _str_field(body: dict[str, Any], name: str, *, required: bool, max_len: int = 128) -> str | None:
+    """The string field `name`: None when absent and not required; 400 VALIDATION_FAILED otherwise
+    unless a non-empty string of at most `max_len` characters."""
     v = body.get(name)
     if v is None and not required:
         return None
@@ -129,7 +139,7 @@ def start() -> Any:
     bay_id = _str_field(body, "bayId", required=True)
     course = _str_field(body, "course", required=True)
     request_id = _str_field(body, "requestId", required=False)
-    _known_bay(bay_id)  # type: ignore[arg-type]
+    _known_bay(bay_id)
     r = ask_core("wash.command", {"bayId": bay_id, "action": "START", "course": course, "requestId": request_id})
     out: dict[str, Any] = {"success": True, "bayId": bay_id, "course": r.get("course") or course,
                            "requestId": r["requestId"]}
@@ -145,7 +155,7 @@ def stop() -> Any:
     _authorize_write()
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
-    _known_bay(bay_id)  # type: ignore[arg-type]
+    _known_bay(bay_id)
     r = ask_core("wash.command", {"bayId": bay_id, "action": "STOP"})
     return jsonify({"success": True, "bayId": bay_id, "requestId": r["requestId"]})
 
@@ -158,7 +168,7 @@ def reset() -> Any:
     username = require_technician()
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
-    _known_bay(bay_id)  # type: ignore[arg-type]
+    _known_bay(bay_id)
     r = ask_core("wash.command", {"bayId": bay_id, "action": "RESET", "by": f"technician:{username}"})
     out: dict[str, Any] = {"success": True, "bayId": bay_id, "requestId": r["requestId"]}
     if r.get("idempotent"):

@@ -198,8 +198,9 @@ class CoreApp:
             _, pending = await asyncio.wait({task, stop_wait}, timeout=SHUTDOWN_BUDGET / 2)
             if pending:
                 _log_stuck("services did not stop")
-            if task in done and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            failure = task.exception() if task in done else None
+            if failure is not None:
+                raise failure
         finally:
             await self._shutdown()
 
