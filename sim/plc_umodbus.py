@@ -134,7 +134,7 @@ class WashbayPlc:
         self.tick(time.monotonic())
         fc = pdu[0]
         if fc not in FUNCTIONS:
-            return pack_exception_pdu(fc, IllegalFunctionError.error_code)
+            return bytes(pack_exception_pdu(fc, IllegalFunctionError.error_code))
         key = 0 if self.unit_ignored else unit
         try:
             function = create_function_from_request_pdu(pdu)
@@ -146,9 +146,9 @@ class WashbayPlc:
                     raise IllegalDataAddressError()
             results = function.execute(unit, self.routes)
         except ModbusError as e:
-            return pack_exception_pdu(fc, e.error_code)
+            return bytes(pack_exception_pdu(fc, e.error_code))
         except (struct.error, ValueError, IndexError):
-            return pack_exception_pdu(fc, ILLEGAL_DATA_VALUE)
+            return bytes(pack_exception_pdu(fc, ILLEGAL_DATA_VALUE))
         if fc == 3:
             return bytes(function.create_response_pdu(results))
         self._take_commands(key)
