@@ -27,8 +27,8 @@ from bench import (
     payments,
     powercut,
     soak,
-    upload_writes,
     uplink_drain,
+    upload_writes,
     wash_bays,
 )
 from bench.common import DEFAULT_OUT, Result, environment, log, table, write_json

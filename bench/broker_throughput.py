@@ -17,8 +17,8 @@ publish limit of anonymous clients (`mqtt.client_rate_per_sec`) is off here: it 
 publisher at 20 messages/s.
 
 Targets: (a) the real core process started as in core_start (fresh data dir), (b)
-/usr/sbin/mosquitto with a minimal config on a free port (queue unlimited, as amqtt's). Repetitions alternate between the two
-brokers so that both see the same machine state.
+/usr/sbin/mosquitto with a minimal config on a free port (queue unlimited, as amqtt's). Repetitions
+alternate between the two brokers so that both see the same machine state.
 """
 
 from __future__ import annotations

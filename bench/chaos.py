@@ -64,7 +64,15 @@ import psutil
 
 from bench.common import WEB_CONNECTED, Result, log, tail, temp_dir
 from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, DEMO_USER, demo_plc_toml, ensure_demo_user, free_port, spec_test_key, write_demo_site
+from gateway.demo import (
+    DEMO_CLOUD_KEY,
+    DEMO_USER,
+    demo_plc_toml,
+    ensure_demo_user,
+    free_port,
+    spec_test_key,
+    write_demo_site,
+)
 from gateway.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread, SimDevice
 from gateway.procs import NotifySocket, child_env, gateway_command
 from gateway.signing import http_signature
@@ -825,7 +833,8 @@ def verify(truth: Truth, db: Path, cloud: CloudSim, plc: PlcHost, base: str) -> 
     out["cloud events not in the outbox, by type"] = dict(extra)
     out["fact events at the cloud not in the outbox"] = sum(n for t, n in extra.items() if t in FACT_TYPES)
     at = set(cloud.event_ids())
-    out["outbox events sent but not at the cloud"] = sum(1 for eid, st in stored.items() if st == "sent" and eid not in at)
+    out["outbox events sent but not at the cloud"] = sum(1 for eid, st in stored.items()
+                                                          if st == "sent" and eid not in at)
     return out
 
 
@@ -840,7 +849,7 @@ def _plc_sessions(washes: list[PlcWash], sessions: list[tuple[Any, ...]]) -> dic
     import datetime as dt
 
     def wall(v: str) -> float:
-        return dt.datetime.fromisoformat(v).replace(tzinfo=dt.timezone.utc).timestamp()
+        return dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC).timestamp()
 
     free: dict[str, list[PlcWash]] = {}
     for w in washes:
@@ -954,7 +963,8 @@ def _settle(truth: Truth, load: Load, gw: Gateway, plc: PlcHost, cloud: CloudSim
     def drained() -> bool:
         # Delivered, not marked: the drainer writes its sent marks up to mark_sent_delay_sec later.
         at = set(cloud.event_ids())
-        return all(eid in at for (eid,) in _query(db, 'SELECT "event_id" FROM "outbox_event" WHERE "state" != \'dead\''))
+        return all(eid in at
+                   for (eid,) in _query(db, 'SELECT "event_id" FROM "outbox_event" WHERE "state" != \'dead\''))
 
     wait_until("outbox delivered", drained, 60, waited)
     return waited
@@ -1065,7 +1075,8 @@ def _results(plan: Plan, seed: int, truth: Truth, chaos: Chaos, gw: Gateway, che
                notes=f"{check['command results']} device results: {check['results by status']}"),
         Result(NAME, "operations: payments created (200)", "payments", [float(len(truth.payments))],
                notes=f"{c['payment requests']} requests; "
-                     f"{check['charges created at the cloud, unknown to the gateway']} charges the gateway never stored"),
+                     f"{check['charges created at the cloud, unknown to the gateway']} "
+                     "charges the gateway never stored"),
         Result(NAME, "lost (acknowledged facts missing)", "facts", [float(lost)], notes=f"goal 0; {lost_detail}"),
         Result(NAME, "duplicated at the cloud (same fact, other event id)", "facts", [float(dup)],
                notes=f"goal 0; {dup_detail}"),
@@ -1075,7 +1086,8 @@ def _results(plan: Plan, seed: int, truth: Truth, chaos: Chaos, gw: Gateway, che
                notes=f"goal 0; without a wash {check['sessions without a PLC wash']}, other outcome "
                      f"{check['sessions whose outcome differs from the PLC']}, washes never recorded "
                      f"{check['PLC washes never recorded']}; ERROR/PLC_OFFLINE although the PLC finished "
-                     f"{check['ERROR/PLC_OFFLINE sessions the PLC finished']} (unknowable after an outage); accepted, never "
+                     f"{check['ERROR/PLC_OFFLINE sessions the PLC finished']} (unknowable after an outage); "
+                     "accepted, never "
                      f"run by the PLC (ERROR) {check['accepted sessions the PLC never ran (ERROR)']}"),
         Result(NAME, "cloud: re-sent event ids (deduplicated, harmless)", "events", [float(stats["duplicates"])],
                notes=f"{stats['unique']} unique events, {stats['requests']} requests; outbox {check['outbox']}; "

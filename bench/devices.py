@@ -116,7 +116,8 @@ def _uploads(tmp: Path, quick: bool) -> list[Result]:
     brate = len(blat) / seconds
     results.append(Result(NAME, "bare Flask endpoint, 50 clients", "ms", blat,
                           notes=f"{brate:,.0f} req/s, {berr} errors; same gunicorn config"))
-    results.append(Result(NAME, "upload/bare throughput", "ratio", [rate / brate] if brate else [], median=rate / brate))
+    results.append(Result(NAME, "upload/bare throughput", "ratio", [rate / brate] if brate else [],
+                          median=rate / brate))
     return results
 
 

@@ -184,7 +184,8 @@ def _sessions(tmp: Path, quick: bool) -> dict[str, float]:
     wanted = {rid for _bid, rid in started}
     per_wash = {rid: sum(1 for _b, r, _s in rows if r == rid) for rid in wanted}
     return {"washes": len(started), "sessions": len(rows), "pauses": pauses,
-            "split": sum(n - 1 for n in per_wash.values() if n > 1), "missing": sum(1 for n in per_wash.values() if n == 0),
+            "split": sum(n - 1 for n in per_wash.values() if n > 1),
+            "missing": sum(1 for n in per_wash.values() if n == 0),
             "ghost": sum(1 for _b, r, _s in rows if r not in wanted),
             "not_done": sum(1 for _b, r, s in rows if r in wanted and s != "DONE")}
 

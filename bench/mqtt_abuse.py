@@ -192,7 +192,8 @@ def run(quick: bool) -> list[Result]:
                 refused_before = dict(stats["refused"])
                 rss = psutil.Process(core.pid).memory_info().rss / 2**20
                 what = ", ".join(f"{n} {k}" for k, n in sorted(refused.items())) or "nothing refused"
-                notes = f"{len(health)} requests; attacker: {attacks:,} {'messages' if phase == 'flood' else 'connections'}" \
+                kind = "messages" if phase == "flood" else "connections"
+                notes = f"{len(health)} requests; attacker: {attacks:,} {kind}" \
                         f"; broker refused {what}; core RSS {rss:.1f} MB" if attacker else f"{len(health)} requests"
                 out.append(Result(NAME, f"{phase}: GET /api/health", "ms", health, notes=notes))
                 out.append(Result(NAME, f"{phase}: RPC ping web client → core", "ms", ping))

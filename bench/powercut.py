@@ -14,9 +14,10 @@ device fleet (reconnecting) and the load (signed event-log uploads retried until
 with `requestId` retries, bulk commands, QR payments), recording only what was acknowledged.
 
 A cut, at exponential gaps (seeded; `POWERCUT_SEED`): the filesystem is cut at that moment or
-armed to cut inside one of the next few hundred writes (nothing reaches the medium afterwards), both processes are SIGKILLed, the filesystem is unmounted and
-mounted again from the medium (its memory, the "page cache", is gone), the core and the web are
-started again (READY=1), and a reader beside them runs `PRAGMA integrity_check`. After the last
+armed to cut inside one of the next few hundred writes (nothing reaches the medium afterwards),
+both processes are SIGKILLed, the filesystem is unmounted and mounted again from the medium (its
+memory, the "page cache", is gone), the core and the web are started again (READY=1), and a reader
+beside them runs `PRAGMA integrity_check`. After the last
 cut the load stops and the site settles; chaos's `verify` then compares the clients' record with
 the database and the cloud simulator (each acknowledged upload item, wash, command result and
 payment present once, each delivered to the cloud once), and a last integrity check runs.
@@ -213,7 +214,8 @@ def _run(tmp: Path, plan: CutPlan, seed: int) -> Outcome:
         load = chaos.Load(base, key, [d.device_id for d in fleet.devices], plan.load, truth, seed)
         cuts = PowerCuts(fs, gw, db, plan, seed, out)
         load.start()
-        log(f"{NAME}: {plan.load.devices} devices, 6 bays, seed {seed}: {plan.cuts} power cuts, mean gap {plan.gap:g} s")
+        log(f"{NAME}: {plan.load.devices} devices, 6 bays, seed {seed}: {plan.cuts} power cuts, "
+            f"mean gap {plan.gap:g} s")
         cuts.run(stop)
         out.waited = chaos._settle(truth, load, gw, plc, cloud, db, base, plan.load)
         out.check = chaos.verify(truth, db, cloud, plc, base)
@@ -267,6 +269,8 @@ def run(quick: bool) -> list[Result]:
     plc_bad = (c["sessions without a PLC wash"] + c["sessions whose outcome differs from the PLC"]
                + c["PLC washes never recorded"])
     mode = f"seed {seed}, {out.seconds:.0f} s"
+    median_dropped_bytes = (sorted(p["dropped_bytes"] for p in out.per_cut)[len(out.per_cut) // 2]
+                            if out.per_cut else 0)
     r = [
         Result(NAME, "power cuts (SIGKILL both, remount, restart)", "cuts", [float(out.cuts)],
                notes=f"{out.torn_cuts} torn; {dict(Counter(p['kind'] for p in out.per_cut))}; {mode}"),
@@ -279,8 +283,9 @@ def run(quick: bool) -> list[Result]:
         Result(NAME, "integrity failures (PRAGMA integrity_check)", "checks", [float(out.integrity_failures)],
                notes=f"goal 0; {out.integrity_checks} checks: after every restart and at the end"),
         Result(NAME, "unsynced writes dropped per cut", "writes", dropped or [0.0],
-               notes=f"bytes: median {sorted(p['dropped_bytes'] for p in out.per_cut)[len(out.per_cut) // 2] if out.per_cut else 0}"),
-        Result(NAME, "torn write kept per torn cut", "B", torn or [0.0], notes="sector prefix of the last unsynced write"),
+               notes=f"bytes: median {median_dropped_bytes}"),
+        Result(NAME, "torn write kept per torn cut", "B", torn or [0.0],
+               notes="sector prefix of the last unsynced write"),
         Result(NAME, "cut -> core READY=1 and web joined", "ms", out.restart_ms or [0.0],
                notes="SIGKILL, unmount, mount, both started"),
         Result(NAME, "sessions disagreeing with the PLCs' washes", "sessions", [float(plc_bad)],

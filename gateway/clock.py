@@ -9,14 +9,14 @@ import time
 
 def utc_now() -> dt.datetime:
     """Naive UTC now, the form every DateTimeField holds."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def iso_z(moment: dt.datetime | None = None) -> str:
     """`2026-01-14T08:00:00.000Z` (milliseconds, UTC) as the seeds write timestamps."""
     m = moment or utc_now()
     if m.tzinfo is not None:
-        m = m.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        m = m.astimezone(dt.UTC).replace(tzinfo=None)
     return m.strftime("%Y-%m-%dT%H:%M:%S.") + f"{m.microsecond // 1000:03d}Z"
 
 

@@ -69,7 +69,8 @@ class WebConfig:
     wash_api_auth: Literal["none", "jwt"] = _f("none")
     jwt_ttl_minutes: int = _f(720, min=1, max=60 * 24 * 30)
     firmware_max_bytes: int = _f(8 * 1024 * 1024, min=64 * 1024, max=64 * 1024 * 1024)
-    device_rate_per_sec: float = _f(20.0, min=0, max=10000, doc="device API requests per second per client address; 0: no limit")
+    device_rate_per_sec: float = _f(20.0, min=0, max=10000,
+                                    doc="device API requests per second per client address; 0: no limit")
     device_rate_burst: int = _f(100, min=1, max=100000)
     rate_limit_exempt: tuple[str, ...] = _f(("127.0.0.1", "::1"), doc="addresses never rate limited")
     login_failures_per_min: float = _f(10.0, min=0, max=10000, doc="failed logins per minute per address; 0: no limit")
@@ -93,7 +94,8 @@ class MqttConfig:
     internal_max_packet_bytes: int = _f(1048576, min=65536, max=268435455,
                                         doc="largest packet of the gateway's own clients (RPC bodies)")
     connect_timeout_sec: float = _f(10.0, min=1, max=300, doc="a connection must send CONNECT within this")
-    client_rate_per_sec: float = _f(20.0, min=0, max=100000, doc="publishes per second per anonymous client; 0: no limit")
+    client_rate_per_sec: float = _f(20.0, min=0, max=100000,
+                                    doc="publishes per second per anonymous client; 0: no limit")
     client_rate_burst: int = _f(100, min=1, max=1000000)
     flood_cooldown_sec: float = _f(60.0, min=0, max=86400,
                                    doc="a client at more than twice its rate is cut off; its address waits this long")
@@ -291,7 +293,7 @@ class _Loader:
             if len(items) < meta.get("min_len", 0):
                 self.fail(key, f"needs at least {meta['min_len']} item(s)")
             return items
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.build(tp, raw, key)
         if origin is Literal:
             if raw not in typing.get_args(tp):
@@ -375,7 +377,7 @@ def load_secrets(cfg: Config) -> Secrets:
     p = Path(cfg.paths.secrets_file)
     data = _read_toml(p)
     loader = _Loader(str(p), p.resolve().parent)
-    secrets = loader.build(Secrets, data, "")
+    secrets: Secrets = loader.build(Secrets, data, "")
     if cfg.cloud.url and len(secrets.cloud_key) < 8:
         loader.fail("cloud_key", "required (at least 8 characters) when cloud.url is set")
     return secrets

@@ -126,7 +126,7 @@ def _start_simulator(args: list[str], env: dict[str, str], *, kind: str = "simul
 
     threading.Thread(target=read, name="plc-sim-out", daemon=True).start()
     if not ready.wait(READY_TIMEOUT):
-        stop_process(proc)  # type: ignore[arg-type]
+        stop_process(proc)
         raise TimeoutError(f"{kind} did not start")
     return proc
 

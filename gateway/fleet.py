@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 BEHAVIOURS = ("success", "failure", "silent", "slow", "progress")
 MAX_REBOOT_DELAY = 300.0  # a simulator need not honour a longer delay_seconds
 
-CAR_WASH_CONFIGS = {
+CAR_WASH_CONFIGS: dict[str, dict[str, Any]] = {
     "machine": {"ACTIVE": True, "BANKNOTE": True, "COIN": True, "QR": True, "ON_TIME": "8:00", "OFF_TIME": "16:00",
                 "SAVE_STATE": True},
     "function": {"sec_per_baht": {"HP_WATER": 10, "FOAM": 10, "AIR": 10, "WATER": 10, "VACUUM": 10,
@@ -123,9 +123,11 @@ class Fleet:
             "Content-Type": "application/json", "x-signature": http_signature(raw, self.key)})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())  # type: ignore[no-any-return]
+                reply: dict[str, Any] = json.loads(r.read())
+                return reply
         except urllib.error.HTTPError as e:
-            return json.loads(e.read())  # type: ignore[no-any-return]
+            refusal: dict[str, Any] = json.loads(e.read())
+            return refusal
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self._http, self._post, path, body)
@@ -243,7 +245,7 @@ class Fleet:
     async def _commands(self, d: SimDevice, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             try:
-                cmd = parse_signed_mqtt(bytes(message.payload), self.key)  # type: ignore[arg-type]
+                cmd = parse_signed_mqtt(bytes(message.payload), self.key)
             except SignatureError as exc:
                 log.warning("%s: ignored a command: %s", d.device_id, exc)
                 continue
@@ -288,7 +290,8 @@ class Fleet:
 
         def download() -> bytes:
             with urllib.request.urlopen(url, timeout=30) as r:
-                return r.read()  # type: ignore[no-any-return]
+                image: bytes = r.read()
+                return image
 
         try:
             image = await asyncio.get_running_loop().run_in_executor(self._http, download)

@@ -17,7 +17,7 @@ def setup_logging(level: str = "INFO", *, process: str = "core") -> None:
     handler: logging.Handler | None = None
     if under_systemd():
         try:
-            from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+            from systemd.journal import JournalHandler
 
             handler = JournalHandler(SYSLOG_IDENTIFIER=f"carwash-gateway-{process}")
             handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))

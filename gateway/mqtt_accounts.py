@@ -26,7 +26,7 @@ from peewee import SqliteDatabase
 from gateway.bus.topics import covers, matches
 from gateway.clock import iso_z, utc_now
 from gateway.store import write_tx
-from gateway.store.models import MqttAccount
+from gateway.store.models import MqttAccount, tuple_rows
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 MIN_PASSWORD = 12  # programs, not people, type it: no reason for a short one
@@ -156,6 +156,6 @@ def listing(db: SqliteDatabase) -> list[dict[str, str]]:
 
 def load(db: SqliteDatabase) -> dict[str, Account]:
     """Every account by name (what the broker keeps in memory)."""
-    rows = (MqttAccount.select(MqttAccount.username, MqttAccount.password_hash, MqttAccount.role,
-                               MqttAccount.generation).tuples())
+    rows = tuple_rows(MqttAccount.select(MqttAccount.username, MqttAccount.password_hash, MqttAccount.role,
+                                         MqttAccount.generation))
     return {r[0]: Account(*r) for r in rows}

@@ -107,7 +107,8 @@ def _rows(cfg: Config, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, 
 
 
 def outbox(cfg: Config, *, dead_limit: int = 20) -> int:
-    by_state = _rows(cfg, 'SELECT "state", "type", COUNT(*), SUM("size") FROM "outbox_event" GROUP BY 1, 2 ORDER BY 1, 2')
+    by_state = _rows(cfg, 'SELECT "state", "type", COUNT(*), SUM("size") FROM "outbox_event" '
+                          'GROUP BY 1, 2 ORDER BY 1, 2')
     print(f"cloud: {cfg.cloud.url or '(none configured)'}")
     if not by_state:
         print("outbox: empty")
@@ -161,7 +162,8 @@ def status(cfg: Config, secrets: Secrets) -> int:
         print(f"plc: {sum(plc.values())}/{len(plc)} bays answering" + "".join(
             f"; {b} OFFLINE" for b, up in plc.items() if not up))
         up = health.get("uplink") or {}
-        print(f"cloud: {'reachable' if health.get('cloud') else 'unreachable' if health.get('cloud_configured') else 'none'}"
+        cloud = "reachable" if health.get("cloud") else "unreachable" if health.get("cloud_configured") else "none"
+        print(f"cloud: {cloud}"
               f", backlog {up.get('backlog', '?')}, dead {up.get('dead', '?')}"
               + (f", bridge {'up' if up.get('bridge') else 'down'}" if up.get("bridge") is not None else "")
               + ("".join(f"; {r}" for r in up.get("reasons", []))))

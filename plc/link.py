@@ -161,7 +161,7 @@ class TcpLink:
             async with asyncio.timeout(self.connect_timeout):
                 self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         except (OSError, TimeoutError) as exc:
-            raise LinkDown(f"cannot connect to {self.host}:{self.port}: {exc or 'timeout'}") from None
+            raise LinkDown(f"cannot connect to {self.host}:{self.port}: {str(exc) or 'timeout'}") from None
 
     def close(self) -> None:
         if self._writer is not None:

@@ -82,7 +82,7 @@ class _InOrderHandler(ServerRequestHandler):
         self._queue: asyncio.Queue[tuple[float, ModbusPDU | None, ModbusPDU | None, Any]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
 
-    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:  # type: ignore[type-arg]
+    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
         # pymodbus takes one frame per call; take every complete frame of the chunk (two requests
         # in one read would otherwise leave the second waiting for the next byte on the line).
         used = 0
@@ -152,7 +152,7 @@ class _InOrderHandler(ServerRequestHandler):
             exc = ExcCodes.ILLEGAL_FUNCTION
         elif pdu.dev_id in sim._units:
             count = 1 if fc == 6 else int(getattr(pdu, "count", 0) or len(getattr(pdu, "registers", [])))
-            if pdu.address + count > sim._span:  # type: ignore[attr-defined]
+            if pdu.address + count > sim._span:
                 exc = ExcCodes.ILLEGAL_ADDRESS
         if exc is not None:
             return ExceptionResponse(fc, exc, device_id=pdu.dev_id, transaction=pdu.transaction_id)

@@ -41,7 +41,7 @@ class PlcControl:
                     if not chunk:
                         raise ConnectionError(f"plc control {self.path}: closed during {op}")
                     buf += chunk
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"plc control {self.path}: no answer to {op} within {self.timeout} s") from None
         reply = json.loads(buf)
         if not reply.get("ok"):

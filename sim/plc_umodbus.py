@@ -43,6 +43,7 @@ import time
 import tty
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from umodbus.client.serial.redundancy_check import get_crc
@@ -107,7 +108,7 @@ class WashbayPlc:
             self.spaces.setdefault(0 if unit_ignored else b.unit, []).append(b)
         for space in self.spaces.values():
             bases = sorted(b.base for b in space)
-            if any(nxt - cur < SPAN for cur, nxt in zip(bases, bases[1:])):
+            if any(nxt - cur < SPAN for cur, nxt in pairwise(bases)):
                 raise ValueError(f"bays overlap in one register space: bases {bases}")
         self.memory = {k: [0] * (max(b.base for b in v) + SPAN) for k, v in self.spaces.items()}
         self.routes = Map()
@@ -133,7 +134,7 @@ class WashbayPlc:
         self.tick(time.monotonic())
         fc = pdu[0]
         if fc not in FUNCTIONS:
-            return pack_exception_pdu(fc, IllegalFunctionError.error_code)
+            return bytes(pack_exception_pdu(fc, IllegalFunctionError.error_code))
         key = 0 if self.unit_ignored else unit
         try:
             function = create_function_from_request_pdu(pdu)
@@ -145,9 +146,9 @@ class WashbayPlc:
                     raise IllegalDataAddressError()
             results = function.execute(unit, self.routes)
         except ModbusError as e:
-            return pack_exception_pdu(fc, e.error_code)
+            return bytes(pack_exception_pdu(fc, e.error_code))
         except (struct.error, ValueError, IndexError):
-            return pack_exception_pdu(fc, ILLEGAL_DATA_VALUE)
+            return bytes(pack_exception_pdu(fc, ILLEGAL_DATA_VALUE))
         if fc == 3:
             return bytes(function.create_response_pdu(results))
         self._take_commands(key)

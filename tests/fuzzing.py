@@ -470,8 +470,7 @@ class Fuzzer:
         return self.report
 
     def _fuzz(self, operation: Any, info: OpInfo, mode: str) -> None:
-        from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
-        from hypothesis import strategies as st
+        from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings, strategies as st
         from hypothesis.errors import Unsatisfiable
         from schemathesis import GenerationMode
 

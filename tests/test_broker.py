@@ -496,7 +496,8 @@ async def test_what_was_acknowledged_before_a_disconnect_is_delivered() -> None:
             c = await RawClient.open(bus)
             try:
                 assert await c.connect("dev-burst") == 0
-                c.writer.write(b"".join(mqtt_raw.publish("server/dev-burst/ack", b"%d" % i, packet_id=i + 1) for i in range(n)))
+                c.writer.write(b"".join(mqtt_raw.publish("server/dev-burst/ack", b"%d" % i, packet_id=i + 1)
+                                        for i in range(n)))
                 pubacks = await asyncio.wait_for(c.reader.readexactly(4 * n), 10)
                 assert pubacks.count(mqtt_raw.PUBACK_PREFIX) == n
                 if how == "DISCONNECT":

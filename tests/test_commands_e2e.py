@@ -288,10 +288,10 @@ def test_command_refusals(rig: Rig, command: str, payload: dict, words: str) -> 
 
 def test_tokens_missing_expired_and_forged_are_401(rig: Rig) -> None:
     cfg = rig.site
-    expired = jwt.encode({"sub": "demo", "iss": "carwash-gateway", "exp": dt.datetime.now(dt.timezone.utc)
+    expired = jwt.encode({"sub": "demo", "iss": "carwash-gateway", "exp": dt.datetime.now(dt.UTC)
                           - dt.timedelta(seconds=5)}, cfg.secrets.jwt_secret, algorithm="HS256")
     forged = jwt.encode({"sub": "demo", "iss": "carwash-gateway",
-                         "exp": dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)},
+                         "exp": dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)},
                         "a-guessed-key-that-is-long-enough!!", algorithm="HS256")
     for headers in ({}, {"Authorization": f"Bearer {expired}"}, {"Authorization": f"Bearer {forged}"},
                     {"Authorization": "Basic ZGVtbzpkZW1v"}):

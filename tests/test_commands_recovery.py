@@ -53,7 +53,7 @@ def command_of(p: Probe, device_id: str, timeout: float = 10) -> dict[str, Any]:
 def published(site: Site, command_id: str) -> dt.datetime | None:
     db = open_database(site.config.paths.database)
     try:
-        row = CommandResult.get((CommandResult.command == command_id))
+        row = CommandResult.get(CommandResult.command == command_id)
         return row.deadline_at  # type: ignore[no-any-return]
     finally:
         db.close()

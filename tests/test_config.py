@@ -16,7 +16,8 @@ from gateway.config import Config, ConfigError, Secrets, load_config, load_secre
 from gateway.procs import child_env, gateway_command
 
 EXAMPLE = Path(str(resources.files("gateway").joinpath("data/gateway.example.toml")))
-SECRETS = 'device_signing_key = "0123456789abcdef"\njwt_secret = "' + "j" * 40 + '"\nmqtt_internal_password = "' + "p" * 20 + '"\n'
+SECRETS = ('device_signing_key = "0123456789abcdef"\njwt_secret = "' + "j" * 40
+           + '"\nmqtt_internal_password = "' + "p" * 20 + '"\n')
 
 
 def write(tmp: Path, text: str, name: str = "gateway.toml") -> Path:
@@ -101,7 +102,8 @@ def test_minimal_config_relative_paths_and_secrets(tmp_path: Path) -> None:
          "[[bays]]\nid = \"bay1\"\nbus = \"b\"\nunit = 2\n", "bays[1].id", "duplicate bay id"),
         ("[[buses]]\nname = \"b\"\ntype = \"tcp\"\nhost = \"h\"\n[[bays]]\nid = \"bay1\"\nbus = \"b\"\n"
          "[[bays]]\nid = \"bay2\"\nbus = \"b\"\nbase = 10\n", "bays[1].base", "overlap"),
-        ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nbaudrate = 12345\n", "buses[0].baudrate", "one of"),
+        ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nbaudrate = 12345\n",
+         "buses[0].baudrate", "one of"),
         ("[[buses]]\nname = \"b\"\ntype = \"rtu\"\ndevice = \"/dev/x\"\nrts_direction = true\n"
          "direction_gpio = 18\n", "buses[0].rts_direction", "choose one"),
         ("[[buses]]\nname = \"b\"\ntype = \"tcp\"\nhost = \"h\"\nrts_direction = true\n",
@@ -138,7 +140,8 @@ def test_site_errors(tmp_path: Path) -> None:
 
 def test_secrets_errors_name_key_not_value(tmp_path: Path) -> None:
     cfg = load_config(minimal(tmp_path))
-    write(tmp_path, 'device_signing_key = "short"\njwt_secret = "' + "j" * 40 + '"\nmqtt_internal_password = "' + "p" * 20 + '"\n', "secrets.toml")
+    write(tmp_path, 'device_signing_key = "short"\njwt_secret = "' + "j" * 40
+          + '"\nmqtt_internal_password = "' + "p" * 20 + '"\n', "secrets.toml")
     with pytest.raises(ConfigError) as err:
         load_secrets(cfg)
     assert err.value.key == "device_signing_key" and "short" not in str(err.value)
@@ -148,7 +151,8 @@ def test_secrets_errors_name_key_not_value(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(gateway_command(*args), env=child_env(**(env or {})), capture_output=True, text=True, timeout=60)
+    return subprocess.run(gateway_command(*args), env=child_env(**(env or {})),
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_check_config_cli(tmp_path: Path) -> None:

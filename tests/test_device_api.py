@@ -150,8 +150,10 @@ def test_event_log_upload_dedup_mismatch_limits(api: str, site: Site) -> None:
         db.close()
     for body, field in ((json.dumps({"device_id": DEVICE, "items": []}), "items"),
                         (json.dumps({"device_id": DEVICE, "items": [LOG_ITEM] * 1001}), "items"),
-                        (json.dumps({"device_id": DEVICE, "items": [{**LOG_ITEM, "status": "PAID"}]}), "items[0].status"),
-                        (json.dumps({"device_id": DEVICE, "items": [{**LOG_ITEM, "coin": {"3": 1}}]}), "items[0].coin.3")):
+                        (json.dumps({"device_id": DEVICE, "items": [{**LOG_ITEM, "status": "PAID"}]}),
+                         "items[0].status"),
+                        (json.dumps({"device_id": DEVICE, "items": [{**LOG_ITEM, "coin": {"3": 1}}]}),
+                         "items[0].coin.3")):
         code, resp = post(url, body.encode())
         assert (code, resp["errorCode"]) == (400, "VALIDATION_FAILED") and field in resp["message"]
     code, resp = post(url, json.dumps({"device_id": "device-unknown", "items": [LOG_ITEM]}).encode())
@@ -337,7 +339,8 @@ def test_upload_is_on_disk_when_the_201_arrives(api: str, site: Site, web: Proc)
 
     post(api + "/api/v1/devices/need-register", REGISTER_BODY)
     items = [{**LOG_ITEM, "timestamp": LOG_ITEM["timestamp"] + i} for i in range(500)]
-    code, _ = post(api + "/api/v1/device-event-logs/uploads", json.dumps({"device_id": DEVICE, "items": items}).encode())
+    code, _ = post(api + "/api/v1/device-event-logs/uploads",
+                   json.dumps({"device_id": DEVICE, "items": items}).encode())
     assert code == 201
     import psutil
 

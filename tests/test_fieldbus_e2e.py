@@ -206,7 +206,8 @@ def reset_in_the_browser(driver: Any, url: str, sim: PlcSimulator) -> None:
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver")
-async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(tmp_path: Path, browser: Any) -> None:
+async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
+        tmp_path: Path, browser: Any) -> None:  # noqa: F811 - the fixture imported above
     """And the bus scan: unit ids × the configured bases on RTU; on TCP a PLC that answers every
     unit id (the scripted one, as many real ones) is named as such, not listed under every id."""
     pair = SocatPair(tmp_path / "pty")
@@ -283,15 +284,17 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
                                                                        "2", "--config", str(site.config_path)),
                                        capture_output=True, text=True, timeout=120)
         assert scan.returncode == 0 and "lost the local broker" not in scan.stderr, scan.stderr
-        answered = [line.split(":")[0] for line in scan.stdout.splitlines() if line.startswith("unit") and "answers" in line]
+        answered = [line.split(":")[0] for line in scan.stdout.splitlines()
+                    if line.startswith("unit") and "answers" in line]
         assert answered == [f"unit   1 base {b:5d}" for b in RTU_BAYS.values()], scan.stdout
         scan = await asyncio.to_thread(subprocess.run, gateway_command("scan-bus", "lan", "--first", "1", "--last",
                                                                        "8", "--config", str(site.config_path)),
                                        capture_output=True, text=True, timeout=120)
         assert scan.returncode == 0, scan.stderr
         assert "ignores the unit id" in scan.stdout
-        assert [line.split(":")[0] for line in scan.stdout.splitlines() if line.startswith("unit") and "answers" in line] == [
-            "unit   1 base     0", "unit   1 base   100"], scan.stdout
+        answered = [line.split(":")[0] for line in scan.stdout.splitlines()
+                    if line.startswith("unit") and "answers" in line]
+        assert answered == ["unit   1 base     0", "unit   1 base   100"], scan.stdout
         code, listed = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets", headers=auth)
         assert code == 200
         assert [(r["bayId"], r["by"], r["errorCode"], r["outcome"]) for r in listed] == [

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from gateway.demo import ensure_demo_user
 from gateway.fleet import Fleet
 from gateway.signing import parse_signed_mqtt, sign_mqtt
 from tests.clients import http_json
-from gateway.demo import ensure_demo_user
 from tests.conftest import Site, make_site, start_process
 from tests.mqtt_probe import Probe
 from web.context import STATUS_CONNECTED

@@ -87,7 +87,8 @@ class Sub:
         return err
 
 
-def pub(port: int, user: str | None, password: str | None, topic: str, payload: bytes) -> subprocess.CompletedProcess[bytes]:
+def pub(port: int, user: str | None, password: str | None, topic: str,
+        payload: bytes) -> subprocess.CompletedProcess[bytes]:
     """`mosquitto_pub -q 1`: exit 0 only once the broker acknowledged the message."""
     args = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-s"]
     if user is not None:
@@ -126,7 +127,8 @@ async def test_wash_backend_and_dashboard_with_mosquitto_clients(tmp_path: Path)
         r = await asyncio.to_thread(cli, ws, "add", "backend", "--role", "wash-backend", "--password-stdin",
                                     stdin=BACKEND_PW + "\n")
         assert r.returncode == 0, r.stderr
-        r = await asyncio.to_thread(cli, ws, "add", "dash", "--role", "monitor", "--password-stdin", stdin=DASH_PW + "\n")
+        r = await asyncio.to_thread(cli, ws, "add", "dash", "--role", "monitor", "--password-stdin",
+                                    stdin=DASH_PW + "\n")
         assert r.returncode == 0, r.stderr
         r = await asyncio.to_thread(cli, ws, "add", "short", "--role", "monitor", "--password-stdin", stdin="abc\n")
         assert r.returncode == 1 and "password" in r.stderr

@@ -85,7 +85,8 @@ def test_build_check_install_run_purge(tmp_path: Path) -> None:
             notify = NotifySocket(sockets / f"{name}.notify")
             os.chmod(notify.path, 0o777)
             log = (tmp_path / f"{name}.log").open("wb")
-            p = subprocess.Popen([shutil.which("runuser") or "runuser", "-u", "carwash", "--", "/usr/bin/carwash-gateway", name],
+            p = subprocess.Popen([shutil.which("runuser") or "runuser", "-u", "carwash", "--",
+                                  "/usr/bin/carwash-gateway", name],
                                  env={"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": notify.path}, stdout=log,
                                  stderr=subprocess.STDOUT, cwd="/")
             log.close()

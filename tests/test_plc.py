@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -192,7 +193,7 @@ async def test_rs485_direction_pin_brackets_every_frame(tmp_path: Path) -> None:
         await col.wait(lambda r: r.status is not None and r.status.ack_seq == 21)
         pin = Device.pin_factory.pin(22)
         states = [s.state for s in pin.states]
-        highs = sum(1 for before, after in zip(states, states[1:]) if not before and after)
+        highs = sum(1 for before, after in pairwise(states) if not before and after)
         assert highs >= 6  # one rise per request written (5 polls and a write at least)
         assert pin.state == 0  # low between frames: the PLC's answers were not talked over
     finally:

@@ -88,7 +88,8 @@ def test_first_firmware_image_survives_a_power_cut(tmp_path: Path) -> None:
     try:
         gw.start("core")
         gw.start("web")
-        status, doc = chaos._http(base, "POST", "/api/v1/auth/login", {"username": DEMO_USER[0], "password": DEMO_USER[1]})
+        status, doc = chaos._http(base, "POST", "/api/v1/auth/login",
+                                  {"username": DEMO_USER[0], "password": DEMO_USER[1]})
         assert status == 200, doc
         req = urllib.request.Request(f"{base}/api/v1/firmware?version=1.2.3", data=image, method="POST", headers={
             "Content-Type": "application/octet-stream", "Authorization": f"Bearer {doc['data']['token']}"})

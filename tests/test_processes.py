@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,9 @@ def test_core_sigint_and_mqtt_connection_with_mosquitto_clients(site: Site, core
                password=site.secrets.mqtt_internal_password) as gw:
         gw.connect()
         gw.publish("device/dev-1/command", b'{"command":"PING"}', retain=True)
-        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(site.mqtt_port), "-t", "device/dev-1/command",
-                              "-C", "1", "-W", "10"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(site.mqtt_port),
+                              "-t", "device/dev-1/command", "-C", "1", "-W", "10"],
+                             capture_output=True, text=True, timeout=20)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == {"command": "PING"}
         # Anonymous publish to wash/x/cmd is refused by the ACL without a PUBACK (the connection is
@@ -190,7 +192,7 @@ def test_watchdog_pings_stop_while_the_loop_is_blocked(site: Site) -> None:
         before = len([1 for _, m in proc.notify.messages if "WATCHDOG=1" in m.splitlines()])
         proc.notify.wait_for("WATCHDOG=1", 5, count=before + 2)  # pings resume after the block
         pings = [at for at, m in proc.notify.messages if "WATCHDOG=1" in m.splitlines()]
-        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        gaps = [b - a for a, b in pairwise(pings)]
         assert max(gaps) >= 1.9, gaps  # no ping while the loop was blocked for 2 s
         assert sorted(gaps)[len(gaps) // 2] < 0.5  # otherwise every 0.2 s (half of WATCHDOG_USEC)
     finally:

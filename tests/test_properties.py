@@ -8,8 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from gateway.commands.tracker import parse_ack
 from gateway.config import Config, ConfigError, load_config

@@ -71,7 +71,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         assert core.stop() == 0, core.log()[-3000:]
 
 
-def raw_http(port: int, head: str, body: bytes = b"", chunks: list[bytes] | None = None) -> tuple[int, dict[str, str], bytes]:
+def raw_http(port: int, head: str, body: bytes = b"",
+             chunks: list[bytes] | None = None) -> tuple[int, dict[str, str], bytes]:
     """Send exactly `head` (request line and headers, CRLF-separated, without the blank line) and
     the body; return status, headers (lower-case names) and body of the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=15) as s:

@@ -224,7 +224,7 @@ def test_migration_4_shortens_dedup_keys_and_re_uploads_still_match(db: SqliteDa
     dev, items = log_upload(body)
     # Version 3 stored the whole digest, whose first 16 digits are today's key.
     old_keys = [_full_digest(it, dev) for it in items]
-    for it, key in zip(items[:2], old_keys):
+    for it, key in zip(items[:2], old_keys, strict=False):
         db.execute_sql(
             'INSERT INTO "event_log_item" ("device_id","dedup_key","type","status","timestamp_ms","total_amount",'
             '"amount_mismatch","received_at") VALUES (?,?,?,?,?,?,0,?)',

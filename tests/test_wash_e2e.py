@@ -178,9 +178,11 @@ async def test_full_wash_rest_to_plc_and_back_to_every_listener(tmp_path: Path, 
             assert done["progress"] == 100 and done["requestId"] == "uuid-1" and done["course"] == "BASIC"
             assert done["sessionId"].endswith("-bay1-001")
             # The same changes reached Socket.IO and SSE.
-            sio_seen = await asyncio.to_thread(sio.wait_for, lambda s: s.get("bayId") == "bay1" and s["state"] == "DONE")
+            sio_seen = await asyncio.to_thread(sio.wait_for,
+                                               lambda s: s.get("bayId") == "bay1" and s["state"] == "DONE")
             assert {"STARTING", "DONE"} <= {s["state"] for s in sio_seen if s.get("bayId") == "bay1"}
-            sse_seen = await asyncio.to_thread(sse.wait_for, lambda s: s.get("bayId") == "bay1" and s["state"] == "DONE")
+            sse_seen = await asyncio.to_thread(sse.wait_for,
+                                               lambda s: s.get("bayId") == "bay1" and s["state"] == "DONE")
             assert all(ev == "wash:status" for ev, _, _ in sse_seen)
             # History and stats.
             code, hist = await asyncio.to_thread(http_json, ws.url + "/api/wash/history?limit=5")
@@ -244,7 +246,8 @@ async def test_faults_error_code_start_timeout_bad_registers(tmp_path: Path, kin
             ws.rtu.set_error("bay2", 0)
             assert ws.rtu.status("bay2")["state"] == "ERROR"
             await asyncio.to_thread(p.publish, "wash/bay2/cmd", json.dumps({"bayId": "bay2", "action": "RESET"}))
-            seen = await asyncio.to_thread(status_of, p, "bay2", lambda s: s["state"] == "IDLE" and s["errorCode"] is None)
+            seen = await asyncio.to_thread(status_of, p, "bay2",
+                                           lambda s: s["state"] == "IDLE" and s["errorCode"] is None)
             assert all(s["state"] in ("ERROR", "IDLE") for s in seen), seen
             # Out-of-range registers: the bay keeps its last valid state (they count as failed polls).
             ws.rtu.set_raw("bay2", 10, 9)  # state 9

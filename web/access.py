@@ -112,7 +112,7 @@ def remove_account(username: str) -> Any:
 
 
 @bp.get("/mqtt-accounts")
-@doc("Technician page: MQTT accounts of the wash backend and dashboards", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: MQTT accounts of the wash backend and dashboards", **PAGE_SESSION)
 @page
 def accounts_page(user: str) -> Response:
     return render("mqtt_accounts.html", user, accounts=mqtt_accounts.listing(require_db()), roles=ROLES,

@@ -8,10 +8,9 @@ from flask_socketio import SocketIO
 from gateway.config import Config, Secrets
 from gateway.ratelimit import RateLimiter, retry_after
 from web import access, auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
-from web.cors import OriginPolicy
 from web.context import WebContext, ctx
+from web.cors import OriginPolicy
 from web.errors import ApiError
-
 
 # Routes that answer while the schema is not current (health must always answer).
 UNGATED = ("/api/health", "/api/openapi.json", "/static/app.js", "/static/style.css")
@@ -40,8 +39,8 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
             # Refuse before reading a byte of the body.
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body larger than {limit} bytes")
         if request.path not in UNGATED and not ctx(app).schema_current():
-            raise ApiError(503, "SERVICE_UNAVAILABLE", "database schema is not current; the core is starting or upgrading",
-                           {"Retry-After": "5"})
+            raise ApiError(503, "SERVICE_UNAVAILABLE",
+                           "database schema is not current; the core is starting or upgrading", {"Retry-After": "5"})
 
     limiter = RateLimiter(config.web.device_rate_per_sec, config.web.device_rate_burst, config.web.rate_limit_exempt)
     app.extensions["carwash.ratelimit"] = limiter

@@ -51,7 +51,8 @@ def verify_login(username: str, password: str) -> bool:
     failures: RateLimiter = current_app.extensions["carwash.login_failures"]
     wait = failures.peek(request.remote_addr)
     if wait:
-        raise ApiError(429, "RATE_LIMITED", "too many failed logins from this address", {"Retry-After": retry_after(wait)})
+        raise ApiError(429, "RATE_LIMITED", "too many failed logins from this address",
+                       {"Retry-After": retry_after(wait)})
     db = ctx().db
     if db is not None and users.verify(db, username, password):
         return True
@@ -62,7 +63,7 @@ def verify_login(username: str, password: str) -> bool:
 def issue_token(username: str) -> tuple[str, dt.datetime]:
     """A token for `username` (whose password was just checked), bound to its current version."""
     c = ctx()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     exp = now + dt.timedelta(minutes=c.config.web.jwt_ttl_minutes)
     version = users.token_version(c.db, username) if c.db is not None else None
     claims = {"sub": username, "iat": now, "exp": exp, "iss": ISSUER, "site": c.config.site.id, "ver": version or 0}

@@ -17,13 +17,13 @@ from peewee import fn
 
 from gateway.clock import iso_z
 from gateway.commands.catalogue import catalogue
-from gateway.store.models import BulkOperation, Command, CommandResult, FirmwareImage, OperationEvent
+from gateway.store.models import BulkOperation, Command, CommandResult, FirmwareImage, OperationEvent, tuple_rows
 from web.auth import require_technician
 from web.body import SQLITE_MAX_INT, read_json
 from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.firmware import download_url
-from web.openapi import doc
+from web.openapi import DocOptions, doc
 
 bp = Blueprint("commands", __name__)
 
@@ -56,15 +56,16 @@ COMMAND_ERRORS = (400, 401, 404, 409, 415, 503)
 
 
 def _send(command: str, payload: dict[str, Any], device_ids: Any, *, bulk: bool) -> dict[str, Any]:
-    return ask_core("commands.send",  # type: ignore[no-any-return]
-                    {"command": command, "payload": payload, "device_ids": device_ids, "bulk": bulk,
-                     "source": "web"})
+    reply: dict[str, Any] = ask_core("commands.send", {"command": command, "payload": payload,
+                                                       "device_ids": device_ids, "bulk": bulk, "source": "web"})
+    return reply
 
 
 def _payload(body: dict[str, Any]) -> dict[str, Any]:
-    payload = body.get("payload", {})
-    if not isinstance(payload, dict):
+    raw = body.get("payload", {})
+    if not isinstance(raw, dict):
         raise ApiError(400, "VALIDATION_FAILED", "payload must be an object")
+    payload: dict[str, Any] = raw
     if body.get("command") == "UPDATE_FIRMWARE" and "firmware_id" in payload:
         payload = _firmware_payload(payload)
     return payload
@@ -147,7 +148,7 @@ def result_counts(command_ids: list[str]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     q = (CommandResult.select(CommandResult.command, CommandResult.status, fn.COUNT(CommandResult.device).alias("n"))
          .where(CommandResult.command.in_(command_ids)).group_by(CommandResult.command, CommandResult.status))
-    for row in q.tuples():
+    for row in tuple_rows(q):
         out.setdefault(row[0], {})[row[1]] = row[2]
     return out
 
@@ -215,9 +216,10 @@ def _stream(command_id: str) -> Response:
             yield "retry: 2000\n\n"
             while True:
                 wake.clear()  # before reading: an announcement during the read wakes the next wait
-                rows = list(OperationEvent.select(OperationEvent.id, OperationEvent.event, OperationEvent.data)
-                            .where((OperationEvent.stream == command_id) & (OperationEvent.id > last))
-                            .order_by(OperationEvent.id).limit(REPLAY_PAGE).tuples())
+                q = (OperationEvent.select(OperationEvent.id, OperationEvent.event, OperationEvent.data)
+                     .where((OperationEvent.stream == command_id) & (OperationEvent.id > last))
+                     .order_by(OperationEvent.id).limit(REPLAY_PAGE))
+                rows = list(tuple_rows(q))
                 for ev_id, name, data in rows:
                     yield f"id: {ev_id}\nevent: {name}\ndata: {data}\n\n"
                     last = ev_id
@@ -234,14 +236,14 @@ def _stream(command_id: str) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-SSE_DOC = dict(tags=("commands",), response={"type": "string"}, content_type="text/event-stream",
-               errors=(400, 401, 404), security="bearer",
-               params={"access_token": {"type": "string"}, "lastEventId": {"type": "integer"}})
+SSE_DOC: DocOptions = {"tags": ("commands",), "response": {"type": "string"}, "content_type": "text/event-stream",
+                       "errors": (400, 401, 404), "security": "bearer",
+                       "params": {"access_token": {"type": "string"}, "lastEventId": {"type": "integer"}}}
 
 
 @bp.get("/api/v1/devices/command-events/<command_id>")
 @doc("SSE of one command: every stored event first (or after Last-Event-ID), then live ones; closes after "
-     "`results`", **SSE_DOC)  # type: ignore[arg-type]
+     "`results`", **SSE_DOC)
 def command_events(command_id: str) -> Response:
     require_technician(allow_query=True)
     if not Command.select().where(Command.command_id == command_id).exists():
@@ -250,13 +252,13 @@ def command_events(command_id: str) -> Response:
 
 
 @bp.get("/api/v1/devices/events/<command_id>")
-@doc("SSE of one command (the seed's second path for command-events)", **SSE_DOC)  # type: ignore[arg-type]
+@doc("SSE of one command (the seed's second path for command-events)", **SSE_DOC)
 def events(command_id: str) -> Response:
     return command_events(command_id)
 
 
 @bp.get("/api/v1/devices/bulk-events/<setup_id>")
-@doc("SSE of a bulk operation (its command's events)", **SSE_DOC)  # type: ignore[arg-type]
+@doc("SSE of a bulk operation (its command's events)", **SSE_DOC)
 def bulk_events(setup_id: str) -> Response:
     require_technician(allow_query=True)
     if not BulkOperation.select().where(BulkOperation.setup_id == setup_id).exists():

@@ -125,7 +125,8 @@ def _status(notifier: Notifier, text: str) -> None:
 
 
 def ctx(app: Flask | None = None) -> WebContext:
-    return (app or current_app).extensions["carwash"]  # type: ignore[no-any-return]
+    context: WebContext = (app or current_app).extensions["carwash"]
+    return context
 
 
 def require_db() -> SqliteDatabase:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from flask import Flask
 
@@ -29,6 +29,21 @@ ENVELOPE_ERROR = {
         "path": {"type": "string"},
     },
 }
+
+
+class DocOptions(TypedDict, total=False):
+    """Keyword arguments of `doc` that several views share (`@doc("...", **PAGE)`)."""
+
+    tags: tuple[str, ...]
+    request: dict[str, Any] | None
+    response: dict[str, Any] | None
+    status: int
+    errors: tuple[int, ...]
+    security: str | None
+    params: dict[str, dict[str, Any]] | None
+    required_params: tuple[str, ...]
+    content_type: str
+    request_content_type: str
 
 
 def doc(
@@ -148,7 +163,8 @@ def _operation(meta: dict[str, Any], path_params: dict[str, dict[str, Any]]) -> 
     if meta["response"] is not None:
         ok["content"] = {meta["content_type"]: {"schema": meta["response"]}}
     responses: dict[str, Any] = {str(meta["status"]): ok}
-    err_ref = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    err_ref = {"description": "error",
+               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     for code in sorted({*meta["errors"], 500}):
         responses[str(code)] = err_ref
     op["responses"] = responses

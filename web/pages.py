@@ -34,24 +34,34 @@ from gateway.store.models import (
     Payment,
     WashSession,
 )
-from web.auth import CSRF_COOKIE, TOKEN_COOKIE, TokenRefused, account_of, csrf_ok, end_sessions, issue_token, verify_login
+from web.auth import (
+    CSRF_COOKIE,
+    TOKEN_COOKIE,
+    TokenRefused,
+    account_of,
+    csrf_ok,
+    end_sessions,
+    issue_token,
+    verify_login,
+)
 from web.commands import result_counts
 from web.context import ctx
 from web.errors import ApiError
-from web.openapi import doc
+from web.openapi import DocOptions, doc
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 
 LANGS = ("th", "en")
-PAGE = dict(tags=("pages",), response={"type": "string"}, content_type="text/html")
-PAGE_SESSION = dict(PAGE, security="session")  # without a valid session: 302 to /login
+PAGE: DocOptions = {"tags": ("pages",), "response": {"type": "string"}, "content_type": "text/html"}
+PAGE_SESSION: DocOptions = {**PAGE, "security": "session"}  # without a valid session: 302 to /login
 BANKNOTES = (20, 50, 100, 500, 1000)
 COINS = (1, 2, 5, 10)
 
 
 @functools.cache
 def _texts() -> dict[str, dict[str, str]]:
-    return json.loads(resources.files("web").joinpath("static/i18n.json").read_text())  # type: ignore[no-any-return]
+    texts: dict[str, dict[str, str]] = json.loads(resources.files("web").joinpath("static/i18n.json").read_text())
+    return texts
 
 
 def lang() -> str:
@@ -105,14 +115,14 @@ def render(template: str, user: str | None, **values: Any) -> Response:
 
 
 @bp.get("/login")
-@doc("Technician page: the login form", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: the login form", **PAGE)
 def login_form() -> Response:
     return render("login.html", None, why=request.args.get("why", ""), next=request.args.get("next", "/"),
                   csrf=request.cookies.get(CSRF_COOKIE, ""))
 
 
 @bp.post("/login")
-@doc("Technician page: log in (form post with the CSRF token); sets the session cookies", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: log in (form post with the CSRF token); sets the session cookies", **PAGE)
 def login_post() -> Any:
     form = request.form
     cookie = request.cookies.get(CSRF_COOKIE, "")
@@ -131,12 +141,12 @@ def login_post() -> Any:
     target = form.get("next", "/")
     resp = make_response(redirect(target if target.startswith("/") and not target.startswith("//") else "/"))
     resp.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict",
-                    max_age=int((exp - dt.datetime.now(dt.timezone.utc)).total_seconds()))
+                    max_age=int((exp - dt.datetime.now(dt.UTC)).total_seconds()))
     return resp
 
 
 @bp.post("/logout")
-@doc("Technician page: log out (form post with the CSRF token)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: log out (form post with the CSRF token)", **PAGE)
 def logout() -> Any:
     resp = make_response(redirect(url_for("pages.login_form")))
     if csrf_ok():
@@ -149,13 +159,13 @@ def logout() -> Any:
 
 
 @bp.get("/recover")
-@doc("Technician page: set a password with the one-time code of the service button (10 s press)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: set a password with the one-time code of the service button (10 s press)", **PAGE)
 def recover_form() -> Response:
     return render("recover.html", None, done=False, error="", csrf=request.cookies.get(CSRF_COOKIE, ""))
 
 
 @bp.post("/recover")
-@doc("Technician page: redeem the one-time recovery code (decided by the core)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: redeem the one-time recovery code (decided by the core)", **PAGE)
 def recover_post() -> Any:
     from web.context import ask_core
 
@@ -172,7 +182,7 @@ def recover_post() -> Any:
 
 
 @bp.get("/lang/<code>")
-@doc("Technician page: switch the language (th, en)", **PAGE)  # type: ignore[arg-type]
+@doc("Technician page: switch the language (th, en)", **PAGE)
 def set_lang(code: str) -> Any:
     back = request.args.get("next", "/")
     resp = make_response(redirect(back if back.startswith("/") and not back.startswith("//") else "/"))
@@ -205,15 +215,16 @@ def _profile_courses(extra_profiles: tuple[str, ...], bay_profiles: tuple[str, .
 
 
 @bp.get("/")
-@doc("Technician page: the site at a glance (bays live, gateway health)", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: the site at a glance (bays live, gateway health)", **PAGE_SESSION)
 @page
 def overview(user: str) -> Response:
     from web.meta import health_report
     from web.wash import _statuses
 
     names = {b.id: b.name or b.id for b in ctx().config.bays}
+    bus = ctx().bus
     return render("overview.html", user, bays=list(_statuses().values()), names=names, health=health_report(),
-                  courses=_courses(), uplink=(ctx().bus.health or {}).get("uplink") if ctx().bus else None)
+                  courses=_courses(), uplink=(bus.health or {}).get("uplink") if bus else None)
 
 
 def _device_rows() -> list[dict[str, Any]]:
@@ -228,7 +239,7 @@ def _device_rows() -> list[dict[str, Any]]:
 
 
 @bp.get("/devices")
-@doc("Technician page: devices, pending devices with their PIN, the pairing window", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: devices, pending devices with their PIN, the pairing window", **PAGE_SESSION)
 @page
 def devices(user: str) -> Response:
     return render("devices.html", user, devices=_device_rows(), pairing=ctx().pairing,
@@ -279,7 +290,7 @@ def config_form(schema_doc: dict[str, Any], values: Any, prefix: str = "configs"
 
 
 @bp.get("/devices/<device_id>")
-@doc("Technician page: one device, its reported configs and the config form of its type", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: one device, its reported configs and the config form of its type", **PAGE_SESSION)
 @page
 def device_page(user: str, device_id: str) -> Any:
     d = Device.get_or_none(Device.device_id == device_id)
@@ -299,7 +310,7 @@ def device_page(user: str, device_id: str) -> Any:
 
 
 @bp.get("/bulk")
-@doc("Technician page: select devices and apply a config, restart, reset or update firmware, live", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: select devices and apply a config, restart, reset or update firmware, live", **PAGE_SESSION)
 @page
 def bulk(user: str) -> Response:
     forms = {}
@@ -313,7 +324,7 @@ def bulk(user: str) -> Response:
 
 
 @bp.get("/commands")
-@doc("Technician page: command history with outcomes", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: command history with outcomes", **PAGE_SESSION)
 @page
 def commands(user: str) -> Response:
     rows = list(Command.select().order_by(Command.created_at.desc()).limit(100))
@@ -338,7 +349,7 @@ def bar_chart(series: dict[str, dict[str, float]], keys: list[str], labels: dict
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height + 40}" role="img" aria-label="{escape(title)}">',
              f'<text x="{pad}" y="16" class="chart-title">{escape(title)}</text>']
     for i, k in enumerate(keys):
-        y = height
+        y: float = height
         for s in series:
             v = series[s].get(k, 0)
             h = (height - pad) * v / top
@@ -360,7 +371,7 @@ def bar_chart(series: dict[str, dict[str, float]], keys: list[str], labels: dict
 
 
 @bp.get("/money")
-@doc("Technician page: cash and QR per device and day, payments, sessions, and their plots", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: cash and QR per device and day, payments, sessions, and their plots", **PAGE_SESSION)
 @page
 def money(user: str) -> Response:
     zone = zoneinfo.ZoneInfo(ctx().config.site.timezone)
@@ -390,7 +401,7 @@ def money(user: str) -> Response:
     hours = [f"{h:02d}" for h in range(24)]
     per_bay: dict[str, dict[str, float]] = {}
     for s in WashSession.select().where(WashSession.start_time >= utc_now() - dt.timedelta(days=1)):
-        local = s.start_time.replace(tzinfo=dt.timezone.utc).astimezone(zone)
+        local = s.start_time.replace(tzinfo=dt.UTC).astimezone(zone)
         if local.date() == today:
             per_bay.setdefault(s.bay_id, {})[f"{local.hour:02d}"] = per_bay.get(s.bay_id, {}).get(
                 f"{local.hour:02d}", 0) + 1
@@ -399,8 +410,11 @@ def money(user: str) -> Response:
                                t("sessions_per_hour"))
     errors: dict[str, dict[str, float]] = {}
     for s in WashSession.select().where((WashSession.start_time >= since) & WashSession.error_code.is_null(False)):
-        day = s.start_time.replace(tzinfo=dt.timezone.utc).astimezone(zone).strftime("%Y-%m-%d")
-        errors.setdefault(s.error_code, {})[day] = errors.get(s.error_code, {}).get(day, 0) + 1
+        day = s.start_time.replace(tzinfo=dt.UTC).astimezone(zone).strftime("%Y-%m-%d")
+        code = s.error_code
+        if code is None:  # the query leaves NULL out; this tells the type checker
+            continue
+        errors.setdefault(code, {})[day] = errors.get(code, {}).get(day, 0) + 1
     error_days = [(today - dt.timedelta(days=i)).strftime("%Y-%m-%d") for i in range(13, -1, -1)]
     errors_chart = bar_chart(errors, error_days, {}, {c: palette[i % len(palette)] for i, c in enumerate(errors)},
                              t("errors_per_day"))
@@ -413,7 +427,7 @@ def money(user: str) -> Response:
 
 
 @bp.get("/firmware-store")
-@doc("Technician page: upload, list and delete firmware images", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: upload, list and delete firmware images", **PAGE_SESSION)
 @page
 def firmware_page(user: str) -> Response:
     return render("firmware.html", user, images=list(FirmwareImage.select().order_by(FirmwareImage.id.desc())),
@@ -421,10 +435,11 @@ def firmware_page(user: str) -> Response:
 
 
 @bp.get("/cloud")
-@doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: the cloud link, the outbox backlog and the events the cloud refused", **PAGE_SESSION)
 @page
 def cloud(user: str) -> Response:
-    health = (ctx().bus.health or {}) if ctx().bus else {}
+    bus = ctx().bus
+    health = (bus.health or {}) if bus else {}
     dead = list(OutboxEvent.select().where(state_is("dead")).order_by(OutboxEvent.seq.desc()).limit(100))
     # The drainer's own figure (delivered events are marked sent up to outbox.mark_sent_delay_sec
     # later, so the database still counts them); the database's when the core is silent.
@@ -434,7 +449,7 @@ def cloud(user: str) -> Response:
 
 
 @bp.get("/diagnostics")
-@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE_SESSION)  # type: ignore[arg-type]
+@doc("Technician page: PLC bus diagnostics (poll counts, errors, latency per bay)", **PAGE_SESSION)
 @page
 def diagnostics(user: str) -> Response:
     from web.context import ask_core

@@ -136,7 +136,8 @@ def _tell_core(method: str, charge_id: str) -> dict[str, Any] | None:
     if bus is None:
         return None
     try:
-        return bus.call(method, {"charge_id": charge_id}, timeout=REFRESH_TIMEOUT_SEC)  # type: ignore[no-any-return]
+        reply: dict[str, Any] = bus.call(method, {"charge_id": charge_id}, timeout=REFRESH_TIMEOUT_SEC)
+        return reply
     except (BusUnavailable, RpcTimeout, RpcError):
         return None  # the core rescans the store; the store's answer stands
 

@@ -13,12 +13,12 @@ import datetime as dt
 import json
 import queue
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from gateway.clock import iso_z
-from gateway.store.models import Bay, BayReset, WashSession
+from gateway.store.models import Bay, BayReset, WashSession, tuple_rows
 from web.auth import require_technician
 from web.body import read_json
 from web.context import ask_core, ctx
@@ -29,7 +29,7 @@ bp = Blueprint("wash", __name__)
 
 SSE_KEEPALIVE_SEC = 15.0
 
-STATUS = {
+STATUS: dict[str, Any] = {
     "type": "object",
     "properties": {
         "bayId": {"type": "string"}, "sessionId": {"type": ["string", "null"]},
@@ -99,7 +99,17 @@ def _authorize_write() -> None:
         require_technician()
 
 
+@overload
+def _str_field(body: dict[str, Any], name: str, *, required: Literal[True], max_len: int = 128) -> str: ...
+
+
+@overload
+def _str_field(body: dict[str, Any], name: str, *, required: bool, max_len: int = 128) -> str | None: ...
+
+
 def _str_field(body: dict[str, Any], name: str, *, required: bool, max_len: int = 128) -> str | None:
+    """The string field `name`: None when absent and not required; 400 VALIDATION_FAILED otherwise
+    unless a non-empty string of at most `max_len` characters."""
     v = body.get(name)
     if v is None and not required:
         return None
@@ -129,7 +139,7 @@ def start() -> Any:
     bay_id = _str_field(body, "bayId", required=True)
     course = _str_field(body, "course", required=True)
     request_id = _str_field(body, "requestId", required=False)
-    _known_bay(bay_id)  # type: ignore[arg-type]
+    _known_bay(bay_id)
     r = ask_core("wash.command", {"bayId": bay_id, "action": "START", "course": course, "requestId": request_id})
     out: dict[str, Any] = {"success": True, "bayId": bay_id, "course": r.get("course") or course,
                            "requestId": r["requestId"]}
@@ -145,7 +155,7 @@ def stop() -> Any:
     _authorize_write()
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
-    _known_bay(bay_id)  # type: ignore[arg-type]
+    _known_bay(bay_id)
     r = ask_core("wash.command", {"bayId": bay_id, "action": "STOP"})
     return jsonify({"success": True, "bayId": bay_id, "requestId": r["requestId"]})
 
@@ -158,7 +168,7 @@ def reset() -> Any:
     username = require_technician()
     body = read_json()
     bay_id = _str_field(body, "bayId", required=True)
-    _known_bay(bay_id)  # type: ignore[arg-type]
+    _known_bay(bay_id)
     r = ask_core("wash.command", {"bayId": bay_id, "action": "RESET", "by": f"technician:{username}"})
     out: dict[str, Any] = {"success": True, "bayId": bay_id, "requestId": r["requestId"]}
     if r.get("idempotent"):
@@ -218,7 +228,7 @@ def _parse_time(name: str) -> dt.datetime | None:
         if t.tzinfo is not None:
             # OverflowError: a time at either end of the calendar has no UTC equivalent
             # ("0001-01-01T00:00:00+01:00"), which was a 500.
-            t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            t = t.astimezone(dt.UTC).replace(tzinfo=None)
     except (ValueError, OverflowError):
         raise ApiError(400, "VALIDATION_FAILED", f"{name} must be an ISO 8601 date-time") from None
     return t
@@ -256,8 +266,8 @@ def history() -> Any:
 @doc("Counts and average durations of finished sessions", tags=("wash",), response={"type": "object"},
      params=RANGE_PARAMS, errors=(400,))
 def stats() -> Any:
-    rows = list(_finished_between().select(WashSession.bay, WashSession.state, WashSession.error_code,
-                                           WashSession.start_time, WashSession.end_time).tuples())
+    rows = list(tuple_rows(_finished_between().select(WashSession.bay, WashSession.state, WashSession.error_code,
+                                                      WashSession.start_time, WashSession.end_time)))
     total = len(rows)
     completed = [r for r in rows if r[1] == "DONE"]
     per_bay: dict[str, list[float]] = {}

@@ -269,7 +269,7 @@ class GatewayBusPlugin(BasePlugin[BaseContext]):
             await self.subscribed()
 
 
-class _Subscriptions(dict):  # type: ignore[type-arg]
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
     """amqtt builds `repr(self._subscriptions)` for a DEBUG line after every SUBSCRIBE (even with
     DEBUG off): with one filter per device, a connection storm was quadratic in sessions."""
 
@@ -306,7 +306,7 @@ class GatewayBroker(Broker):
         self._session_filters: dict[str, set[str]] = {}  # client id -> the filters it holds
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        code = await super().add_subscription(subscription, session)
+        code: int = await super().add_subscription(subscription, session)
         if any(s.client_id == session.client_id for s, _ in self._subscriptions.get(subscription[0], ())):
             self._session_filters.setdefault(session.client_id, set()).add(subscription[0])
             if "+" in subscription[0] or "#" in subscription[0]:
@@ -317,7 +317,8 @@ class GatewayBroker(Broker):
         held = self._session_filters.get(session.client_id)
         if held is not None:
             held.discard(a_filter)
-        return super()._del_subscription(a_filter, session)  # type: ignore[no-any-return]
+        code: int = super()._del_subscription(a_filter, session)
+        return code
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         """amqtt's version scans every filter of every session at each disconnect; this one only the
@@ -487,12 +488,14 @@ class _GuardedReader(StreamReaderAdapter):
 
     async def read(self, n: int = -1) -> bytes:
         if n > self.max_bytes:
-            self._guard.refusals.drop("packet_size", "connection", f"{self._peer}: a packet of more than {n} "
-                                      f"bytes, above the limit of {self.max_bytes}; connection closed, the address cools down")
+            self._guard.refusals.drop("packet_size", "connection",
+                                      f"{self._peer}: a packet of more than {n} bytes, above the limit of "
+                                      f"{self.max_bytes}; connection closed, the address cools down")
             # No device sends such packets: whoever does would otherwise reconnect and try again at once.
             self._guard.cool_down(self._peer[0] if self._peer else None)
             raise PacketTooLarge(f"packet above {self.max_bytes} bytes")
-        return await super().read(n)
+        data: bytes = await super().read(n)
+        return data
 
 
 @dataclass(frozen=True)

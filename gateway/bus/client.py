@@ -15,8 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -165,4 +164,5 @@ class BusClient:
             fut.set_result(reply.get("result"))
         else:
             err = reply.get("error") or {}
-            fut.set_exception(RpcError(str(err.get("code", "INTERNAL_ERROR")), str(err.get("message", "")), int(err.get("status", 500))))
+            fut.set_exception(RpcError(str(err.get("code", "INTERNAL_ERROR")), str(err.get("message", "")),
+                                       int(err.get("status", 500))))

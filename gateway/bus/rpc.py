@@ -94,7 +94,8 @@ class RpcServer:
         reply: dict[str, Any]
         after: Callable[[], None] | None = None
         if handler is None:
-            reply = {"id": req_id, "ok": False, "error": RpcError("NOT_FOUND", f"no rpc method {method}", 404).to_wire()}
+            reply = {"id": req_id, "ok": False,
+                     "error": RpcError("NOT_FOUND", f"no rpc method {method}", 404).to_wire()}
         else:
             try:
                 result = await handler(params)
@@ -105,7 +106,8 @@ class RpcServer:
                 reply = {"id": req_id, "ok": False, "error": exc.to_wire()}
             except Exception:
                 log.exception("rpc: method %s failed", method)
-                reply = {"id": req_id, "ok": False, "error": RpcError("INTERNAL_ERROR", "internal error", 500).to_wire()}
+                reply = {"id": req_id, "ok": False,
+                         "error": RpcError("INTERNAL_ERROR", "internal error", 500).to_wire()}
         await self._bus.publish(reply_to, json.dumps(reply).encode(), qos=1)
         if after is not None:
             after()

@@ -158,7 +158,7 @@ class CommandStore:
             unsent, deadline = [], None
             # rowid order is the order the devices were given in
             for row in CommandResult.select().where(CommandResult.command == c.command_id).order_by(SQL("rowid")):
-                r = DeviceResult(row.status, row.error, int(row.updated_at.replace(tzinfo=dt.timezone.utc)
+                r = DeviceResult(row.status, row.error, int(row.updated_at.replace(tzinfo=dt.UTC)
                                                             .timestamp() * 1000),
                                  json.loads(row.progress) if row.progress else None)
                 t.results[row.device_id] = r

@@ -40,8 +40,8 @@ from gateway.commands import catalogue
 from gateway.commands.persist import CommandStore, StoredEvent
 from gateway.commands.tracker import DeviceResult, Tracked, Tracker, Update, parse_ack
 from gateway.config import Config, Secrets
-from gateway.devices.validate import DEVICE_ID_RE, Invalid
 from gateway.devices.badmessages import BadMessages
+from gateway.devices.validate import DEVICE_ID_RE, Invalid
 from gateway.droplog import Drops
 from gateway.signing import SignatureError, parse_signed_mqtt, sign_mqtt
 

@@ -187,7 +187,8 @@ class CoreApp:
             elapsed = time.monotonic() - t0
             self.notifier.ready(f"running: MQTT on {cfg.mqtt.bind}:{cfg.mqtt.port}")
             self.ready.set()
-            log.info("core ready in %.0f ms (MQTT %s:%d, site %s)", elapsed * 1000, cfg.mqtt.bind, cfg.mqtt.port, cfg.site.id)
+            log.info("core ready in %.0f ms (MQTT %s:%d, site %s)",
+                     elapsed * 1000, cfg.mqtt.bind, cfg.mqtt.port, cfg.site.id)
             stop_wait = asyncio.create_task(stop.wait(), name="stop-wait")
             done, _ = await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             self.notifier.stopping()
@@ -197,8 +198,9 @@ class CoreApp:
             _, pending = await asyncio.wait({task, stop_wait}, timeout=SHUTDOWN_BUDGET / 2)
             if pending:
                 _log_stuck("services did not stop")
-            if task in done and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            failure = task.exception() if task in done else None
+            if failure is not None:
+                raise failure
         finally:
             await self._shutdown()
 
@@ -223,7 +225,7 @@ class CoreApp:
         if self.bus is not None:
             try:
                 await asyncio.wait_for(self.bus.stop(), SHUTDOWN_BUDGET)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
         if self.db is not None:
             self.db.close()

@@ -31,8 +31,8 @@ from peewee import SqliteDatabase
 from gateway.bus.broker import LocalBus
 from gateway.clock import iso_z, utc_now
 from gateway.config import Config, Secrets
-from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
 from gateway.devices.badmessages import BadMessages
+from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
 from gateway.droplog import Drops
 from gateway.outbox import add_event
 from gateway.signing import SignatureError, parse_signed_mqtt
@@ -142,7 +142,8 @@ class PresenceService:
         if status is not None and status not in DEVICE_STATUSES:
             self._drop("invalid", topic, "status must be NORMAL, ERROR or OFFLINE")
             return
-        if uptime is not None and (isinstance(uptime, bool) or not isinstance(uptime, int) or not 0 <= uptime <= MAX_INT):
+        if uptime is not None and (isinstance(uptime, bool) or not isinstance(uptime, int)
+                                   or not 0 <= uptime <= MAX_INT):
             self._drop("invalid", topic, "uptime must be minutes")
             return
         if dev not in self.known:

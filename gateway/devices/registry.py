@@ -19,8 +19,7 @@ from gateway.clock import iso_z, utc_now
 from gateway.devices.validate import Lifecycle, LogItem, Registration, device_id_for, device_type
 from gateway.outbox import add_event
 from gateway.store import write_tx
-from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem
-
+from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem, tuple_rows
 
 # How stale a device's stored last_seen_at may be before an upload rewrites it (presence writes it
 # every minute for devices that stream).
@@ -110,10 +109,10 @@ def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_i
             raise DeviceNotFound(dev_id)
         # Two statements for the whole upload: which items are known already (through the unique
         # index on device, time and key), then the new rows.
-        known = {k for (k,) in EventLogItem.select(EventLogItem.dedup_key)
+        known = {k for (k,) in tuple_rows(EventLogItem.select(EventLogItem.dedup_key)
                  .where((EventLogItem.device == dev_id)
                         & EventLogItem.timestamp_ms.in_(sorted({it.timestamp_ms for _, it in keyed}))
-                        & EventLogItem.dedup_key.in_([k for k, _ in keyed])).tuples()}
+                        & EventLogItem.dedup_key.in_([k for k, _ in keyed])))}
         rows = []
         for key, it in keyed:
             if key in known:

@@ -55,7 +55,7 @@ class PaymentsClient:
             conn.request(method, full, body=body, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
-        except (OSError, http.client.HTTPException, socket.timeout) as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise CloudUnavailable(f"{type(exc).__name__}: {exc}") from None
         finally:
             conn.close()

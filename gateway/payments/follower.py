@@ -101,7 +101,7 @@ class PaymentFollower:
             local = dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=self.zone)
         except ValueError:
             return None
-        return local.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return local.astimezone(dt.UTC).replace(tzinfo=None)
 
     def _load(self) -> list[tuple[str, str, str, str | None]]:
         q = Payment.select(Payment.charge_id, Payment.device, Payment.status, Payment.expiry).where(

@@ -7,7 +7,6 @@ The web never migrates: it refuses to serve (503) until `schema_status()` says c
 
 from __future__ import annotations
 
-
 import logging
 from dataclasses import dataclass
 

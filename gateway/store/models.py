@@ -9,7 +9,11 @@ devices send them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 from peewee import (
+    BaseQuery,
     BigIntegerField,
     BooleanField,
     CompositeKey,
@@ -41,9 +45,18 @@ class TextOrBlobField(Field):
 
 
 class BaseModel(Model):
+    """A foreign key `x` stored in column `x_id` also gives its model an `x_id` attribute (Peewee's
+    accessor: the key without loading the row); the models declare it for the type checker."""
+
     class Meta:
         database = database_proxy
         legacy_table_names = False
+
+
+def tuple_rows(query: BaseQuery) -> Iterable[tuple[Any, ...]]:
+    """The rows of `query` as tuples (`query.tuples()`, which Peewee's stubs type as rows of the
+    query's model)."""
+    return cast("Iterable[tuple[Any, ...]]", query.tuples())
 
 
 class SchemaVersion(BaseModel):
@@ -81,6 +94,7 @@ class DeviceConfig(BaseModel):
 
     id = IntegerField(primary_key=True)
     device = ForeignKeyField(Device, column_name="device_id", backref="configs", on_delete="CASCADE")
+    device_id: str
     configs = JSONField()
     source = TextField()  # sync | startup | shutdown | apply
     reported_at = DateTimeField()
@@ -91,6 +105,7 @@ class DeviceLifecycleEvent(BaseModel):
 
     id = IntegerField(primary_key=True)
     device = ForeignKeyField(Device, column_name="device_id", backref="lifecycle", on_delete="CASCADE")
+    device_id: str
     kind = TextField()
     at = DateTimeField()
     detail = JSONField(null=True)
@@ -100,6 +115,7 @@ class DeviceStatusSample(BaseModel):
     """Downsampled rssi/status history (one row per device per bucket, bounded). owner: core."""
 
     device = ForeignKeyField(Device, column_name="device_id", on_delete="CASCADE")
+    device_id: str
     bucket = DateTimeField()
     rssi_min = IntegerField(null=True)
     rssi_max = IntegerField(null=True)
@@ -116,6 +132,7 @@ class EventLogItem(BaseModel):
 
     id = IntegerField(primary_key=True)
     device = ForeignKeyField(Device, column_name="device_id", on_delete="RESTRICT")
+    device_id: str
     dedup_key = TextField()  # unique with (device_id, timestamp_ms): migration 3
     type = TextField()
     status = TextField()
@@ -134,6 +151,7 @@ class Payment(BaseModel):
 
     charge_id = TextField(primary_key=True)
     device = ForeignKeyField(Device, column_name="device_id", on_delete="RESTRICT")
+    device_id: str
     amount_satang = BigIntegerField()
     payment_method = TextField()
     description = TextField(null=True)
@@ -167,6 +185,7 @@ class Command(BaseModel):
     require_ack = BooleanField()
     timeout_sec = FloatField()
     bulk = ForeignKeyField(BulkOperation, column_name="setup_id", null=True, on_delete="CASCADE")
+    setup_id: str | None
     created_at = DateTimeField()
     completed_at = DateTimeField(null=True)
     source = TextField()
@@ -176,7 +195,9 @@ class CommandResult(BaseModel):
     """One row per (command, device). owner: core."""
 
     command = ForeignKeyField(Command, column_name="command_id", backref="results", on_delete="CASCADE")
+    command_id: str
     device = ForeignKeyField(Device, column_name="device_id", on_delete="CASCADE")
+    device_id: str
     status = TextField()  # PENDING | SENT | PROGRESS | SUCCESS | FAILED | TIMEOUT | ERROR
     error = TextField(null=True)
     progress = JSONField(null=True)
@@ -230,6 +251,7 @@ class WashSession(BaseModel):
     id = IntegerField(primary_key=True)
     session_id = TextField(unique=True)
     bay = ForeignKeyField(Bay, column_name="bay_id", on_delete="RESTRICT")
+    bay_id: str
     local_day = TextField()  # YYYYMMDD in the site zone, for NNN
     seq = IntegerField()
     course = TextField(null=True)
@@ -245,6 +267,7 @@ class BayReset(BaseModel):
 
     id = IntegerField(primary_key=True)
     bay = ForeignKeyField(Bay, column_name="bay_id", on_delete="RESTRICT")
+    bay_id: str
     request_id = TextField()
     requested_by = TextField()  # "technician:NAME", "mqtt:ACCOUNT/CLIENT_ID", "cli:USER"
     error_code = TextField(null=True)  # the code shown when the reset was asked for
@@ -276,6 +299,7 @@ class OutboxPayload(BaseModel):
     owner: as OutboxEvent."""
 
     seq = ForeignKeyField(OutboxEvent, column_name="seq", primary_key=True, on_delete="CASCADE")
+    seq_id: int
     payload = TextOrBlobField()
 
 

@@ -159,7 +159,8 @@ class BayMachine:
             if course not in self.courses:
                 known = ", ".join(sorted(self.courses))
                 return Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", f"course must be one of {known}"), Effects()
-            if request_id is not None and request_id == self.last_request_id and (v.state in ACTIVE or v.request_id == request_id):
+            if (request_id is not None and request_id == self.last_request_id
+                    and (v.state in ACTIVE or v.request_id == request_id)):
                 return Decision(Verdict.IDEMPOTENT, 200, request_id=request_id), Effects()
             if v.state == "OFFLINE":
                 return Decision(Verdict.REJECTED, 503, "PLC_OFFLINE", f"{self.bay_id} is offline"), Effects()
@@ -198,7 +199,8 @@ class BayMachine:
             self.seq = self.seq % 65535 + 1
             self.pending = _Pending("RESET", self.seq, now + self.start_timeout, rid, by=by or "unknown",
                                     error_code=v.error_code, at=now)
-            return Decision(Verdict.ACCEPTED, 200, request_id=rid), Effects(writes=[Write("RESET_ERROR", None, self.seq)])
+            return (Decision(Verdict.ACCEPTED, 200, request_id=rid),
+                    Effects(writes=[Write("RESET_ERROR", None, self.seq)]))
         return Decision(Verdict.REJECTED, 400, "VALIDATION_FAILED", "action must be START, STOP or RESET"), Effects()
 
     # --- PLC ----------------------------------------------------------------------------------

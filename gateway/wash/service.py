@@ -89,7 +89,7 @@ _Persist = tuple[str, str, View, list[OpenSession | CloseSession]]
 
 
 def _dt(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
 
 
 def bus_settings(c: BusConfig) -> BusSettings:
@@ -130,7 +130,7 @@ class WashService:
             if row is not None:
                 view = View(state=row.state, progress=row.progress, course=row.course, error_code=row.error_code,
                             session_id=row.session_id, request_id=row.request_id,
-                            changed_at=row.updated_at.replace(tzinfo=dt.timezone.utc).timestamp(),
+                            changed_at=row.updated_at.replace(tzinfo=dt.UTC).timestamp(),
                             plc_session=row.plc_session_counter if open_session is not None else None)
             machine = BayMachine(b.id, frozenset(profile.courses.values()), start_timeout=cfg.wash.start_timeout_sec,
                                  offline_after=cfg.wash.offline_after, view=view,
@@ -187,7 +187,8 @@ class WashService:
         course, request_id, by = params.get("course"), params.get("requestId"), params.get("by", "")
         if not isinstance(bay_id, str) or action not in ACTIONS:
             raise RpcError("VALIDATION_FAILED", "bayId and action START|STOP|RESET are required", 400)
-        if course is not None and not isinstance(course, str) or request_id is not None and not isinstance(request_id, str):
+        if (course is not None and not isinstance(course, str)
+                or request_id is not None and not isinstance(request_id, str)):
             raise RpcError("VALIDATION_FAILED", "course and requestId must be strings", 400)
         if not isinstance(by, str):
             raise RpcError("VALIDATION_FAILED", "by must be a string", 400)

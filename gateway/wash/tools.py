@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config, load_config, load_secrets, config_path
+from gateway.config import Config, config_path, load_config, load_secrets
 
 BY_ID = "/dev/serial/by-id"
 

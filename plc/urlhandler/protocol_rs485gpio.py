@@ -15,10 +15,10 @@ from typing import Any
 import serial
 
 
-class Serial(serial.Serial):  # type: ignore[misc]
+class Serial(serial.Serial):
     _de: Any = None
 
-    @serial.Serial.port.setter  # type: ignore[misc]
+    @serial.Serial.port.setter
     def port(self, value: Any) -> None:
         if isinstance(value, str) and value.startswith("rs485gpio://"):
             value = self._from_url(value)
