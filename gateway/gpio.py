@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -135,6 +136,23 @@ def select_pin_factory(model: str | None, environ: Mapping[str, str] | None = No
         raise GpioUnavailable(f"{model}: lgpio failed ({lgpio_error}), native failed ({type(exc).__name__}: {exc})") from exc
 
 
+_factory_lock = threading.Lock()
+
+
+def ensure_pin_factory() -> str:
+    """Give gpiozero this board's pin factory (`select_pin_factory`) unless one is set already
+    (tests' MockFactory), log which one once, and return its description. Raises GpioUnavailable.
+    Used by everything in the core that drives a pin (LED, button, RS485 direction)."""
+    from gpiozero import Device
+
+    with _factory_lock:  # the LED at start and a serial port opened on a bus thread may race
+        if Device.pin_factory is not None:
+            return f"{type(Device.pin_factory).__name__} (preset)"
+        Device.pin_factory, how = select_pin_factory(board_model())
+        log.info("GPIO pin factory: %s", how)
+        return how
+
+
 def led_pattern(health: dict[str, Any]) -> str:
     """`on`, `slow` or `fast` for a health snapshot (`gateway/health`)."""
     if not all(health.get("plc", {}).values()):
@@ -168,13 +186,11 @@ class GpioService:
             return
         self._loop = asyncio.get_running_loop()
         try:
-            from gpiozero import LED, Button, Device
+            from gpiozero import LED, Button
 
-            if Device.pin_factory is None:
-                Device.pin_factory, how = select_pin_factory(board_model())
-            else:  # set before us (tests' MockFactory, or a caller that chose)
-                how = f"{type(Device.pin_factory).__name__} (preset)"
-            log.info("GPIO pin factory: %s", how)
+            how = ensure_pin_factory()
+            if how.endswith("(preset)"):
+                log.info("GPIO pin factory: %s", how)
             if self.config.led_pin is not None:
                 self.led = LED(self.config.led_pin)
             if self.config.button_pin is not None:
