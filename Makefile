@@ -10,4 +10,4 @@ lint-deb: deb
 	lintian --no-tag-display-limit dist/carwash-gateway_*.deb
 
 clean-deb:
-	rm -rf dist debian/carwash-gateway debian/.debhelper debian/files debian/*.substvars debian/debhelper-build-stamp
+	rm -rf dist debian/carwash-gateway debian/.debhelper debian/files debian/*.substvars debian/*.debhelper debian/*.debhelper.log debian/debhelper-build-stamp

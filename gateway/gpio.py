@@ -8,13 +8,25 @@ window for `PAIRING_SEC`; a press held `RECOVERY_HOLD_SEC` starts technician-acc
 one-time login code written to the journal, see `gateway/recovery.py`).
 Without GPIO (not a Pi, no pin factory) or with `gpio.enabled = false`, everything here is a no-op
 logged once. gpiozero calls back on its own thread; the callbacks are handed to the event loop.
+
+Pin factory (`select_pin_factory`, one log line names it): `GPIOZERO_PIN_FACTORY` when set; else
+lgpio, from the venv or else the system's `python3-lgpio` (Raspberry Pi OS ships it; the venv does
+not see dist-packages); else, on a Pi up to the 4 (BCM283x/BCM2711), gpiozero's pure-Python
+`native` factory through /dev/gpiomem. A Pi 5 (RP1) works only with lgpio: without it the core
+says so and runs without LED and button.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from gateway.config import GpioConfig
@@ -25,6 +37,120 @@ PAIRING_SEC = 120
 RECOVERY_HOLD_SEC = 10.0
 SLOW, FAST = (1.0, 1.0), (0.15, 0.15)
 CHECK_SEC = 0.5
+MODEL_FILE = Path("/proc/device-tree/model")
+# Where Debian-style python3-* packages (Raspberry Pi OS's python3-lgpio) put modules.
+SYSTEM_DIST_PACKAGES = ("/usr/lib/python3/dist-packages",)
+
+
+class GpioUnavailable(Exception):
+    """No pin factory fits this machine; the message says why and what would fix it."""
+
+
+def board_model(model_file: Path = MODEL_FILE) -> str | None:
+    """The device tree's model string ("Raspberry Pi 5 Model B Rev 1.0"), None when absent."""
+    try:
+        return model_file.read_bytes().rstrip(b"\0\n").decode("utf-8", "replace") or None
+    except OSError:
+        return None
+
+
+def import_lgpio(system_dirs: Sequence[str] = SYSTEM_DIST_PACKAGES) -> tuple[ModuleType, str]:
+    """The `lgpio` module and where it came from ("venv" or the system directory).
+
+    The system copy is loaded only when the venv has none, and only that module (with its `_lgpio`
+    extension) is taken from there: the rest of dist-packages stays out of `sys.path`. Raises
+    ImportError when neither exists."""
+    try:
+        import lgpio  # type: ignore[import-not-found,unused-ignore]
+
+        return lgpio, "venv"
+    except ImportError:
+        pass
+    for d in system_dirs:
+        if not (Path(d) / "lgpio.py").is_file():
+            continue
+        sys.path.append(d)  # lgpio.py imports its _lgpio extension by name from the same directory
+        try:
+            spec = importlib.util.spec_from_file_location("lgpio", Path(d) / "lgpio.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["lgpio"] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop("lgpio", None)
+                raise
+            return module, d
+        finally:
+            sys.path.remove(d)
+    raise ImportError("no lgpio module in the venv nor in " + ", ".join(system_dirs))
+
+
+def _lgpio_factory() -> tuple[Any, str]:
+    _, origin = import_lgpio()
+    from gpiozero.pins.lgpio import LGPIOFactory
+
+    return LGPIOFactory(), f"lgpio ({'system python3-lgpio' if origin != 'venv' else 'venv'})"
+
+
+def _native_factory() -> tuple[Any, str]:
+    from gpiozero.pins.native import NativeFactory
+
+    return NativeFactory(), "native (pure Python, /dev/gpiomem)"
+
+
+def _named_factory(name: str) -> tuple[Any, str]:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="gpiozero_pin_factories"):
+        if ep.name == name.lower():
+            return ep.load()(), f"{ep.name} (GPIOZERO_PIN_FACTORY)"
+    raise GpioUnavailable(f"GPIOZERO_PIN_FACTORY={name!r} is not one of gpiozero's pin factories")
+
+
+Loader = Callable[[], tuple[Any, str]]
+
+
+def select_pin_factory(model: str | None, environ: Mapping[str, str] | None = None,
+                       lgpio: Loader = _lgpio_factory, native: Loader = _native_factory,
+                       named: Callable[[str], tuple[Any, str]] = _named_factory) -> tuple[Any, str]:
+    """(factory, description) for this board, or GpioUnavailable with the reason.
+
+    `model` is `board_model()`; the loaders build a factory or raise (a missing module, no GPIO
+    device); they are parameters so that the choice can be tested off a Pi."""
+    env = os.environ if environ is None else environ
+    if env.get("GPIOZERO_PIN_FACTORY"):
+        return named(env["GPIOZERO_PIN_FACTORY"])
+    if model is None or not model.startswith("Raspberry Pi"):
+        raise GpioUnavailable(f"not a Raspberry Pi (board model: {model or 'unknown'})")
+    try:
+        return lgpio()
+    except Exception as exc:  # ImportError, or lgpio's own error when /dev/gpiochip* is not usable
+        lgpio_error = f"{type(exc).__name__}: {exc}"
+    if model.startswith("Raspberry Pi 5") or "Compute Module 5" in model:
+        # RP1 has no /dev/gpiomem registers that the native factory knows.
+        raise GpioUnavailable(f"{model} needs lgpio (apt install python3-lgpio on Raspberry Pi OS): {lgpio_error}")
+    try:
+        return native()
+    except Exception as exc:
+        raise GpioUnavailable(f"{model}: lgpio failed ({lgpio_error}), native failed ({type(exc).__name__}: {exc})") from exc
+
+
+_factory_lock = threading.Lock()
+
+
+def ensure_pin_factory() -> str:
+    """Give gpiozero this board's pin factory (`select_pin_factory`) unless one is set already
+    (tests' MockFactory), log which one once, and return its description. Raises GpioUnavailable.
+    Used by everything in the core that drives a pin (LED, button, RS485 direction)."""
+    from gpiozero import Device
+
+    with _factory_lock:  # the LED at start and a serial port opened on a bus thread may race
+        if Device.pin_factory is not None:
+            return f"{type(Device.pin_factory).__name__} (preset)"
+        Device.pin_factory, how = select_pin_factory(board_model())
+        log.info("GPIO pin factory: %s", how)
+        return how
 
 
 def led_pattern(health: dict[str, Any]) -> str:
@@ -62,6 +188,9 @@ class GpioService:
         try:
             from gpiozero import LED, Button
 
+            how = ensure_pin_factory()
+            if how.endswith("(preset)"):
+                log.info("GPIO pin factory: %s", how)
             if self.config.led_pin is not None:
                 self.led = LED(self.config.led_pin)
             if self.config.button_pin is not None:

@@ -1,7 +1,9 @@
 """The status LED and the service button through gpiozero's MockFactory, with the real core
 in-process (the mock pins live in this process): LED patterns follow health, a short press opens
 the pairing window, a long press issues a one-time recovery code that sets a technician password
-once. Without GPIO the core runs and says so once."""
+once. Without GPIO the core runs and says so once. The pin-factory choice for Pi 4 and Pi 5 (lgpio
+from the venv or the system, else native up to the Pi 4) with MockFactory standing in for the
+hardware factories, which need a Pi."""
 
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import pytest
 
 from gateway import users
 from gateway.core.app import CoreApp
-from gateway.gpio import led_pattern
+from gateway.gpio import GpioUnavailable, board_model, import_lgpio, led_pattern, select_pin_factory
 from gateway.sdnotify import Notifier
 from tests.conftest import Site, make_site
 
 LED, BUTTON = 17, 27
+PI4 = "Raspberry Pi 4 Model B Rev 1.5"
+PI5 = "Raspberry Pi 5 Model B Rev 1.0"
 
 
 @pytest.fixture
@@ -114,3 +118,97 @@ async def test_no_gpio_is_a_logged_no_op(tmp_path, caplog) -> None:  # type: ign
         await asyncio.wait_for(task, 10)
     assert "GPIO not available" in caplog.text
     assert app.gpio is not None and app.gpio.led is None
+
+
+def _loader(name: str):  # type: ignore[no-untyped-def]
+    """A pin-factory loader that works: a MockFactory standing for the `name` factory."""
+    from gpiozero.pins.mock import MockFactory
+
+    return lambda: (MockFactory(), name)
+
+
+def _missing() -> tuple[object, str]:
+    raise ImportError("No module named 'lgpio'")
+
+
+@pytest.mark.parametrize("model", [PI4, PI5, "Raspberry Pi Compute Module 5 Rev 1.0", "Raspberry Pi 3 Model B Rev 1.2"])
+def test_lgpio_is_preferred_on_every_pi(model: str) -> None:
+    factory, how = select_pin_factory(model, {}, lgpio=_loader("lgpio"), native=_loader("native"))
+    try:
+        assert how == "lgpio"
+        factory.pin(LED).drive_high()  # a working factory: its pins answer
+        assert factory.pin(LED).state
+    finally:
+        factory.close()
+
+
+def test_pi4_without_lgpio_falls_back_to_native() -> None:
+    factory, how = select_pin_factory(PI4, {}, lgpio=_missing, native=_loader("native"))
+    factory.close()
+    assert how == "native"
+
+
+@pytest.mark.parametrize("model", [PI5, "Raspberry Pi Compute Module 5 Rev 1.0"])
+def test_pi5_without_lgpio_says_what_to_install(model: str) -> None:
+    native_used = []
+    with pytest.raises(GpioUnavailable, match=r"needs lgpio \(apt install python3-lgpio.*No module named 'lgpio'"):
+        select_pin_factory(model, {}, lgpio=_missing, native=lambda: native_used.append(1))  # type: ignore[arg-type,func-returns-value]
+    assert not native_used  # the native factory does not know the Pi 5's RP1
+
+
+@pytest.mark.parametrize("model", [None, "QEMU Virtual Machine", ""])
+def test_not_a_pi_is_unavailable(model: str | None) -> None:
+    with pytest.raises(GpioUnavailable, match="not a Raspberry Pi"):
+        select_pin_factory(model, {}, lgpio=_loader("lgpio"), native=_loader("native"))
+
+
+def test_environment_override_uses_gpiozero_factory_by_name() -> None:
+    factory, how = select_pin_factory(None, {"GPIOZERO_PIN_FACTORY": "mock"})
+    try:
+        assert how == "mock (GPIOZERO_PIN_FACTORY)"
+        assert type(factory).__name__ == "MockFactory"
+    finally:
+        factory.close()
+    with pytest.raises(GpioUnavailable, match="'nonsense' is not one of gpiozero's pin factories"):
+        select_pin_factory(PI5, {"GPIOZERO_PIN_FACTORY": "nonsense"})
+
+
+def test_board_model_reads_the_device_tree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "model").write_bytes(PI5.encode() + b"\0")
+    assert board_model(tmp_path / "model") == PI5
+    assert board_model(tmp_path / "absent") is None
+
+
+def test_system_lgpio_is_imported_alone_when_the_venv_has_none(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Raspberry Pi OS's python3-lgpio lives in dist-packages, which the venv does not see: only
+    that module (and the extension it imports by name) is taken from there."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "lgpio", raising=False)
+    system = tmp_path / "dist-packages"
+    system.mkdir()
+    (system / "_lgpio.py").write_text("LEVEL = 1\n")
+    (system / "lgpio.py").write_text("from _lgpio import LEVEL\n")
+    (system / "other.py").write_text("")
+    try:
+        module, origin = import_lgpio([str(system)])
+        assert origin == str(system) and module.LEVEL == 1
+        assert sys.modules["lgpio"] is module
+        assert str(system) not in sys.path  # nothing else of dist-packages shadows the venv
+    finally:
+        sys.modules.pop("lgpio", None)
+        sys.modules.pop("_lgpio", None)
+    with pytest.raises(ImportError, match="no lgpio module"):
+        import_lgpio([str(tmp_path / "nowhere")])
+
+
+async def test_core_logs_the_factory_in_use(tmp_path, mock_pins, caplog) -> None:  # type: ignore[no-untyped-def]
+    site: Site = make_site(tmp_path / "site", f"[gpio]\nenabled = true\nled_pin = {LED}\n")
+    app = CoreApp(site.config, site.secrets, Notifier({}))
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="gateway.gpio"):
+        task = asyncio.create_task(app.run(stop))
+        await asyncio.wait_for(app.ready.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert "GPIO pin factory: MockFactory (preset)" in caplog.text

@@ -1,5 +1,5 @@
 """The Debian package, end to end (CI runs as root on a throwaway machine; elsewhere this skips):
-`make deb`, lintian with no errors or warnings, `systemd-analyze verify` silent on every installed unit and
+`make deb`, `Depends` naming the release's default Python, lintian with no errors or warnings, `systemd-analyze verify` silent on every installed unit and
 `systemd-analyze security --offline` under `SECURITY_MAX`, `dpkg -i`, the installed core and web
 started by hand as the `carwash` user with the installed config (no PID 1 systemd here),
 `/api/health` and an MQTT client, then `dpkg --purge` leaves nothing but what policy allows."""
@@ -45,6 +45,10 @@ def test_build_check_install_run_purge(tmp_path: Path) -> None:
     built = sh("make", "deb", timeout=900)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     deb = sorted((REPO / "dist").glob("carwash-gateway_*.deb"))[-1]
+    # Built with, and depending on, this release's default Python (3.11 on bookworm, 3.13 on trixie).
+    default_py = sh("py3versions", "-dv").stdout.strip()
+    depends = sh("dpkg-deb", "-f", str(deb), "Depends").stdout
+    assert re.search(rf"(^|, )python{re.escape(default_py)}(,|$)", depends.strip()), (default_py, depends)
 
     lint = sh("lintian", "--no-tag-display-limit", str(deb))
     problems = [line for line in lint.stdout.splitlines() if line.startswith(("E:", "W:"))]

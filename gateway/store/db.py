@@ -10,6 +10,9 @@ Open the database after fork (gunicorn) and never at import time.
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +40,35 @@ PRAGMAS: dict[str, Any] = {
 }
 
 
-def open_database(path: str | os.PathLike[str], *, bind_models: bool = True) -> SqliteDatabase:
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:  # pragma: no cover - closing is best effort once the thread is gone
+        pass
+
+
+class GatewayDatabase(SqliteDatabase):  # type: ignore[misc]
+    """Peewee keeps one connection per thread. A connection opened by a worker thread (an
+    executor's database thread) is closed once that thread's object is gone, instead of being left
+    unclosed to the garbage collector when the thread ends (Python 3.13 warns about that:
+    `ResourceWarning: unclosed database`). Closing from another thread is allowed
+    (check_same_thread=False); closing twice is harmless."""
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection = super()._connect()
+        thread = threading.current_thread()
+        if thread is not threading.main_thread():
+            weakref.finalize(thread, _close_quietly, conn)
+        return conn
+
+
+def open_database(path: str | os.PathLike[str], *, bind_models: bool = True) -> GatewayDatabase:
     """Open (creating the parent directory if needed) and bind the models to it."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread=False: the web's worker threads share one connection per thread
     # (Peewee keeps connections thread-local), and the core runs one thread.
-    db = SqliteDatabase(
+    db = GatewayDatabase(
         str(p), pragmas=PRAGMAS, lock_type="IMMEDIATE", check_same_thread=False, autoconnect=True
     )
     db.connect(reuse_if_open=True)

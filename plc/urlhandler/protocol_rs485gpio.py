@@ -4,7 +4,8 @@ GPIO pin, for HATs without automatic direction control.
 The pin is raised before the first byte of a frame and lowered once the UART has sent the last
 stop bit (`tcdrain`), so the PLC's answer is not talked over. pymodbus writes without blocking;
 a frame written only in part keeps the driver on until its end is written. The pin is a gpiozero
-`DigitalOutputDevice` (on a Pi: lgpio); without one the port cannot open, with the reason.
+`DigitalOutputDevice` on the pin factory the core chooses (`gateway.gpio.ensure_pin_factory`: lgpio,
+or native up to the Pi 4); without one the port cannot open, with the reason.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ class Serial(serial.Serial):
             raise serial.SerialException(f"{url}: needs ?pin=N (BCM number of the DE/RE pin)") from None
         from gpiozero import DigitalOutputDevice
 
+        from gateway.gpio import ensure_pin_factory
+
         if self._de is not None:
             self._de.close()
         try:
+            ensure_pin_factory()
             self._de = DigitalOutputDevice(pin, initial_value=False)
         except Exception as exc:  # gpiozero's many "no GPIO here" errors
             raise serial.SerialException(f"cannot drive the RS485 direction pin {pin}: {exc}") from None
