@@ -133,7 +133,8 @@ def select_pin_factory(model: str | None, environ: Mapping[str, str] | None = No
     try:
         return native()
     except Exception as exc:
-        raise GpioUnavailable(f"{model}: lgpio failed ({lgpio_error}), native failed ({type(exc).__name__}: {exc})") from exc
+        raise GpioUnavailable(
+            f"{model}: lgpio failed ({lgpio_error}), native failed ({type(exc).__name__}: {exc})") from exc
 
 
 _factory_lock = threading.Lock()

@@ -1,6 +1,7 @@
 """The Debian package, end to end (CI runs as root on a throwaway machine; elsewhere this skips):
-`make deb`, `Depends` naming the release's default Python, lintian with no errors or warnings, `systemd-analyze verify` silent on every installed unit and
-`systemd-analyze security --offline` under `SECURITY_MAX`, `dpkg -i`, the installed core and web
+`make deb`, `Depends` naming the release's default Python, lintian with no errors or warnings,
+`systemd-analyze verify` silent on every installed unit and `systemd-analyze security --offline`
+under `SECURITY_MAX`, `dpkg -i`, the installed core and web
 started by hand as the `carwash` user with the installed config (no PID 1 systemd here),
 `/api/health` and an MQTT client, then `dpkg --purge` leaves nothing but what policy allows."""
 

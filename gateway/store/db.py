@@ -47,7 +47,7 @@ def _close_quietly(conn: sqlite3.Connection) -> None:
         pass
 
 
-class GatewayDatabase(SqliteDatabase):  # type: ignore[misc]
+class GatewayDatabase(SqliteDatabase):
     """Peewee keeps one connection per thread. A connection opened by a worker thread (an
     executor's database thread) is closed once that thread's object is gone, instead of being left
     unclosed to the garbage collector when the thread ends (Python 3.13 warns about that:
@@ -55,7 +55,7 @@ class GatewayDatabase(SqliteDatabase):  # type: ignore[misc]
     (check_same_thread=False); closing twice is harmless."""
 
     def _connect(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection = super()._connect()
+        conn: sqlite3.Connection = super()._connect()  # type: ignore[misc]  # Peewee's own hook, not in its stubs
         thread = threading.current_thread()
         if thread is not threading.main_thread():
             weakref.finalize(thread, _close_quietly, conn)
