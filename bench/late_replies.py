@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import resource
@@ -109,7 +110,7 @@ async def _tcp_reboot(rounds: int) -> list[float]:
 
 
 def _session_rows(db: Path) -> list[tuple[str, str | None, str]]:
-    with sqlite3.connect(db) as c:
+    with contextlib.closing(sqlite3.connect(db)) as c:
         return c.execute('SELECT "bay_id", "request_id", "state" FROM "wash_session"').fetchall()
 
 

@@ -14,6 +14,7 @@ Then the reset of a latched error, decided by the core, from REST (technician to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import sqlite3
@@ -69,7 +70,7 @@ def statuses(probe: Probe, until: Any, timeout: float = 60.0) -> list[dict[str, 
 
 
 def sessions(db: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as c:
+    with contextlib.closing(sqlite3.connect(db)) as c:
         return c.execute('SELECT "bay_id", "state", "error_code", "request_id", "course" FROM "wash_session" '
                          'ORDER BY "id"').fetchall()
 
@@ -138,7 +139,7 @@ def test_late_or_paused_plcs_never_split_a_wash_nor_open_ghost_sessions(faulty_s
 # --- reset of a latched error -----------------------------------------------------------------
 
 def resets(db: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as c:
+    with contextlib.closing(sqlite3.connect(db)) as c:
         return c.execute('SELECT "bay_id", "requested_by", "error_code", "outcome" FROM "bay_reset" ORDER BY "id"'
                          ).fetchall()
 
@@ -304,7 +305,7 @@ async def test_reset_from_rest_mqtt_and_cli_is_decided_by_the_core_and_recorded(
             ("bay3", "technician:demo", "DOOR_OPEN", "CLEARED"),
             ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")]
         assert resets(db)[0] == ("bay3", "technician:demo", "DOOR_OPEN", "STILL_IN_ERROR")
-        with sqlite3.connect(db) as c:
+        with contextlib.closing(sqlite3.connect(db)) as c:
             (n,) = c.execute("""SELECT count(*) FROM "outbox_event" WHERE "type" = 'wash.reset'""").fetchone()
         assert n == 5
         code, _ = await asyncio.to_thread(http_json, site.web_url + "/api/wash/resets")
