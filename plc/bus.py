@@ -214,6 +214,9 @@ class BusScheduler:
                     await self._serve()
                 except _BusDown as exc:
                     self._mark_down(str(exc))
+                except Exception as exc:  # noqa: BLE001 - a bug must not silently end every bay's polling
+                    log.exception("bus %s: unexpected error; reconnecting", self.name)
+                    self._mark_down(f"unexpected error: {exc!r}")
                 link = self._link
                 self._close()
                 self._fail_jobs("bus disconnected")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import termios
 from typing import Protocol
 
 import serial
@@ -117,7 +118,7 @@ class SerialLink:
             if self.rts_direction:
                 self._ser.flush()  # tcdrain: the last stop bit has left before the driver turns
                 self._ser.rts = False
-        except (serial.SerialException, OSError) as exc:
+        except (serial.SerialException, OSError, termios.error) as exc:
             self._error = f"write: {exc}"
             raise LinkDown(self._error) from None
 
@@ -141,8 +142,10 @@ class SerialLink:
         if self._ser is not None and self._error is None:
             try:
                 self._ser.reset_input_buffer()  # what the driver holds and the loop has not read
-            except (serial.SerialException, OSError):
-                pass
+            except (serial.SerialException, OSError, termios.error) as exc:
+                # termios.error is not an OSError: a vanished adapter raises it here (EIO).
+                self._error = f"flush: {exc}"
+                raise LinkDown(self._error) from None
         return n
 
 

@@ -22,6 +22,7 @@ from plc.profile import (
     load_profiles,
     next_seq,
 )
+from plc.link import LinkDown, SerialLink
 from plc.pty import SocatPair
 from plc.simulator import PlcSimulator
 
@@ -204,3 +205,24 @@ async def test_rs485_direction_pin_brackets_every_frame(tmp_path: Path) -> None:
         Device.pin_factory.reset()
         Device.pin_factory.close()
         Device.pin_factory = None
+
+
+async def test_serial_link_reports_a_vanished_adapter_as_link_down(tmp_path: Path) -> None:
+    """An unplugged adapter makes the driver's flush fail with termios.error (not an OSError): the
+    link must turn that into LinkDown, or the bus task would die with it and every bay go silent."""
+    pair = SocatPair(tmp_path / "pty")
+    await asyncio.to_thread(pair.start)
+    link = SerialLink(pair.gateway_path, baudrate=115200, bytesize=8, parity="N", stopbits=1)
+    await link.open()
+    try:
+        # Killed without letting the loop run, so the link's reader has not seen the hang-up yet
+        # and discard() meets the dead line first.
+        pair.kill()
+        with pytest.raises(LinkDown):
+            link.discard()
+            link.send(b"\x01\x03\x00\x00\x00\x01\x84\x0a")
+        with pytest.raises(LinkDown):
+            await link.receive(0.1)
+    finally:
+        link.close()
+        pair.stop()
