@@ -4,7 +4,7 @@
    signature and expiry, then one indexed read of the account's row for `disabled` and
    `token_version`), against the JWT decode alone (what the page checked before): per call, in a
    request context of the real app on a migrated SQLite file (WAL, FULL).
-2. The MQTT publish ACL (`gateway.bus.broker.may_publish`), run for every PUBLISH of a
+2. The MQTT publish ACL (`gateway.mqtt.broker.may_publish`), run for every PUBLISH of a
    non-internal client before the broker acknowledges it: anonymous device vs account session.
 3. End to end through the embedded broker: QoS 1 publishes per second of one paho client,
    anonymous on `server/d1/streaming` vs a `wash-backend` account on `wash/bay1/cmd` (each
@@ -26,10 +26,10 @@ NAME = "access_checks"
 def _token_check(tmp: Path, batches: int, calls: int) -> tuple[list[float], list[float]]:
     import jwt
 
-    from gateway import users
+    from gateway.access import users
     from gateway.config import load_config, load_secrets
-    from gateway.demo import free_port, write_demo_site
     from gateway.store import migrate, open_database
+    from sim.demo import free_port, write_demo_site
     from web.app import create_app
     from web.auth import ALGORITHM, ISSUER, account_of, issue_token
 
@@ -67,8 +67,8 @@ def _token_check(tmp: Path, batches: int, calls: int) -> tuple[list[float], list
 def _acl(batches: int, calls: int) -> tuple[list[float], list[float]]:
     from types import SimpleNamespace
 
-    from gateway.bus.broker import ACCOUNT, AccountBook, may_publish
-    from gateway.mqtt_accounts import Account
+    from gateway.access.mqtt_accounts import Account
+    from gateway.mqtt.broker import ACCOUNT, AccountBook, may_publish
 
     book = AccountBook()
     book.replace({"backend": Account("backend", "x", "wash-backend", 0)})
@@ -90,9 +90,9 @@ def _publish_rate(n: int, rounds: int) -> tuple[list[float], list[float]]:
     from argon2 import PasswordHasher
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.bus.broker import BrokerSettings, LocalBus
-    from gateway.demo import free_port
-    from gateway.mqtt_accounts import Account
+    from gateway.access.mqtt_accounts import Account
+    from gateway.mqtt.broker import BrokerSettings, LocalBus
+    from sim.demo import free_port
 
     async def main() -> tuple[list[float], list[float]]:
         port = free_port()

@@ -36,7 +36,7 @@ from typing import Any
 from bench.common import Result, log, readline, tail, temp_dir, wait_port
 from bench.core_start import run_core
 from gateway.config import load_config, load_secrets
-from gateway.demo import free_port, write_demo_site
+from sim.demo import free_port, write_demo_site
 
 NAME = "broker_throughput"
 MOSQUITTO = "/usr/sbin/mosquitto"

@@ -2,8 +2,8 @@
 check of every acknowledged fact against what the clients recorded (the hardening issue).
 
 The site runs on 127.0.0.1: the real core and web (gunicorn) processes; in this process the cloud
-simulator (`gateway.cloudsim.CloudSim`), the washbay-v1 PLC simulators (four bays over Modbus RTU
-on a socat pty pair, two on Modbus TCP; `plc.simulator`), the device fleet (`gateway.fleet`, one
+simulator (`sim.cloud.CloudSim`), the washbay-v1 PLC simulators (four bays over Modbus RTU
+on a socat pty pair, two on Modbus TCP; `sim.plc`), the device fleet (`sim.fleet`, one
 MQTT session per device, reconnecting here) and the load generators:
 - event-log uploads (signed HTTP, new items each time; a failed upload is retried with the same
   items until it gets its 201, as firmware keeps its buffer);
@@ -63,8 +63,10 @@ import aiomqtt
 import psutil
 
 from bench.common import WEB_CONNECTED, Result, log, tail, temp_dir
-from gateway.cloudsim import CloudSim
-from gateway.demo import (
+from gateway.access.signing import http_signature
+from plc.profile import builtin_profiles
+from sim.cloud import CloudSim
+from sim.demo import (
     DEMO_CLOUD_KEY,
     DEMO_USER,
     demo_plc_toml,
@@ -73,12 +75,10 @@ from gateway.demo import (
     spec_test_key,
     write_demo_site,
 )
-from gateway.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread, SimDevice
-from gateway.procs import NotifySocket, child_env, gateway_command
-from gateway.signing import http_signature
-from plc.profile import builtin_profiles
-from plc.pty import SocatPair
-from plc.simulator import PlcSimulator, SimBay
+from sim.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread, SimDevice
+from sim.plc import PlcSimulator, SimBay
+from sim.procs import NotifySocket, child_env, gateway_command
+from sim.pty import SocatPair
 
 NAME = "chaos"
 SEED = 7

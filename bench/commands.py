@@ -23,9 +23,9 @@ from typing import Any
 import psutil
 
 from bench.common import Result, start_notified
-from gateway.demo import ensure_demo_user, free_port, write_demo_site
-from gateway.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread
-from gateway.procs import gateway_command, stop_process
+from sim.demo import ensure_demo_user, free_port, write_demo_site
+from sim.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread
+from sim.procs import gateway_command, stop_process
 
 NAME = "commands"
 ROOT = Path(__file__).resolve().parent.parent

@@ -200,7 +200,7 @@ def start_notified(cmd: list[str], tmp: Path, name: str, *, wait_connected: bool
     `(psutil.Popen, NotifySocket)` once it said READY=1 (and, for the web, joined the broker)."""
     import psutil
 
-    from gateway.procs import NotifySocket, child_env
+    from sim.procs import NotifySocket, child_env
 
     notify = NotifySocket(tmp / f"{name}.notify")
     with (tmp / f"{name}.log").open("wb") as out:

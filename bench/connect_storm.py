@@ -14,8 +14,8 @@ import time
 import aiomqtt
 
 from bench.common import Result
-from gateway.bus.broker import BrokerSettings, LocalBus
-from gateway.demo import free_port
+from gateway.mqtt.broker import BrokerSettings, LocalBus
+from sim.demo import free_port
 
 NAME = "connect_storm"
 

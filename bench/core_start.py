@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Result, log, tail, temp_dir
-from gateway.demo import free_port, write_demo_site
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from sim.demo import free_port, write_demo_site
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
 
 NAME = "core_start"
 READY_TIMEOUT = 30.0

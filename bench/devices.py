@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from bench.common import Result, start_notified
-from gateway.demo import free_port, write_demo_site
-from gateway.fleet import Fleet
-from gateway.procs import gateway_command, stop_process
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
+from sim.demo import free_port, write_demo_site
+from sim.fleet import Fleet
+from sim.procs import gateway_command, stop_process
 
 NAME = "devices"
 CLIENTS = 50

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 from bench.common import Result, log, start_notified
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, ensure_demo_user, free_port, write_demo_site
-from gateway.procs import gateway_command, stop_process
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY, ensure_demo_user, free_port, write_demo_site
+from sim.procs import gateway_command, stop_process
 from tests.fuzzing import Budget, Report, Target, run as fuzz, site_toml
 
 NAME = "fuzz_api"

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 from bench.common import Result
-from gateway.demo import free_port, write_demo_site
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
 from plc.bus import BayAddress, BusScheduler, BusSettings, PollResult
 from plc.profile import builtin_profiles
-from plc.pty import SocatPair
+from sim.demo import free_port, write_demo_site
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
+from sim.pty import SocatPair
 from tests.scripted_plc import ScriptedRtuPlc, ScriptedTcpPlc
 
 NAME = "late_replies"

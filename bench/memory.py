@@ -17,8 +17,8 @@ import psutil
 
 from bench.common import Result, log, tail, temp_dir
 from bench.core_start import run_core, wait_ready
-from gateway.demo import WEB_CONNECTED
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from sim.demo import WEB_CONNECTED
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
 
 NAME = "memory"
 READY_TIMEOUT = 60.0

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Result, log, start_notified, temp_dir
-from gateway.demo import free_port, write_demo_site
-from gateway.procs import gateway_command, stop_process
+from sim.demo import free_port, write_demo_site
+from sim.procs import gateway_command, stop_process
 from tests import mqtt_raw
 
 NAME = "mqtt_abuse"
@@ -153,8 +153,8 @@ def _measure(web_port: int, client: Any, seconds: float) -> tuple[list[float], l
 def run(quick: bool) -> list[Result]:
     import psutil
 
-    from gateway.bus.client import BusClient
     from gateway.config import load_config, load_secrets
+    from gateway.mqtt.client import BusClient
 
     seconds = 8.0 if quick else 30.0
     out: list[Result] = []

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from bench.common import Result, start_notified
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, free_port, write_demo_site
-from gateway.procs import gateway_command, stop_process
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY, free_port, write_demo_site
+from sim.procs import gateway_command, stop_process
 
 NAME = "payments"
 DEVICE_KEY = "modernchabackdoor"

@@ -42,9 +42,9 @@ from typing import Any
 from bench import chaos
 from bench.common import Result, log, temp_dir
 from bench.powerfs import PowerFs
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, ensure_demo_user, free_port, spec_test_key, write_demo_site
-from gateway.fleet import FleetThread
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY, ensure_demo_user, free_port, spec_test_key, write_demo_site
+from sim.fleet import FleetThread
 
 NAME = "powercut"
 SEED = 18

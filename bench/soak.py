@@ -65,10 +65,10 @@ import psutil
 
 from bench.common import Result, log, median, temp_dir
 from bench.memory import MB
-from gateway.demo import DEMO_USER, READY_TIMEOUT, spec_test_key
-from gateway.fleet import CAR_WASH_CONFIGS, HELMET_CONFIGS
-from gateway.procs import child_env, gateway_command, stop_process
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
+from sim.demo import DEMO_USER, READY_TIMEOUT, spec_test_key
+from sim.fleet import CAR_WASH_CONFIGS, HELMET_CONFIGS
+from sim.procs import child_env, gateway_command, stop_process
 
 NAME = "soak"
 ENV_SECONDS = "CARWASH_SOAK_SECONDS"
@@ -358,7 +358,7 @@ class Load:
 
     def _do_upload(self, t: float, device_id: str) -> None:
         now = int(time.time() * 1000)
-        # The items of gateway.fleet.Fleet.upload_logs, from the device itself (same id, signed).
+        # The items of sim.fleet.Fleet.upload_logs, from the device itself (same id, signed).
         items = [{"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": now + i, "total_amount": 20,
                   "bank": {"20": 1, "50": 0, "100": 0, "500": 0, "1000": 0},
                   "coin": {"1": 0, "2": 0, "5": 0, "10": 0}, "qr": {"chargeId": None, "net_amount": 0}}

@@ -2,9 +2,9 @@
 
 1. `drain rate`: a backlog of 100,000 pending outbox events (quick: 20,000), written straight
    into a fresh, migrated SQLite file (WAL, synchronous=FULL, as the gateway opens it) in the
-   stored form `gateway.outbox.add_event` produces (~330 bytes each, 200 devices, mixed types),
+   stored form `gateway.store.outbox.add_event` produces (~330 bytes each, 200 devices, mixed types),
    is drained by `python -m gateway.uplink.drainer` (a separate process, the default batch limits
-   of 500 events / 256 KiB) to `gateway.cloudsim.CloudSim` running in this process. Rate =
+   of 500 events / 256 KiB) to `sim.cloud.CloudSim` running in this process. Rate =
    events / (first batch recorded by the simulator → last event recorded); the notes also give
    the rate from process start. After each run: lost = events in the database the simulator never
    received, duplicates = copies the simulator deduplicated, order = partitions whose first
@@ -31,13 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Result, log, tail, temp_dir
-from gateway.cloudsim import CloudSim
-from gateway.outbox import add_events
-from gateway.procs import child_env, stop_process
-from gateway.promptpay import check_emv
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
+from gateway.payments.promptpay import check_emv
 from gateway.store import migrate, open_database, write_tx
+from gateway.store.outbox import add_events
 from gateway.uplink.drainer import KEY_ENV
+from sim.cloud import CloudSim
+from sim.procs import child_env, stop_process
 
 NAME = "uplink_drain"
 KEY = "bench-site-key"

@@ -29,12 +29,12 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Result
-from gateway.demo import free_port, write_demo_site
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
 from plc.bus import BayAddress, BusScheduler, BusSettings, PollResult, inter_frame_gap
 from plc.profile import builtin_profiles
-from plc.pty import SocatPair
-from plc.simulator import PlcSimulator
+from sim.demo import free_port, write_demo_site
+from sim.plc import PlcSimulator
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
+from sim.pty import SocatPair
 
 NAME = "wash_bays"
 BAYS = 16

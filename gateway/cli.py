@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import logging
 import os
 import secrets as pysecrets
@@ -18,8 +17,9 @@ import signal
 import sys
 from pathlib import Path
 
-from gateway import __version__, mqtt_user_cli
-from gateway.config import Config, ConfigError, Secrets, config_path, load_config, load_secrets
+from gateway import __version__
+from gateway.access import cli as access_cli
+from gateway.config import Config, ConfigError, Secrets, config_path, load_config, load_secrets, write_secrets
 
 EX_CONFIG = 78
 
@@ -49,7 +49,7 @@ EXIT_GRACE_SEC = 1.0
 
 def cmd_core(args: argparse.Namespace) -> int:
     from gateway.core.app import CoreApp
-    from gateway.logsetup import setup_logging
+    from gateway.core.logsetup import setup_logging
 
     cfg, sec = _load(args)
     setup_logging(cfg.logging.level, process="core")
@@ -90,19 +90,19 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from sim.demo import run_demo
 
     return run_demo(data_dir=args.data_dir, log_every=args.log_every, payment_every=args.payment_every)
 
 
 def cmd_simulate_plc(args: argparse.Namespace) -> int:
-    from plc.simulator import simulate_plc_main
+    from sim.plc import simulate_plc_main
 
     return simulate_plc_main(args.sim_args)
 
 
 def cmd_simulate_devices(args: argparse.Namespace) -> int:
-    from gateway.fleet import simulate_devices_main
+    from sim.fleet import simulate_devices_main
 
     extra = ["--config", args.config] if args.config else []
     return simulate_devices_main(extra + args.sim_args)
@@ -115,72 +115,6 @@ def cmd_init_secrets(args: argparse.Namespace) -> int:
         return 1
     write_secrets(path, device_signing_key=pysecrets.token_hex(16))
     print(f"{path}: written (mode 0640)")
-    return 0
-
-
-def write_secrets(path: Path, *, device_signing_key: str, cloud_key: str = "") -> None:
-    """Write a new secrets file readable by its owner and group only. When this returns the file
-    is on disk whole (data and name fsynced): a power cut right after setup must not leave it
-    empty or missing, and `--force` leaves the old file or the new one, never neither."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = (
-        "# carwash-gateway secrets: readable by the service only, never commit or log.\n"
-        f'device_signing_key = "{device_signing_key}"\n'
-        f'jwt_secret = "{pysecrets.token_urlsafe(48)}"\n'
-        f'mqtt_internal_password = "{pysecrets.token_urlsafe(24)}"\n'
-        "# The site's key towards the cloud (x-signature of uplink batches and payments), given by the\n"
-        "# cloud when the site is enrolled; needed when cloud.url is set.\n"
-        f'cloud_key = "{cloud_key}"\n'
-    )
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # the rename: without it the name may not survive a power cut
-    finally:
-        os.close(dir_fd)
-
-
-def read_password(args: argparse.Namespace) -> str:
-    """A new password: from standard input (`--password-stdin` or not a terminal), else typed twice."""
-    if args.password_stdin or not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\n")
-    first = getpass.getpass("password: ")
-    if getpass.getpass("again: ") != first:
-        raise SystemExit("passwords differ")
-    return first
-
-
-def cmd_user(args: argparse.Namespace) -> int:
-    from gateway import users
-    from gateway.store import migrate, open_database
-
-    cfg = load_config(config_path(args.config))
-    db = open_database(cfg.paths.database)
-    migrate(db)  # same forward migrations the core applies; harmless when current
-    try:
-        if args.action == "add":
-            users.add_user(db, args.username, read_password(args))
-        elif args.action == "passwd":
-            users.set_password(db, args.username, read_password(args))
-        else:
-            users.remove_user(db, args.username)
-    except users.UserError as exc:
-        print(f"user {args.action}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.close()
-    print(f"user {args.username}: {args.action} done")
     return 0
 
 
@@ -254,12 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_ops)
     sub.add_parser("status", parents=[common], help="one-screen summary: core, bays, devices, cloud").set_defaults(
         fn=cmd_ops)
-    u = sub.add_parser("user", parents=[common], help="technician accounts")
-    u.add_argument("action", choices=("add", "passwd", "remove"))
-    u.add_argument("username")
-    u.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    u.set_defaults(fn=cmd_user)
-    mqtt_user_cli.add_parser(sub, common)
+    access_cli.add_parsers(sub, common)
     return p
 
 

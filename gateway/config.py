@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import secrets as pysecrets
 import tomllib
 import types
 import typing
@@ -428,3 +429,36 @@ def _cross_check(cfg: Config, loader: _Loader) -> None:
 
 # Offsets 0..17 of washbay-v1; other profiles are checked against their own span by the bridge.
 BAY_REGISTER_SPAN = 18
+
+
+def write_secrets(path: Path, *, device_signing_key: str, cloud_key: str = "") -> None:
+    """Write a new secrets file readable by its owner and group only. When this returns the file
+    is on disk whole (data and name fsynced): a power cut right after setup must not leave it
+    empty or missing, and `--force` leaves the old file or the new one, never neither."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = (
+        "# carwash-gateway secrets: readable by the service only, never commit or log.\n"
+        f'device_signing_key = "{device_signing_key}"\n'
+        f'jwt_secret = "{pysecrets.token_urlsafe(48)}"\n'
+        f'mqtt_internal_password = "{pysecrets.token_urlsafe(24)}"\n'
+        "# The site's key towards the cloud (x-signature of uplink batches and payments), given by the\n"
+        "# cloud when the site is enrolled; needed when cloud.url is set.\n"
+        f'cloud_key = "{cloud_key}"\n'
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the rename: without it the name may not survive a power cut
+    finally:
+        os.close(dir_fd)

@@ -124,8 +124,8 @@ def outbox(cfg: Config, *, dead_limit: int = 20) -> int:
 
 
 def _call_or_none(client: Any, method: str) -> Any:
-    from gateway.bus.client import BusUnavailable, RpcTimeout
-    from gateway.bus.rpc import RpcError
+    from gateway.mqtt.client import BusUnavailable, RpcTimeout
+    from gateway.mqtt.rpc import RpcError
 
     try:
         return client.call(method, {}, timeout=3)
@@ -134,7 +134,7 @@ def _call_or_none(client: Any, method: str) -> Any:
 
 
 def status(cfg: Config, secrets: Secrets) -> int:
-    from gateway.bus.client import BusClient
+    from gateway.mqtt.client import BusClient
 
     print(f"site {cfg.site.id} ({cfg.site.name})")
     client = BusClient("127.0.0.1" if cfg.mqtt.bind in ("0.0.0.0", "::", "") else cfg.mqtt.bind, cfg.mqtt.port,

@@ -2,7 +2,7 @@
 
 One Unix stream socket; each call is one JSON line `{"op": NAME, "args": [...]}` answered by one
 line `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. The project's simulator
-(`plc/simulator.py`, `--control PATH`) and the independent one (`sim/plc_umodbus.py`) serve the same
+(`sim/plc.py`, `--control PATH`) and the independent one (`sim/plc_umodbus.py`) serve the same
 operations under the same names, so tests drive either through `PlcControl`.
 """
 
@@ -48,7 +48,7 @@ class PlcControl:
             raise ControlError(f"{op}: {reply.get('error')}")
         return reply.get("result")
 
-    # The controls, with the names of plc.simulator.PlcSimulator's.
+    # The controls, with the names of sim.plc.PlcSimulator's.
     def set_error(self, bay: str, code: int) -> None:
         self.call("set_error", bay, code)
 

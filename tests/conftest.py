@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from gateway.config import Config, Secrets, load_config, load_secrets
-from gateway.demo import free_port, write_demo_site
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
+from sim.demo import free_port, write_demo_site
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SPEC = REPO.parent / "shared" / "spec"

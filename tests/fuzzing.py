@@ -825,7 +825,7 @@ def _outbox_payload_rules(r: dict[str, Any]) -> Iterator[str]:
 
 
 def _mqtt_account_rules(row: dict[str, Any]) -> Iterator[str]:
-    from gateway.mqtt_accounts import ROLES, USERNAME_RE
+    from gateway.access.mqtt_accounts import ROLES, USERNAME_RE
 
     if not USERNAME_RE.match(row["username"]) or row["username"].lower().startswith("carwash"):
         yield f"username {row['username']!r} is not a valid account name"

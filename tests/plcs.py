@@ -1,6 +1,6 @@
 """Both washbay-v1 PLC simulators behind one interface, for tests and benchmarks.
 
-- kind "project": the project's own simulator (`plc/simulator.py`, pymodbus); in the test's event
+- kind "project": the project's own simulator (`sim/plc.py`, pymodbus); in the test's event
   loop by default, or as its own process (`carwash-gateway simulate-plc --control ...`).
 - kind "independent": `sim/plc_umodbus.py` (umodbus, written from the register map), always its
   own process.
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.procs import child_env, gateway_command
-from plc.simulator import PlcSimulator
 from sim.control import PlcControl
+from sim.plc import PlcSimulator
+from sim.procs import child_env, gateway_command
 
 KINDS = ("project", "independent")
 READY_LINE = "plc simulator:"

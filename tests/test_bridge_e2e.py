@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY
-from gateway.signing import parse_signed_mqtt, sign_mqtt
+from gateway.access.signing import parse_signed_mqtt, sign_mqtt
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY
 from tests.conftest import make_site, start_process
 from tests.mqtt_probe import Probe
 from tests.test_cloud_bridge import mosquitto

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from gateway.bus.broker import BrokerSettings, LocalBus
-from gateway.bus.client import BusClient, BusUnavailable, RpcTimeout
-from gateway.bus.rpc import RpcError, RpcServer
-from gateway.demo import free_port
+from gateway.mqtt.broker import BrokerSettings, LocalBus
+from gateway.mqtt.client import BusClient, BusUnavailable, RpcTimeout
+from gateway.mqtt.rpc import RpcError, RpcServer
+from sim.demo import free_port
 from tests import mqtt_raw
 from tests.mqtt_probe import Probe
 
@@ -525,7 +525,7 @@ async def test_refused_logins_leave_no_session_behind() -> None:
 def _accounts(**roles: tuple[str, int]) -> dict[str, Any]:
     from argon2 import PasswordHasher
 
-    from gateway.mqtt_accounts import Account
+    from gateway.access.mqtt_accounts import Account
 
     hasher = PasswordHasher()
     return {name: Account(name, hasher.hash(f"{name}-password-123"), role, gen) for name, (role, gen) in roles.items()}

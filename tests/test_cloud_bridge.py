@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 
 from gateway.config import load_config
-from gateway.demo import free_port
 from gateway.uplink.bridge import BridgeSettings, CloudBridge, backoff_delay, is_forwarded
+from sim.demo import free_port
 from tests.mqtt_probe import Msg, Probe
 
 MOSQUITTO = "/usr/sbin/mosquitto"

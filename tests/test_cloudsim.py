@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from gateway.cloudsim import CloudSim
-from gateway.procs import child_env, stop_process
-from gateway.promptpay import check_emv, parse_tlv, satang_from_decimal_js
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
+from gateway.payments.promptpay import check_emv, parse_tlv, satang_from_decimal_js
+from sim.cloud import CloudSim
+from sim.procs import child_env, stop_process
 from tests.clients import http_json
 
 KEY = "sim-test-key-1"
@@ -278,7 +278,7 @@ def test_latency_delays_api_answers() -> None:
 
 
 def test_cli_runs_until_sigterm() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cloudsim", "--port", "0", "--site-key", KEY],
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cloud", "--port", "0", "--site-key", KEY],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
     try:
         assert proc.stdout is not None

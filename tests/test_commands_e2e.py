@@ -17,12 +17,12 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.demo import ensure_demo_user
-from gateway.fleet import Fleet, FleetThread
-from gateway.outbox import stored_events
-from gateway.signing import sign_mqtt
+from gateway.access.signing import sign_mqtt
 from gateway.store import open_database
 from gateway.store.models import CommandResult, Device, DeviceConfig, OperationEvent, OutboxEvent
+from gateway.store.outbox import stored_events
+from sim.demo import ensure_demo_user
+from sim.fleet import Fleet, FleetThread
 from tests.clients import SseReader, http_json
 from tests.conftest import Proc, Site, make_site, start_process
 from tests.mqtt_probe import Probe

@@ -14,11 +14,11 @@ import signal
 import time
 from typing import Any
 
+from gateway.access.signing import http_signature, parse_signed_mqtt, sign_mqtt
 from gateway.clock import utc_now
-from gateway.demo import ensure_demo_user
-from gateway.signing import http_signature, parse_signed_mqtt, sign_mqtt
 from gateway.store import open_database, write_tx
 from gateway.store.models import Command, CommandResult, OperationEvent
+from sim.demo import ensure_demo_user
 from tests.clients import SseReader, http_json
 from tests.conftest import Site, make_site, start_process
 from tests.mqtt_probe import Probe

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config, ConfigError, Secrets, load_config, load_secrets
-from gateway.procs import child_env, gateway_command
+from sim.procs import child_env, gateway_command
 
 EXAMPLE = Path(str(resources.files("gateway").joinpath("data/gateway.example.toml")))
 SECRETS = ('device_signing_key = "0123456789abcdef"\njwt_secret = "' + "j" * 40

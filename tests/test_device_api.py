@@ -9,10 +9,10 @@ from importlib import resources
 
 import pytest
 
-from gateway.demo import ensure_demo_user
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
 from gateway.store import open_database
 from gateway.store.models import Device, DeviceConfig, EventLogItem, OutboxEvent
+from sim.demo import ensure_demo_user
 from tests.clients import http_json
 from tests.conftest import Proc, Site
 from web.context import STATUS_CONNECTED
@@ -162,7 +162,7 @@ def test_event_log_upload_dedup_mismatch_limits(api: str, site: Site) -> None:
 
 
 def test_streaming_presence_online_offline_and_bad_messages(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from gateway.signing import sign_mqtt
+    from gateway.access.signing import sign_mqtt
     from tests.conftest import make_site, start_process
     from tests.mqtt_probe import Probe
 
@@ -218,11 +218,11 @@ def test_presence_saved_in_batches_with_history_over_every_message(tmp_path) -> 
     """SD-card wear: only the online transition is written at once; last seen and rssi wait for
     the next save (here: the orderly stop), and the history bucket covers every message. The web
     shows the live values meanwhile (`gateway/live/{device_id}`)."""
+    from gateway.access.signing import sign_mqtt
     from gateway.clock import iso_z
-    from gateway.demo import ensure_demo_user
-    from gateway.signing import sign_mqtt
     from gateway.store import open_database
     from gateway.store.models import Device, DeviceStatusSample
+    from sim.demo import ensure_demo_user
     from tests.conftest import make_site, start_process
     from tests.mqtt_probe import Probe
 
@@ -285,7 +285,7 @@ def login(api: str) -> dict[str, str]:
 
 
 def test_claim_and_reject_need_a_technician(api: str, site: Site) -> None:
-    from gateway.demo import ensure_demo_user
+    from sim.demo import ensure_demo_user
 
     ensure_demo_user(site.config_path)
     pin = post(api + "/api/v1/devices/need-register", REGISTER_BODY)[1]["data"]["pin"]
@@ -354,7 +354,7 @@ def test_upload_is_on_disk_when_the_201_arrives(api: str, site: Site, web: Proc)
 
 
 def test_pairing_window_when_required(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from gateway.demo import ensure_demo_user
+    from sim.demo import ensure_demo_user
     from tests.conftest import make_site, start_process
     from tests.mqtt_probe import Probe
 

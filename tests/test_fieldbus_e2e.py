@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from gateway.demo import ensure_demo_user, free_port
-from gateway.procs import gateway_command
-from plc.pty import SocatPair
-from plc.simulator import PlcSimulator
+from sim.demo import ensure_demo_user, free_port
+from sim.plc import PlcSimulator
+from sim.procs import gateway_command
+from sim.pty import SocatPair
 from tests.clients import http_json
 from tests.conftest import make_site, start_process
 from tests.mqtt_probe import Probe

@@ -29,7 +29,7 @@ from plc.frames import (
     tcp_frame,
 )
 from plc.profile import builtin_profiles
-from plc.pty import SocatPair
+from sim.pty import SocatPair
 from tests.scripted_plc import ScriptedRtuPlc, ScriptedTcpPlc
 from tests.test_plc import Collector
 

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from gateway.demo import ensure_demo_user
-from gateway.fleet import Fleet
-from gateway.signing import parse_signed_mqtt, sign_mqtt
+from gateway.access.signing import parse_signed_mqtt, sign_mqtt
+from sim.demo import ensure_demo_user
+from sim.fleet import Fleet
 from tests.clients import http_json
 from tests.conftest import Site, make_site, start_process
 from tests.mqtt_probe import Probe

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, ensure_demo_user, free_port
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY, ensure_demo_user, free_port
 from tests.conftest import REPO, Proc, Site, make_site
 from tests.fuzzing import REGRESSIONS, Report, Target, replay, site_toml
 from web.context import STATUS_CONNECTED

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway import users
+from gateway.access import users
 from gateway.core.app import CoreApp
-from gateway.gpio import GpioUnavailable, board_model, import_lgpio, led_pattern, select_pin_factory
-from gateway.sdnotify import Notifier
+from gateway.core.gpio import GpioUnavailable, board_model, import_lgpio, led_pattern, select_pin_factory
+from gateway.core.sdnotify import Notifier
 from tests.conftest import Site, make_site
 
 LED, BUTTON = 17, 27
@@ -84,7 +84,7 @@ async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplo
         # Held 10 s (the mock's hold timer is real time; the button's hold_time is shortened here):
         # a one-time code goes to the log and sets a password once.
         gpio.button.hold_time = 0.05
-        with caplog.at_level(logging.WARNING, logger="gateway.recovery"):
+        with caplog.at_level(logging.WARNING, logger="gateway.access.recovery"):
             mock_pins.pin(BUTTON).drive_low()
             await _until(lambda: gpio.long_presses == 1)
             mock_pins.pin(BUTTON).drive_high()
@@ -111,7 +111,7 @@ async def test_no_gpio_is_a_logged_no_op(tmp_path, caplog) -> None:  # type: ign
     Device.pin_factory = None
     app = CoreApp(site.config, site.secrets, Notifier({}))
     stop = asyncio.Event()
-    with caplog.at_level(logging.WARNING, logger="gateway.gpio"):
+    with caplog.at_level(logging.WARNING, logger="gateway.core.gpio"):
         task = asyncio.create_task(app.run(stop))
         await asyncio.wait_for(app.ready.wait(), 10)
         stop.set()
@@ -206,7 +206,7 @@ async def test_core_logs_the_factory_in_use(tmp_path, mock_pins, caplog) -> None
     site: Site = make_site(tmp_path / "site", f"[gpio]\nenabled = true\nled_pin = {LED}\n")
     app = CoreApp(site.config, site.secrets, Notifier({}))
     stop = asyncio.Event()
-    with caplog.at_level(logging.INFO, logger="gateway.gpio"):
+    with caplog.at_level(logging.INFO, logger="gateway.core.gpio"):
         task = asyncio.create_task(app.run(stop))
         await asyncio.wait_for(app.ready.wait(), 10)
         stop.set()

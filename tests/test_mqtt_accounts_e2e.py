@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.procs import child_env, gateway_command
+from sim.procs import child_env, gateway_command
 from tests.conftest import SHARED_SPEC
 from tests.test_wash_e2e import WashSite, status_of, wash_site
 

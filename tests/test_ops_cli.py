@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from gateway.procs import child_env, gateway_command
+from sim.procs import child_env, gateway_command
 from tests.conftest import Site, start_process
 from tests.test_uplink_e2e import signed_post
 from web.context import STATUS_CONNECTED

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.procs import NotifySocket, stop_process
+from sim.procs import NotifySocket, stop_process
 from tests.clients import http_json
 from tests.mqtt_probe import Probe
 

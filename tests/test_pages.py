@@ -12,8 +12,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from gateway.config import load_config, load_secrets
-from gateway.demo import ensure_demo_user, free_port, write_demo_site
 from gateway.store import migrate, open_database
+from sim.demo import ensure_demo_user, free_port, write_demo_site
 from web.app import create_app
 
 PAGES = ("/", "/devices", "/bulk", "/commands", "/money", "/firmware-store", "/cloud", "/diagnostics",

@@ -8,13 +8,13 @@ import json
 import time
 from typing import Any
 
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY
-from gateway.outbox import stored_events
-from gateway.promptpay import check_emv, satang_from_decimal_js
-from gateway.signing import http_signature, parse_signed_mqtt
+from gateway.access.signing import http_signature, parse_signed_mqtt
+from gateway.payments.promptpay import check_emv, satang_from_decimal_js
 from gateway.store import open_database
 from gateway.store.models import OutboxEvent, Payment
+from gateway.store.outbox import stored_events
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY
 from tests.clients import http_json
 from tests.conftest import Site, make_site, start_process
 from tests.mqtt_probe import Probe

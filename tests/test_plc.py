@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import free_port
 from plc.bus import BayAddress, BusScheduler, BusSettings, PlcError, PollResult, inter_frame_gap
+from plc.link import LinkDown, SerialLink
 from plc.profile import (
     DecodeError,
     ProfileError,
@@ -22,9 +22,9 @@ from plc.profile import (
     load_profiles,
     next_seq,
 )
-from plc.link import LinkDown, SerialLink
-from plc.pty import SocatPair
-from plc.simulator import PlcSimulator
+from sim.demo import free_port
+from sim.plc import PlcSimulator
+from sim.pty import SocatPair
 
 P = builtin_profiles()["washbay-v1"]
 

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway.demo import free_port
-from plc.pty import SocatPair
+from sim.demo import free_port
+from sim.pty import SocatPair
 from tests.plcs import KINDS, NoReply, ProcessPlc, RawClient, crc16, make_plc
 
 T = TypeVar("T")

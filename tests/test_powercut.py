@@ -41,7 +41,7 @@ def test_init_secrets_survives_a_power_cut(tmp_path: Path, replace: bool) -> Non
     import tomllib
 
     from bench.powerfs import PowerFs
-    from gateway.procs import gateway_command
+    from sim.procs import gateway_command
 
     fs = PowerFs(tmp_path / "medium", tmp_path / "etc", tmp_path / "ctl.sock", tmp_path / "powerfs.log")
     fs.mount()
@@ -74,7 +74,7 @@ def test_first_firmware_image_survives_a_power_cut(tmp_path: Path) -> None:
 
     from bench import chaos
     from bench.powerfs import PowerFs
-    from gateway.demo import DEMO_USER, ensure_demo_user, free_port, write_demo_site
+    from sim.demo import DEMO_USER, ensure_demo_user, free_port, write_demo_site
 
     fs = PowerFs(tmp_path / "medium", tmp_path / "mnt", tmp_path / "ctl.sock", tmp_path / "powerfs.log")
     web_port = free_port()

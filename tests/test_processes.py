@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from gateway.core.app import CoreApp
-from gateway.demo import WEB_CONNECTED
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
-from gateway.sdnotify import Notifier
+from gateway.core.sdnotify import Notifier
+from sim.demo import WEB_CONNECTED
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
 from tests.clients import http_json
 from tests.conftest import Proc, Site, start_demo, start_process
 from tests.mqtt_probe import Probe

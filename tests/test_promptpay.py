@@ -15,7 +15,7 @@ from importlib import resources
 
 import pytest
 
-from gateway.promptpay import (
+from gateway.payments.promptpay import (
     build_promptpay,
     check_emv,
     crc16_ccitt,

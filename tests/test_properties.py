@@ -10,11 +10,11 @@ from pathlib import Path
 
 from hypothesis import example, given, settings, strategies as st
 
+from gateway.access.signing import SignatureError, Verdict, http_signature, parse_signed_mqtt, sign_mqtt, verify_http
 from gateway.commands.tracker import parse_ack
 from gateway.config import Config, ConfigError, load_config
 from gateway.devices.validate import Invalid
-from gateway.promptpay import build_promptpay, check_emv
-from gateway.signing import SignatureError, Verdict, http_signature, parse_signed_mqtt, sign_mqtt, verify_http
+from gateway.payments.promptpay import build_promptpay, check_emv
 from plc.profile import DecodeError, builtin_profiles, decode_status
 
 KEY = "modernchabackdoor"

@@ -8,7 +8,15 @@ from importlib import resources
 
 import pytest
 
-from gateway.signing import SignatureError, Verdict, compact, http_signature, parse_signed_mqtt, sign_mqtt, verify_http
+from gateway.access.signing import (
+    SignatureError,
+    Verdict,
+    compact,
+    http_signature,
+    parse_signed_mqtt,
+    sign_mqtt,
+    verify_http,
+)
 from tests.conftest import SHARED_SPEC
 
 V = json.loads(resources.files("gateway").joinpath("data/spec-vectors.json").read_text())

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from gateway.demo import ensure_demo_user
-from gateway.procs import child_env, gateway_command
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
+from sim.demo import ensure_demo_user
+from sim.procs import child_env, gateway_command
 from tests.clients import http_json
 from tests.conftest import Proc, Site, make_site, start_process
 from web.context import STATUS_CONNECTED
@@ -183,7 +183,7 @@ def _api(gw: Gateway, token: str) -> int:
 
 
 def test_removal_disabling_password_change_and_logout_end_page_and_api_sessions(gw: Gateway) -> None:
-    from gateway import users
+    from gateway.access import users
     from gateway.store import open_database
 
     assert gw.cli("user", "add", "tech1", "--password-stdin", stdin="first-pass\n").returncode == 0

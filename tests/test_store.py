@@ -17,10 +17,10 @@ from gateway.clock import utc_now
 from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
 from gateway.devices.registry import upload_logs
 from gateway.devices.validate import log_upload
-from gateway.outbox import add_event, state_is, stored_events
 from gateway.store import LATEST, SchemaError, current_version, migrate, open_database, schema_status, write_tx
 from gateway.store.migrations import MIGRATIONS
 from gateway.store.models import MODELS, Device, EventLogItem, OutboxEvent, SchemaVersion
+from gateway.store.outbox import add_event, state_is, stored_events
 from gateway.uplink import OutboxDrainer
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.procs import stop_process
+from sim.procs import stop_process
 from tests.conftest import start_demo
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

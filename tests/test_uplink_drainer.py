@@ -23,14 +23,14 @@ import pytest
 from peewee import SqliteDatabase
 
 from gateway.clock import utc_now
-from gateway.cloudsim import CloudSim
 from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
-from gateway.outbox import add_event
-from gateway.procs import child_env, stop_process
 from gateway.store import migrate, open_database, write_tx
 from gateway.store.models import OutboxEvent, OutboxPayload
+from gateway.store.outbox import add_event
 from gateway.uplink import OutboxDrainer
 from gateway.uplink.drainer import KEY_ENV
+from sim.cloud import CloudSim
+from sim.procs import child_env, stop_process
 
 KEY = "uplink-test-key"
 SITE = "site-7"

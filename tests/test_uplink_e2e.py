@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.cloudsim import CloudSim
-from gateway.demo import DEMO_CLOUD_KEY, ensure_demo_user
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
 from gateway.store import open_database
 from gateway.store.models import OutboxEvent
+from sim.cloud import CloudSim
+from sim.demo import DEMO_CLOUD_KEY, ensure_demo_user
 from tests.clients import http_json
 from tests.conftest import Proc, Site, make_site, start_process
 from tests.test_commands_e2e import token_for

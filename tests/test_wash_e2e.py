@@ -1,7 +1,7 @@
 """Wash bays end to end: REST or MQTT command → core → Modbus (PLC simulator on a socat pty pair
 and on TCP) → status on MQTT (retained), Socket.IO (npm socket.io-client) and SSE → history/stats.
 
-Every test runs against both PLC simulators (tests/plcs.py): "project" (plc/simulator.py, pymodbus,
+Every test runs against both PLC simulators (tests/plcs.py): "project" (sim/plc.py, pymodbus,
 in the test's event loop) and "independent" (sim/plc_umodbus.py, umodbus, its own process, written
 from the register map). Faults are injected through the same controls on both; the core and the
 web are the real processes. Blocking clients run through asyncio.to_thread.
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from gateway.demo import WEB_CONNECTED, free_port
-from plc.pty import SocatPair
+from sim.demo import WEB_CONNECTED, free_port
+from sim.pty import SocatPair
 from tests.clients import SocketIoClient, SseReader, http_json
 from tests.conftest import Proc, Site, make_site, start_process
 from tests.mqtt_probe import Probe
@@ -282,9 +282,9 @@ def _sessions(site: Site) -> list[dict[str, Any]]:
 
 def _stored(site: Site, bay: str) -> tuple[str, list[str]]:
     """The bay row's state and the bay's wash.status outbox events (oldest first)."""
-    from gateway.outbox import stored_events
     from gateway.store import open_database
     from gateway.store.models import Bay, OutboxEvent
+    from gateway.store.outbox import stored_events
 
     db = open_database(site.config.paths.database)
     try:
@@ -376,8 +376,8 @@ async def test_bus_scan_from_the_cli_and_the_api(tmp_path: Path, kind: str) -> N
     absent ones time out, and the polls go on."""
     import subprocess
 
-    from gateway.demo import ensure_demo_user
-    from gateway.procs import child_env, gateway_command
+    from sim.demo import ensure_demo_user
+    from sim.procs import child_env, gateway_command
     from tests.test_commands_e2e import token_for
 
     async with wash_site(tmp_path, kind) as ws:

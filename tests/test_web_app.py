@@ -97,8 +97,8 @@ def test_openapi_lists_every_route_documented(app: Flask) -> None:
 def test_device_api_rate_limit_per_address() -> None:
     """Token buckets: a burst passes, then 429 with Retry-After; other addresses and the exempt
     ones are unaffected; refills with time; memory bounded."""
-    from gateway import ratelimit
-    from gateway.ratelimit import RateLimiter
+    from gateway.access import ratelimit
+    from gateway.access.ratelimit import RateLimiter
 
     rl = RateLimiter(rate=2.0, burst=3, exempt=("127.0.0.1",))
     assert [rl.check("10.0.0.5", now=100.0) for _ in range(3)] == [0.0, 0.0, 0.0]

@@ -4,7 +4,7 @@
 `POST /api/v1/mqtt-accounts/{username} {password?, role?}`, `DELETE /api/v1/mqtt-accounts/{username}`.
 Passwords are hashed (argon2id) in the request's thread, then written through the web's writer;
 the core's broker takes a change up within a second and cuts the connections of an account that
-was removed or changed (gateway.mqtt_accounts). Hashes never leave the store.
+was removed or changed (gateway.access.mqtt_accounts). Hashes never leave the store.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from gateway import mqtt_accounts
-from gateway.mqtt_accounts import ROLES, AccountError, AccountExists, NoAccount
+from gateway.access import mqtt_accounts
+from gateway.access.mqtt_accounts import ROLES, AccountError, AccountExists, NoAccount
 from web.auth import require_technician
 from web.body import read_json
 from web.context import ctx, require_db

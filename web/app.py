@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Flask, request
 from flask_socketio import SocketIO
 
+from gateway.access.ratelimit import RateLimiter, retry_after
 from gateway.config import Config, Secrets
-from gateway.ratelimit import RateLimiter, retry_after
 from web import access, auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
 from web.context import WebContext, ctx
 from web.cors import OriginPolicy

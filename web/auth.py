@@ -17,10 +17,10 @@ from typing import Any
 import jwt
 from flask import Blueprint, current_app, jsonify, request
 
-from gateway import users
+from gateway.access import users
+from gateway.access.ratelimit import RateLimiter, retry_after
 from gateway.clock import iso_z
 from gateway.config import Config
-from gateway.ratelimit import RateLimiter, retry_after
 from web.body import read_json
 from web.context import ctx
 from web.errors import ApiError

@@ -15,12 +15,12 @@ from typing import Any
 from flask import Flask, current_app
 from peewee import SqliteDatabase
 
-from gateway.bus.client import BusClient
-from gateway.bus.topics import COMMAND_EVENTS_FILTER
 from gateway.clock import iso_z
 from gateway.config import Config, Secrets
+from gateway.core.sdnotify import Notifier
 from gateway.devices.pairing import PAIRING_TOPIC
-from gateway.sdnotify import Notifier
+from gateway.mqtt.client import BusClient
+from gateway.mqtt.topics import COMMAND_EVENTS_FILTER
 from gateway.store import open_database, schema_status
 from web.live import LIVE_PRESENCE_FILTER, WASH_STATUS_FILTER, CommandFeed, PresenceFeed, WashFeed
 from web.writer import GroupWriter
@@ -141,8 +141,8 @@ def require_db() -> SqliteDatabase:
 
 def ask_core(method: str, params: dict[str, Any], *, timeout: float | None = None) -> Any:
     """An RPC to the core; its refusal becomes the same HTTP error, silence a 503."""
-    from gateway.bus.client import BusUnavailable, RpcTimeout
-    from gateway.bus.rpc import RpcError
+    from gateway.mqtt.client import BusUnavailable, RpcTimeout
+    from gateway.mqtt.rpc import RpcError
     from web.errors import ApiError
 
     c = ctx()

@@ -12,10 +12,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from gateway.access.signing import Verdict, verify_http
 from gateway.clock import iso_z, utc_now
 from gateway.devices import validate
 from gateway.devices.registry import ClaimRefused, DeviceNotFound, claim, register, reject, report_configs, upload_logs
-from gateway.signing import Verdict, verify_http
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
 from web.auth import require_technician
 from web.body import raw_body, read_json

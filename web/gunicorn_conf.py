@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.config import config_path, load_config
-from gateway.logsetup import setup_logging
+from gateway.core.logsetup import setup_logging
 
 _cfg = load_config(config_path())
 

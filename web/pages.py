@@ -23,7 +23,6 @@ from markupsafe import Markup, escape
 
 from gateway.clock import iso_z, utc_now
 from gateway.devices.schemas import SCHEMA_FILES, schema
-from gateway.outbox import state_is
 from gateway.store.models import (
     Command,
     Device,
@@ -34,6 +33,7 @@ from gateway.store.models import (
     Payment,
     WashSession,
 )
+from gateway.store.outbox import state_is
 from web.auth import (
     CSRF_COOKIE,
     TOKEN_COOKIE,

@@ -19,14 +19,14 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from gateway.bus.client import BusUnavailable, RpcTimeout
-from gateway.bus.rpc import RpcError
 from gateway.clock import iso_z, utc_now
 from gateway.devices import validate
-from gateway.outbox import add_event
+from gateway.mqtt.client import BusUnavailable, RpcTimeout
+from gateway.mqtt.rpc import RpcError
 from gateway.payments.cloud import CloudRefused, CloudUnavailable, PaymentsClient
-from gateway.promptpay import check_emv, satang_from_decimal_js
+from gateway.payments.promptpay import check_emv, satang_from_decimal_js
 from gateway.store.models import Device, Payment
+from gateway.store.outbox import add_event
 from web.body import raw_body
 from web.context import ctx
 from web.device_api import DEVICE_ID, SIGNED_ERRORS, _body, _write, verify_signature

@@ -18,9 +18,9 @@ from peewee import SQL, SqliteDatabase, fn
 
 from gateway.clock import iso_z, utc_now
 from gateway.commands.tracker import FINAL, DeviceResult, Tracked, Update
-from gateway.outbox import add_events
 from gateway.store import write_tx
 from gateway.store.models import BulkOperation, Command, CommandResult, Device, OperationEvent
+from gateway.store.outbox import add_events
 
 CHUNK = 400  # ids per IN (...) / rows per multi-row insert (SQLite allows 32766 variables)
 

@@ -32,9 +32,7 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway.bus.broker import LocalBus
-from gateway.bus.rpc import AfterReply, RpcError, RpcServer
-from gateway.bus.topics import COMMAND_EVENTS, DEVICE_COMMAND
+from gateway.access.signing import SignatureError, parse_signed_mqtt, sign_mqtt
 from gateway.clock import epoch_ms, utc_now
 from gateway.commands import catalogue
 from gateway.commands.persist import CommandStore, StoredEvent
@@ -43,7 +41,9 @@ from gateway.config import Config, Secrets
 from gateway.devices.badmessages import BadMessages
 from gateway.devices.validate import DEVICE_ID_RE, Invalid
 from gateway.droplog import Drops
-from gateway.signing import SignatureError, parse_signed_mqtt, sign_mqtt
+from gateway.mqtt.broker import LocalBus
+from gateway.mqtt.rpc import AfterReply, RpcError, RpcServer
+from gateway.mqtt.topics import COMMAND_EVENTS, DEVICE_COMMAND
 
 log = logging.getLogger(__name__)
 

@@ -19,21 +19,22 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway import __version__, mqtt_accounts
-from gateway.bus.broker import BrokerSettings, LocalBus
-from gateway.bus.rpc import RpcError, RpcServer
-from gateway.bus.topics import HEALTH, STATUS
+from gateway import __version__
+from gateway.access import mqtt_accounts
+from gateway.access.recovery import RecoveryCodes
 from gateway.clock import iso_z
 from gateway.commands.service import CommandService
 from gateway.config import Config, MqttConfig, Secrets
+from gateway.core.gpio import PAIRING_SEC, GpioService
+from gateway.core.sdnotify import Notifier
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.badmessages import BadMessages
 from gateway.devices.pairing import PairingWindow
 from gateway.devices.presence import PresenceService
-from gateway.gpio import PAIRING_SEC, GpioService
+from gateway.mqtt.broker import BrokerSettings, LocalBus
+from gateway.mqtt.rpc import RpcError, RpcServer
+from gateway.mqtt.topics import HEALTH, STATUS
 from gateway.payments.follower import PaymentFollower
-from gateway.recovery import RecoveryCodes
-from gateway.sdnotify import Notifier
 from gateway.store import migrate, open_database
 from gateway.uplink.bridge import BridgeSettings, CloudBridge, is_forwarded
 from gateway.uplink.drainer import OutboxDrainer
@@ -59,9 +60,9 @@ def _log_stuck(what: str) -> None:
 
 def _dead_letters(db: SqliteDatabase | None, seqs: list[int], action: str) -> int:
     """Requeue (pending again, attempts reset) or discard dead outbox events; others are untouched."""
-    from gateway.outbox import state_is
     from gateway.store import write_tx
     from gateway.store.models import OutboxEvent
+    from gateway.store.outbox import state_is
 
     assert db is not None
     with write_tx(db):

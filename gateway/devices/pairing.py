@@ -14,9 +14,9 @@ import logging
 import time
 from typing import Any
 
-from gateway.bus.broker import LocalBus
-from gateway.bus.rpc import RpcError, RpcServer
 from gateway.clock import iso_z, utc_now
+from gateway.mqtt.broker import LocalBus
+from gateway.mqtt.rpc import RpcError, RpcServer
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway.bus.broker import LocalBus
+from gateway.access.signing import SignatureError, parse_signed_mqtt
 from gateway.clock import iso_z, utc_now
 from gateway.config import Config, Secrets
 from gateway.devices.badmessages import BadMessages
 from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
 from gateway.droplog import Drops
-from gateway.outbox import add_event
-from gateway.signing import SignatureError, parse_signed_mqtt
+from gateway.mqtt.broker import LocalBus
 from gateway.store import write_tx
 from gateway.store.models import Device, DeviceLifecycleEvent, DeviceStatusSample
+from gateway.store.outbox import add_event
 
 log = logging.getLogger(__name__)
 

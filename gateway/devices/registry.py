@@ -17,9 +17,9 @@ from peewee import SqliteDatabase
 
 from gateway.clock import iso_z, utc_now
 from gateway.devices.validate import Lifecycle, LogItem, Registration, device_id_for, device_type
-from gateway.outbox import add_event
 from gateway.store import write_tx
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem, tuple_rows
+from gateway.store.outbox import add_event
 
 # How stale a device's stored last_seen_at may be before an upload rewrites it (presence writes it
 # every minute for devices that stream).

@@ -13,7 +13,7 @@ import socket
 import urllib.parse
 from typing import Any
 
-from gateway.signing import http_signature
+from gateway.access.signing import http_signature
 
 PAYMENTS_PATH = "/api/v1/payment-gateway/payments"
 

@@ -28,16 +28,16 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway.bus.broker import LocalBus
-from gateway.bus.rpc import RpcError, RpcServer
-from gateway.bus.topics import PAYMENT_STATUS
+from gateway.access.signing import sign_mqtt
 from gateway.clock import epoch_ms, iso_z, utc_now
 from gateway.config import Config, Secrets
-from gateway.outbox import add_event
+from gateway.mqtt.broker import LocalBus
+from gateway.mqtt.rpc import RpcError, RpcServer
+from gateway.mqtt.topics import PAYMENT_STATUS
 from gateway.payments.cloud import CloudRefused, CloudUnavailable, PaymentsClient
-from gateway.signing import sign_mqtt
 from gateway.store import write_tx
 from gateway.store.models import Payment
+from gateway.store.outbox import add_event
 
 log = logging.getLogger(__name__)
 

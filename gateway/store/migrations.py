@@ -145,7 +145,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE "coalesce_key" IS NOT NULL AND "state" = 'pending'""",
             # The payload (kilobytes, on overflow pages) in a table of its own, written once: marking
             # an event sent changes the length of its row, and SQLite rewrites a row whose length
-            # changed in full, overflow pages and all. New payloads are zlib BLOBs (gateway.outbox).
+            # changed in full, overflow pages and all. New payloads are zlib BLOBs (gateway.store.outbox).
             """CREATE TABLE "outbox_payload" ("seq" INTEGER NOT NULL PRIMARY KEY, "payload" BLOB NOT NULL,
             FOREIGN KEY ("seq") REFERENCES "outbox_event" ("seq") ON DELETE CASCADE)""",
             'INSERT INTO "outbox_payload" ("seq", "payload") SELECT "seq", "payload" FROM "outbox_event"',
@@ -176,7 +176,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             # Tokens carry the version; bumping it ends every session of the account (web/auth.py).
             'ALTER TABLE "technician_user" ADD COLUMN "token_version" INTEGER NOT NULL DEFAULT 0',
-            # Programs on the site LAN (wash backend, dashboards) with a role each (gateway/mqtt_accounts.py).
+            # Programs on the site LAN (wash backend, dashboards) with a role each (gateway/access/mqtt_accounts.py).
             """CREATE TABLE "mqtt_account" ("id" INTEGER NOT NULL PRIMARY KEY, "username" TEXT NOT NULL,
             "password_hash" TEXT NOT NULL, "role" TEXT NOT NULL, "generation" INTEGER NOT NULL DEFAULT 0,
             "created_at" DATETIME NOT NULL, "changed_at" DATETIME NOT NULL)""",

@@ -295,7 +295,7 @@ class OutboxEvent(BaseModel):
 
 class OutboxPayload(BaseModel):
     """The event JSON of an outbox event as it is sent: TEXT, or zlib-compressed as a BLOB
-    (`gateway.outbox.payload_bytes` reads both); written once, deleted with its event.
+    (`gateway.store.outbox.payload_bytes` reads both); written once, deleted with its event.
     owner: as OutboxEvent."""
 
     seq = ForeignKeyField(OutboxEvent, column_name="seq", primary_key=True, on_delete="CASCADE")

@@ -72,11 +72,11 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
+from gateway.access.signing import http_signature
 from gateway.clock import epoch_s, iso_z, utc_now
 from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
-from gateway.outbox import payload_bytes
-from gateway.signing import http_signature
 from gateway.store.db import write_tx
+from gateway.store.outbox import payload_bytes
 
 log = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway.bus.broker import LocalBus
-from gateway.bus.rpc import RpcError, RpcServer
-from gateway.bus.topics import WASH_CMD, WASH_CMD_FILTER, WASH_CMD_RESULT, WASH_STATUS
 from gateway.clock import iso_z
 from gateway.config import BusConfig, Config
-from gateway.outbox import add_event
+from gateway.mqtt.broker import LocalBus
+from gateway.mqtt.rpc import RpcError, RpcServer
+from gateway.mqtt.topics import WASH_CMD, WASH_CMD_FILTER, WASH_CMD_RESULT, WASH_STATUS
 from gateway.store import write_tx
 from gateway.store.models import Bay, BayReset, WashSession
+from gateway.store.outbox import add_event
 from gateway.wash.machine import (
     BayMachine,
     CloseSession,

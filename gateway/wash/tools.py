@@ -19,8 +19,8 @@ BY_ID = "/dev/serial/by-id"
 
 def _core_call(cfg: Config, tool: str, method: str, params: dict[str, Any], timeout: float) -> Any:
     """One RPC to the running core; prints the reason and returns None when it cannot be made."""
-    from gateway.bus.client import BusClient, BusUnavailable, RpcTimeout
-    from gateway.bus.rpc import RpcError
+    from gateway.mqtt.client import BusClient, BusUnavailable, RpcTimeout
+    from gateway.mqtt.rpc import RpcError
 
     secrets = load_secrets(cfg)
     host = "127.0.0.1" if cfg.mqtt.bind in ("0.0.0.0", "::", "") else cfg.mqtt.bind

@@ -4,7 +4,7 @@ GPIO pin, for HATs without automatic direction control.
 The pin is raised before the first byte of a frame and lowered once the UART has sent the last
 stop bit (`tcdrain`), so the PLC's answer is not talked over. pymodbus writes without blocking;
 a frame written only in part keeps the driver on until its end is written. The pin is a gpiozero
-`DigitalOutputDevice` on the pin factory the core chooses (`gateway.gpio.ensure_pin_factory`: lgpio,
+`DigitalOutputDevice` on the pin factory the core chooses (`gateway.core.gpio.ensure_pin_factory`: lgpio,
 or native up to the Pi 4); without one the port cannot open, with the reason.
 """
 
@@ -34,7 +34,7 @@ class Serial(serial.Serial):
             raise serial.SerialException(f"{url}: needs ?pin=N (BCM number of the DE/RE pin)") from None
         from gpiozero import DigitalOutputDevice
 
-        from gateway.gpio import ensure_pin_factory
+        from gateway.core.gpio import ensure_pin_factory
 
         if self._de is not None:
             self._de.close()

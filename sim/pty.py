@@ -20,7 +20,7 @@ class SocatPair:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
         self.gateway_path = str(self.dir / "gateway.pty")
-        self.plc_path = str(self.dir / "plc.pty")
+        self.plc_path = str(self.dir / "sim.pty")
         self.proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
 

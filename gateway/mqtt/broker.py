@@ -4,7 +4,7 @@ Who may do what (docs/security.md explains why):
 - The gateway's own services log in as `mqtt.internal_username` with the internal password from
   the secrets file: they may publish and subscribe anything.
 - Programs of the site (a wash backend, dashboards) log in with an MQTT account
-  (`gateway.mqtt_accounts`: argon2id hash, a role that is a fixed ACL). The core hands the accounts
+  (`gateway.access.mqtt_accounts`: argon2id hash, a role that is a fixed ACL). The core hands the accounts
   to `LocalBus.reload_accounts()` at start and whenever the table changed; connections of an
   account that was removed or changed are closed at once, and every ACL check looks the account up
   again, so a removed account loses its rights even before its connection is gone.
@@ -55,10 +55,10 @@ from amqtt.errors import AMQTTError
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import ApplicationMessage, Session
 
-from gateway.bus.topics import is_valid_filter, matches
+from gateway.access.mqtt_accounts import ROLES, Account, Role
+from gateway.access.ratelimit import RateLimiter
 from gateway.droplog import Drops
-from gateway.mqtt_accounts import ROLES, Account, Role
-from gateway.ratelimit import RateLimiter
+from gateway.mqtt.topics import is_valid_filter, matches
 
 log = logging.getLogger(__name__)
 

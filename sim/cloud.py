@@ -10,7 +10,7 @@ two cloud interfaces the gateway uses (uplink.md, device-api.md §3):
   arrival order, globally and per partition (`default_partition`: the payload's `device_id`, else
   `bay_id`).
 - `POST /api/v1/payment-gateway/payments` creates a PromptPay charge and answers in the seed's
-  shape (`payment_results.chargeId`, `encodedImage.rawData` built by `gateway.promptpay`,
+  shape (`payment_results.chargeId`, `encodedImage.rawData` built by `gateway.payments.promptpay`,
   `expiry`, the amount as decimal.js JSON); `GET .../payments/{chargeId}/status` answers
   `{chargeId, status}`. A charge stays PENDING until told otherwise (`pay`/`fail`/`cancel`, from
   Python or `POST /_sim/payments/{chargeId}/pay|fail|cancel`, or the buttons of `GET /_sim/`) or
@@ -26,7 +26,7 @@ every API answer. `stats()` (also `GET /_sim/stats`) gives the counters.
 
 Threads: `start()` runs a `ThreadingHTTPServer` in a thread; `stop()` closes every connection,
 releases held requests and joins every thread it started. The constructor does no I/O.
-CLI: `python -m gateway.cloudsim --port N --site-key KEY` prints its URL and runs until SIGTERM or
+CLI: `python -m sim.cloud --port N --site-key KEY` prints its URL and runs until SIGTERM or
 SIGINT.
 """
 
@@ -53,8 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, Self
 
-from gateway.promptpay import build_promptpay, decimal_js
-from gateway.signing import Verdict, verify_http
+from gateway.access.signing import Verdict, verify_http
+from gateway.payments.promptpay import build_promptpay, decimal_js
 
 log = logging.getLogger(__name__)
 
@@ -784,7 +784,7 @@ class CloudSim:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.cloudsim", description="Run the cloud simulator.")
+    ap = argparse.ArgumentParser(prog="python -m sim.cloud", description="Run the cloud simulator.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0: an ephemeral port (printed)")
     ap.add_argument("--site-key", required=True, help="the site's signing key (x-signature)")

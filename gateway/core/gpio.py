@@ -5,7 +5,7 @@ unreachable; fast blink (0.15 s) = a PLC bus or bay is offline (it wins over the
 core is not running (the LED is released at stop, and a dead process drives nothing).
 Button (`gpio.button_pin`, to ground, internal pull-up): a short press opens the device pairing
 window for `PAIRING_SEC`; a press held `RECOVERY_HOLD_SEC` starts technician-access recovery (a
-one-time login code written to the journal, see `gateway/recovery.py`).
+one-time login code written to the journal, see `gateway/access/recovery.py`).
 Without GPIO (not a Pi, no pin factory) or with `gpio.enabled = false`, everything here is a no-op
 logged once. gpiozero calls back on its own thread; the callbacks are handed to the event loop.
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.access.signing import SignatureError, http_signature, parse_signed_mqtt, sign_mqtt
 from gateway.devices.validate import MAX_ITEMS as UPLOAD_MAX_ITEMS  # device-api.md: 1-1000 items per upload
-from gateway.signing import SignatureError, http_signature, parse_signed_mqtt, sign_mqtt
 
 log = logging.getLogger(__name__)
 

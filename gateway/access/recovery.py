@@ -19,8 +19,8 @@ from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway import users
-from gateway.bus.rpc import RpcError, RpcServer
+from gateway.access import users
+from gateway.mqtt.rpc import RpcError, RpcServer
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.bus.rpc import RpcError
-from gateway.bus.topics import HEALTH, RPC_REPLY, RPC_REQUEST, STATUS, matches
+from gateway.mqtt.rpc import RpcError
+from gateway.mqtt.topics import HEALTH, RPC_REPLY, RPC_REQUEST, STATUS, matches
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Reply on `reply_to`: `{"id": str, "ok": true, "result": ...}` or
 HTTP envelope's error code and status (device-api.md §1), so the web can relay a decision as is.
 Only the gateway's own users may use `gateway/#` (ACL), so requests come from the web or the
 cloud bridge. The server side lives in the core (`RpcServer`), the client side in any process
-with a paho connection (`BusClient.call()` in gateway/bus/client.py).
+with a paho connection (`BusClient.call()` in gateway/mqtt/client.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.bus.broker import LocalBus
-from gateway.bus.topics import RPC_REQUEST_FILTER
+from gateway.mqtt.broker import LocalBus
+from gateway.mqtt.topics import RPC_REQUEST_FILTER
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """MQTT accounts of programs on the site LAN (a wash backend, dashboards): roles, hashed passwords.
 
 Stored in `mqtt_account` (argon2id hashes, as technician accounts); written by the `mqtt-user` CLI
-and the technician page, read by the core's broker (`gateway.bus.broker`), which reloads the table
+and the technician page, read by the core's broker (`gateway.mqtt.broker`), which reloads the table
 every `RELOAD_SEC` and cuts the live connections of an account that was removed or changed
 (a password or role change bumps `generation`). A role is a fixed ACL:
 
@@ -23,8 +23,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from peewee import SqliteDatabase
 
-from gateway.bus.topics import covers, matches
 from gateway.clock import iso_z, utc_now
+from gateway.mqtt.topics import covers, matches
 from gateway.store import write_tx
 from gateway.store.models import MqttAccount, tuple_rows
 

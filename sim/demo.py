@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gateway.procs import NotifySocket, child_env, gateway_command, stop_process
-from plc.pty import SocatPair
+from sim.procs import NotifySocket, child_env, gateway_command, stop_process
+from sim.pty import SocatPair
 
 DEMO_USER = ("demo", "demo")
 READY_TIMEOUT = 60.0
@@ -47,7 +47,7 @@ DEMO_CLOUD_KEY = "demo-site-cloud-key"
 def write_demo_site(data_dir: Path, *, web_port: int, mqtt_port: int, extra_toml: str = "") -> Path:
     """Write gateway.toml and secrets.toml for a demo site; returns the config path. The cloud key
     is `DEMO_CLOUD_KEY` (used only when `extra_toml` sets `cloud.url`)."""
-    from gateway.cli import write_secrets
+    from gateway.config import write_secrets
 
     data_dir.mkdir(parents=True, exist_ok=True)
     write_secrets(data_dir / "secrets.toml", device_signing_key=spec_test_key(), cloud_key=DEMO_CLOUD_KEY)
@@ -77,7 +77,7 @@ port = {mqtt_port}
 
 
 def ensure_demo_user(config_file: Path) -> None:
-    from gateway import users
+    from gateway.access import users
     from gateway.config import load_config
     from gateway.store import migrate, open_database
     from gateway.store.models import TechnicianUser
@@ -145,7 +145,7 @@ def run_demo(data_dir: str | None = None, *, log_every: float | None = None,
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     procs: list[tuple[str, subprocess.Popen[Any]]] = []
     pty = SocatPair(root / "pty")
-    from gateway.cloudsim import CloudSim
+    from sim.cloud import CloudSim
 
     # The company cloud, simulated in this process: uplink events and QR payments (a charge is paid
     # from the simulator's page, or by itself after two minutes).

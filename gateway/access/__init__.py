@@ -1,0 +1,1 @@
+"""Who may do what: technician accounts and their recovery, MQTT accounts, device signatures, rate limits."""

@@ -1,3 +1,0 @@
-from plc.simulator import simulate_plc_main
-
-raise SystemExit(simulate_plc_main())

@@ -1,0 +1,3 @@
+from sim.plc import simulate_plc_main
+
+raise SystemExit(simulate_plc_main())
