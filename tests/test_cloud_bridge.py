@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from gateway.config import load_config
-from gateway.uplink.bridge import BridgeSettings, CloudBridge, backoff_delay, is_forwarded
+from gateway.uplink.bridge import BridgeSettings, CloudBridge, is_forwarded
 from sim.demo import free_port
 from tests.mqtt_probe import Msg, Probe
 
@@ -348,19 +348,6 @@ def test_only_bay_status_and_presence_transitions_go_to_the_cloud() -> None:
     for topic in ("gateway/live/dev-1", "wash/bay1/cmd", "wash/bay1/cmd/result", "gateway/presence/dev-1/x",
                   "gateway/health", "gateway/status", "device/dev-1/command", "server/dev-1/streaming"):
         assert not is_forwarded(topic), topic
-
-
-def test_backoff_is_jittered_and_bounded() -> None:
-    import random
-
-    rng = random.Random(7)
-    for failures in range(1, 20):
-        cap = min(60.0, 2.0 ** failures)
-        samples = [backoff_delay(failures, 1.0, 60.0, rng) for _ in range(200)]
-        assert all(1.0 <= d <= cap for d in samples), failures
-        if cap > 1.5:
-            assert max(samples) - min(samples) > (cap - 1.0) / 2, "no jitter"
-    assert backoff_delay(1000, 1.0, 60.0, rng) <= 60.0
 
 
 def test_settings_validate_and_default_client_id(tmp_path: Path) -> None:

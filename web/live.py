@@ -19,8 +19,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-WASH_STATUS_FILTER = "wash/+/status"
-LIVE_PRESENCE_FILTER = "gateway/live/+"
 SUBSCRIBER_QUEUE = 256
 
 
