@@ -76,8 +76,9 @@ class WashFeed:
 
 class CommandFeed:
     """Wakes SSE streams of a command when the core announces new events on
-    `gateway/commands/{command_id}/events`; the streams read the events from the store, so a
-    missed announcement only delays them to the next keepalive, never loses them."""
+    `gateway/commands/{command_id}/events` (the topic names the command; the payload carries
+    nothing more). The streams read the events from the store, so a missed announcement only
+    delays them to the next keepalive, never loses them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
