@@ -610,3 +610,22 @@ async def test_refused_login_is_retried_and_reported(tmp_path: Path) -> None:
         assert "refused the connection" in st["last_error"] and not st["connected"], st
     finally:
         broker.stop()
+
+
+def test_outbound_keeps_the_latest_payload_per_topic_until_its_puback() -> None:
+    from gateway.uplink.bridge_outbound import LatestPerTopic
+
+    out = LatestPerTopic(max_topics=2)
+    s1, dropped = out.put("a", b"1")
+    assert dropped is None
+    out.sent(10, "a", s1)
+    s2, _ = out.put("a", b"2")  # newer while the first is in flight
+    assert out.acked(10) and len(out) == 1  # the PUBACK of the old payload keeps the new one
+    assert out.waiting() == [("a", s2, b"2")]
+    out.put("b", b"x")
+    _, dropped = out.put("c", b"y")  # full: the oldest topic goes
+    assert dropped == "a" and [t for t, _, _ in out.waiting()] == ["b", "c"]
+    out.sent(11, "b", out.waiting()[0][1])
+    out.lost()  # the connection went: nothing in flight, everything still waiting
+    assert not out.acked(11) and len(out) == 2
+    assert not out.acked(99)  # not ours (the online status)

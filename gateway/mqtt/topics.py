@@ -40,6 +40,7 @@ PAYMENT_STATUS = "device/{charge_id}/payment-status"
 WASH_CMD = "wash/{bay_id}/cmd"
 WASH_CMD_FILTER = "wash/+/cmd"
 WASH_CMD_RESULT = "wash/{bay_id}/cmd/result"
+WASH_CMD_RESULT_FILTER = "wash/+/cmd/result"
 WASH_STATUS = "wash/{bay_id}/status"
 WASH_STATUS_FILTER = "wash/+/status"
 
