@@ -37,7 +37,7 @@ Contract
   (registrations, lifecycle, configs). `device.event_logs`, `wash.session`, `payment.updated` and
   `command.result` are never dropped: if they alone exceed the cap the drainer is `degraded`.
 - Threads: HTTP (http.client, one keep-alive connection, `cloud.timeout_sec` per connect and
-  read) and every database statement run in one dedicated worker thread (`run_in_executor`), so
+  read) and every database statement run in one dedicated worker thread (`DbThread`), so
   the asyncio loop never blocks; writes are IMMEDIATE transactions. Cancelling shuts the socket
   down under a blocked request (a TCP connect still in progress runs out its timeout). With an
   empty `cloud.url` only housekeeping runs.
@@ -63,7 +63,6 @@ import random
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +71,7 @@ from peewee import SqliteDatabase
 from gateway.backoff import Backoff
 from gateway.clock import epoch_s, iso_z, utc_now
 from gateway.config import CloudConfig, Config, OutboxConfig
+from gateway.store.dbthread import DbThread
 from gateway.uplink import outbox_sql
 from gateway.uplink.http import BODY_OVERHEAD, EventsClient
 from gateway.uplink.outbox_sql import COALESCIBLE_TYPES, PROTECTED_TYPES, Row
@@ -207,7 +207,7 @@ class OutboxDrainer:
         self._loop, self._wake_event, self._running = loop, asyncio.Event(), True
         if self._http is not None:
             self._http.resume()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-drainer")
+        worker = DbThread("uplink-drainer", self._db)  # HTTP and SQL, one at a time, off the loop
         self._backoff.reset()
         next_housekeeping = loop.time()
         try:
@@ -215,7 +215,7 @@ class OutboxDrainer:
                 if loop.time() >= next_housekeeping:
                     self._phase("housekeeping")
                     try:
-                        await loop.run_in_executor(executor, self.housekeeping)
+                        await worker.run(self.housekeeping)
                     except Exception:
                         log.exception("uplink: outbox housekeeping failed")
                     next_housekeeping = loop.time() + self._housekeeping_interval
@@ -227,14 +227,14 @@ class OutboxDrainer:
                 self._wake_event.clear()
                 self._phase("sending")
                 try:
-                    step = await loop.run_in_executor(executor, self._step)
+                    step = await worker.run(self._step)
                 except Exception as exc:  # a database error: keep the loop alive, retry later
                     log.exception("uplink: drain step failed")
                     self._note_failure(f"{type(exc).__name__}: {exc}")
                     step = _Step(_Kind.RETRY)
                 due_in = self._marks_due_in()
                 if due_in <= 0 or (step.kind is _Kind.RETRY and due_in < float("inf")):  # a backoff may be long
-                    await self._write_marks_in(loop, executor)
+                    await self._write_marks_in(worker)
                 if step.kind is _Kind.PROGRESS:
                     self._backoff.reset()
                     continue
@@ -257,9 +257,9 @@ class OutboxDrainer:
                 self._http.abort()
             try:
                 # Queued behind a step still running (its HTTP request was just aborted).
-                await loop.run_in_executor(executor, self._close_worker)
+                await worker.run(self._close_worker)
             finally:
-                executor.shutdown(wait=True)
+                await worker.close()  # closes the worker's database connection too
                 self._phase("stopped")
                 self._running = False
                 self._loop = self._wake_event = None
@@ -379,15 +379,13 @@ class OutboxDrainer:
         return _Step(_Kind.RETRY, answer.retry_after)
 
     def _close_worker(self) -> None:
-        """In the worker thread at the end: the delivered events' marks, its HTTP connection and its
-        database connection."""
+        """In the worker thread at the end: the delivered events' marks and the HTTP connection."""
         if self._http is not None:
             self._http.close()
         try:
             self.write_marks()
         except Exception:  # as after a crash: they stay pending, are sent again and deduplicated
             log.exception("uplink: marking %d delivered events sent failed", len(self._unmarked))
-        self._db.close()  # Peewee connections are per thread: this closes the worker's only
 
     # --- database writes (worker thread) -----------------------------------------------------
 
@@ -423,9 +421,9 @@ class OutboxDrainer:
                 self._marks_due = None
         return len(marks)
 
-    async def _write_marks_in(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+    async def _write_marks_in(self, worker: DbThread) -> None:
         try:
-            await loop.run_in_executor(executor, self.write_marks)
+            await worker.run(self.write_marks)
         except Exception:
             log.exception("uplink: marking %d delivered events sent failed; retrying", len(self._unmarked))
 
