@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from gateway.config import load_config
-from gateway.uplink.bridge import BridgeSettings, CloudBridge, backoff_delay, is_forwarded
+from gateway.uplink.bridge import BridgeSettings, CloudBridge, is_forwarded
 from sim.demo import free_port
 from tests.mqtt_probe import Msg, Probe
 
@@ -350,19 +350,6 @@ def test_only_bay_status_and_presence_transitions_go_to_the_cloud() -> None:
         assert not is_forwarded(topic), topic
 
 
-def test_backoff_is_jittered_and_bounded() -> None:
-    import random
-
-    rng = random.Random(7)
-    for failures in range(1, 20):
-        cap = min(60.0, 2.0 ** failures)
-        samples = [backoff_delay(failures, 1.0, 60.0, rng) for _ in range(200)]
-        assert all(1.0 <= d <= cap for d in samples), failures
-        if cap > 1.5:
-            assert max(samples) - min(samples) > (cap - 1.0) / 2, "no jitter"
-    assert backoff_delay(1000, 1.0, 60.0, rng) <= 60.0
-
-
 def test_settings_validate_and_default_client_id(tmp_path: Path) -> None:
     s = BridgeSettings(site_id=SITE, host="mqtt.example.com")
     assert (s.effective_client_id, s.port, s.tls, s.backoff_min_sec, s.backoff_max_sec) == (
@@ -623,3 +610,22 @@ async def test_refused_login_is_retried_and_reported(tmp_path: Path) -> None:
         assert "refused the connection" in st["last_error"] and not st["connected"], st
     finally:
         broker.stop()
+
+
+def test_outbound_keeps_the_latest_payload_per_topic_until_its_puback() -> None:
+    from gateway.uplink.bridge_outbound import LatestPerTopic
+
+    out = LatestPerTopic(max_topics=2)
+    s1, dropped = out.put("a", b"1")
+    assert dropped is None
+    out.sent(10, "a", s1)
+    s2, _ = out.put("a", b"2")  # newer while the first is in flight
+    assert out.acked(10) and len(out) == 1  # the PUBACK of the old payload keeps the new one
+    assert out.waiting() == [("a", s2, b"2")]
+    out.put("b", b"x")
+    _, dropped = out.put("c", b"y")  # full: the oldest topic goes
+    assert dropped == "a" and [t for t, _, _ in out.waiting()] == ["b", "c"]
+    out.sent(11, "b", out.waiting()[0][1])
+    out.lost()  # the connection went: nothing in flight, everything still waiting
+    assert not out.acked(11) and len(out) == 2
+    assert not out.acked(99)  # not ours (the online status)

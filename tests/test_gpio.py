@@ -61,7 +61,7 @@ async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplo
     task = asyncio.create_task(app.run(stop))
     try:
         await asyncio.wait_for(app.ready.wait(), 10)
-        gpio = app.gpio
+        gpio = app.parts.gpio
         assert gpio is not None and gpio.led is not None
         await _until(lambda: gpio.pattern == "on")
         assert mock_pins.pin(LED).state  # lit
@@ -76,10 +76,10 @@ async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplo
         await _until(lambda: gpio.pattern == "on")
 
         # Short press: the pairing window opens.
-        assert app.pairing is not None and not app.pairing.is_open
+        assert app.parts.pairing is not None and not app.parts.pairing.is_open
         mock_pins.pin(BUTTON).drive_low()
         mock_pins.pin(BUTTON).drive_high()
-        await _until(lambda: app.pairing.is_open)
+        await _until(lambda: app.parts.pairing.is_open)
 
         # Held 10 s (the mock's hold timer is real time; the button's hold_time is shortened here):
         # a one-time code goes to the log and sets a password once.
@@ -90,14 +90,14 @@ async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplo
             mock_pins.pin(BUTTON).drive_high()
         assert gpio.presses == 1  # the long press is not also a short one
         code = re.search(r"one-time code (\d{8})", caplog.text).group(1)  # type: ignore[union-attr]
-        redeem = app.rpc._methods["recovery.redeem"]
+        redeem = app.parts.rpc._methods["recovery.redeem"]
         with pytest.raises(Exception, match="no valid recovery code"):
             await redeem({"code": "00000000" if code != "00000000" else "11111111", "username": "tech",
                           "password": "a-new-password"})
         assert await redeem({"code": code, "username": "tech", "password": "a-new-password"}) == {"username": "tech"}
         with pytest.raises(Exception, match="no valid recovery code"):  # once only
             await redeem({"code": code, "username": "tech", "password": "another-one-123"})
-        assert await asyncio.to_thread(users.verify, app.db, "tech", "a-new-password")
+        assert await asyncio.to_thread(users.verify, app.parts.db, "tech", "a-new-password")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -117,7 +117,7 @@ async def test_no_gpio_is_a_logged_no_op(tmp_path, caplog) -> None:  # type: ign
         stop.set()
         await asyncio.wait_for(task, 10)
     assert "GPIO not available" in caplog.text
-    assert app.gpio is not None and app.gpio.led is None
+    assert app.parts.gpio is not None and app.parts.gpio.led is None
 
 
 def _loader(name: str):  # type: ignore[no-untyped-def]

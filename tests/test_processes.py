@@ -131,9 +131,9 @@ async def test_core_in_process_stops_on_signal_without_leaking_tasks(site: Site)
     await asyncio.wait_for(app.ready.wait(), 10)
     with Probe(site.mqtt_port, client_id="dev-probe") as device:
         assert not (await asyncio.to_thread(device.connect)).is_failure
-        assert "dev-probe" in app.bus.clients
+        assert "dev-probe" in app.parts.bus.clients
     # Let the broker finish closing the connection (else amqtt's writer close is cancelled).
-    await app.bus.wait_clients(lambda ids: "dev-probe" not in ids, 5)
+    await app.parts.bus.wait_clients(lambda ids: "dev-probe" not in ids, 5)
     stop.set()
     await asyncio.wait_for(task, 5)
     # The test runner fails this test if any task of the core is still pending here.

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Response, jsonify, request
 from peewee import fn
 
 from gateway.clock import iso_z
@@ -24,10 +24,10 @@ from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.firmware import download_url
 from web.openapi import DocOptions, doc
+from web.sse import KEEPALIVE, KEEPALIVE_SEC, frame, sse_response
 
 bp = Blueprint("commands", __name__)
 
-SSE_KEEPALIVE_SEC = 15.0
 REPLAY_PAGE = 2000
 COMMAND_NAMES = ["APPLY_CONFIG", "RESTART", "UPDATE_FIRMWARE", "RESET_CONFIG", "PING", "GET_STATUS"]
 DEVICE_IDS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
@@ -213,7 +213,6 @@ def _stream(command_id: str) -> Response:
         nonlocal last
         wake = feed.watch(command_id)
         try:
-            yield "retry: 2000\n\n"
             while True:
                 wake.clear()  # before reading: an announcement during the read wakes the next wait
                 q = (OperationEvent.select(OperationEvent.id, OperationEvent.event, OperationEvent.data)
@@ -221,19 +220,18 @@ def _stream(command_id: str) -> Response:
                      .order_by(OperationEvent.id).limit(REPLAY_PAGE))
                 rows = list(tuple_rows(q))
                 for ev_id, name, data in rows:
-                    yield f"id: {ev_id}\nevent: {name}\ndata: {data}\n\n"
+                    yield frame(name, data, ev_id)
                     last = ev_id
                     if name == "results":
                         return
                 if len(rows) == REPLAY_PAGE:
                     continue
-                if not wake.wait(SSE_KEEPALIVE_SEC):
-                    yield ": keepalive\n\n"
+                if not wake.wait(KEEPALIVE_SEC):
+                    yield KEEPALIVE
         finally:
             feed.unwatch(command_id, wake)
 
-    return Response(stream_with_context(gen()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(gen())
 
 
 SSE_DOC: DocOptions = {"tags": ("commands",), "response": {"type": "string"}, "content_type": "text/event-stream",

@@ -18,11 +18,10 @@ from peewee import SqliteDatabase
 from gateway.clock import iso_z
 from gateway.config import Config, Secrets
 from gateway.core.sdnotify import Notifier
-from gateway.devices.pairing import PAIRING_TOPIC
 from gateway.mqtt.client import BusClient
-from gateway.mqtt.topics import COMMAND_EVENTS_FILTER
+from gateway.mqtt.topics import COMMAND_EVENTS_FILTER, LIVE_FILTER, PAIRING, WASH_STATUS_FILTER
 from gateway.store import open_database, schema_status
-from web.live import LIVE_PRESENCE_FILTER, WASH_STATUS_FILTER, CommandFeed, PresenceFeed, WashFeed
+from web.live import CommandFeed, PresenceFeed, WashFeed
 from web.writer import GroupWriter
 
 log = logging.getLogger(__name__)
@@ -59,9 +58,9 @@ class WebContext:
                                  on_connected=lambda: self._connected(notifier),
                                  on_disconnected=lambda: _status(notifier, STATUS_DISCONNECTED))
             self.bus.on_message(WASH_STATUS_FILTER, self.feed.on_message)
-            self.bus.on_message(PAIRING_TOPIC, self._on_pairing)
+            self.bus.on_message(PAIRING, self._on_pairing)
             self.bus.on_message(COMMAND_EVENTS_FILTER, self.commands.on_message)
-            self.bus.on_message(LIVE_PRESENCE_FILTER, self.presence.on_message)
+            self.bus.on_message(LIVE_FILTER, self.presence.on_message)
             self.bus.start()
 
     def _connected(self, notifier: Notifier) -> None:

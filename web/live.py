@@ -19,8 +19,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-WASH_STATUS_FILTER = "wash/+/status"
-LIVE_PRESENCE_FILTER = "gateway/live/+"
 SUBSCRIBER_QUEUE = 256
 
 
@@ -78,8 +76,9 @@ class WashFeed:
 
 class CommandFeed:
     """Wakes SSE streams of a command when the core announces new events on
-    `gateway/commands/{command_id}/events`; the streams read the events from the store, so a
-    missed announcement only delays them to the next keepalive, never loses them."""
+    `gateway/commands/{command_id}/events` (the topic names the command; the payload carries
+    nothing more). The streams read the events from the store, so a missed announcement only
+    delays them to the next keepalive, never loses them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

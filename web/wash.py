@@ -15,7 +15,7 @@ import queue
 from collections.abc import Iterator
 from typing import Any, Literal, overload
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Response, jsonify, request
 
 from gateway.clock import iso_z
 from gateway.store.models import Bay, BayReset, WashSession, tuple_rows
@@ -24,10 +24,9 @@ from web.body import read_json
 from web.context import ask_core, ctx
 from web.errors import ApiError
 from web.openapi import doc
+from web.sse import KEEPALIVE, KEEPALIVE_SEC, frame, sse_response
 
 bp = Blueprint("wash", __name__)
-
-SSE_KEEPALIVE_SEC = 15.0
 
 STATUS: dict[str, Any] = {
     "type": "object",
@@ -298,19 +297,17 @@ def events() -> Response:
 
     def gen() -> Iterator[str]:
         try:
-            yield "retry: 2000\n\n"
             for s in first:
-                yield f"event: wash:status\ndata: {json.dumps(s)}\n\n"
+                yield frame("wash:status", json.dumps(s))
             while True:
                 try:
-                    s = q.get(timeout=SSE_KEEPALIVE_SEC)
+                    s = q.get(timeout=KEEPALIVE_SEC)
                 except queue.Empty:
-                    yield ": keepalive\n\n"
+                    yield KEEPALIVE
                     continue
-                yield f"event: wash:status\ndata: {json.dumps(s)}\n\n"
+                yield frame("wash:status", json.dumps(s))
         finally:
             feed.unsubscribe(q)
 
-    return Response(stream_with_context(gen()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(gen())
 

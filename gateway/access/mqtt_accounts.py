@@ -24,7 +24,16 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from peewee import SqliteDatabase
 
 from gateway.clock import iso_z, utc_now
-from gateway.mqtt.topics import covers, matches
+from gateway.mqtt.topics import (
+    HEALTH,
+    PRESENCE_FILTER,
+    STATUS,
+    WASH_CMD_FILTER,
+    WASH_CMD_RESULT_FILTER,
+    WASH_STATUS_FILTER,
+    covers,
+    matches,
+)
 from gateway.store import write_tx
 from gateway.store.models import MqttAccount, tuple_rows
 
@@ -48,9 +57,8 @@ class Role:
 
 
 ROLES: dict[str, Role] = {
-    "wash-backend": Role(publish=("wash/+/cmd",), subscribe=("wash/+/status", "wash/+/cmd/result")),
-    "monitor": Role(publish=(), subscribe=("wash/+/status", "gateway/status", "gateway/health",
-                                           "gateway/presence/+")),
+    "wash-backend": Role(publish=(WASH_CMD_FILTER,), subscribe=(WASH_STATUS_FILTER, WASH_CMD_RESULT_FILTER)),
+    "monitor": Role(publish=(), subscribe=(WASH_STATUS_FILTER, STATUS, HEALTH, PRESENCE_FILTER)),
 }
 
 _hasher = PasswordHasher()

@@ -25,9 +25,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from peewee import SqliteDatabase
@@ -43,11 +41,11 @@ from gateway.devices.validate import DEVICE_ID_RE, Invalid
 from gateway.droplog import Drops
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.rpc import AfterReply, RpcError, RpcServer
-from gateway.mqtt.topics import COMMAND_EVENTS, DEVICE_COMMAND
+from gateway.mqtt.topics import COMMAND_EVENTS, DEVICE_ACK_FILTER, DEVICE_COMMAND
+from gateway.store.dbthread import DbThread
 
 log = logging.getLogger(__name__)
 
-ACK_FILTER = "server/+/ack"
 SOURCES = ("web", "cloud", "cli")
 RECONNECT_GRACE_SEC = 10.0  # devices reconnect within seconds of a gateway restart
 
@@ -68,21 +66,18 @@ class CommandService:
         self.drops = Drops(log)
         self.published = 0
         self.last_publish_ms = 0.0
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commands-db")
+        self._db_thread = DbThread("commands-db", db)
         self._updates: list[Update] = []
         self._flush_wanted = asyncio.Event()
         self._timer_changed = asyncio.Event()
         self._to_send: asyncio.Queue[tuple[Tracked, list[str]]] = asyncio.Queue()
         self._recovered: list[tuple[Tracked, list[str]]] = []
 
-    async def _in_db(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
-
     # --- life ----------------------------------------------------------------------------------
 
     async def start(self, rpc: RpcServer) -> None:
         now_wall, now_mono, now_ms = utc_now(), time.monotonic(), epoch_ms()
-        for rec in await self._in_db(self.store.load_unfinished):
+        for rec in await self._db_thread.run(self.store.load_unfinished):
             t = rec.tracked
             self.tracker.add(t)
             if rec.deadline_at is not None:
@@ -99,7 +94,7 @@ class CommandService:
             self._queue(expired)
         rpc.register("commands.send", self._rpc_send)
         rpc.register("commands.stats", self._rpc_stats)
-        self.bus.subscribe(ACK_FILTER, self._on_ack)
+        self.bus.subscribe(DEVICE_ACK_FILTER, self._on_ack)
 
     def services(self) -> list[tuple[str, Any]]:
         return [("command-sender", self._sender), ("command-timer", self._timer), ("command-flush", self._flusher),
@@ -121,10 +116,12 @@ class CommandService:
 
     async def stop(self) -> None:
         """Store what is still queued (the bus may be gone: events are replayed from the store)."""
-        if self._updates:
-            batch, self._updates = self._updates, []
-            await self._in_db(self.store.apply, batch)
-        self._db_thread.shutdown(wait=True)
+        try:
+            if self._updates:
+                batch, self._updates = self._updates, []
+                await self._db_thread.run(self.store.apply, batch)
+        finally:
+            await self._db_thread.close()
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -145,7 +142,7 @@ class CommandService:
         if source not in SOURCES:
             raise RpcError("VALIDATION_FAILED", f"source must be one of {', '.join(SOURCES)}", 400)
         bulk = bool(params.get("bulk"))
-        known: dict[str, tuple[str, bool]] = await self._in_db(self.store.device_types, device_ids)
+        known: dict[str, tuple[str, bool]] = await self._db_thread.run(self.store.device_types, device_ids)
         missing = [d for d in device_ids if d not in known]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -168,7 +165,7 @@ class CommandService:
         t = Tracked(f"cmd-{x}", ct.name, ct.require_ack, payload, timeout, setup_id=f"setup-{x}" if bulk else None)
         for d in device_ids:
             t.results[d] = DeviceResult()
-        stored = await self._in_db(self.store.create, t, source)
+        stored = await self._db_thread.run(self.store.create, t, source)
         self.tracker.add(t)
         await self._announce(stored)
         log.info("command %s %s to %d device(s) from %s", t.command_id, t.command, len(device_ids), source)
@@ -210,10 +207,10 @@ class CommandService:
                 if t.command_id in self.tracker.pending:
                     self.tracker.arm(t.command_id, time.monotonic() + t.timeout_sec)
                     self._timer_changed.set()
-                await self._in_db(self.store.mark_published, t.command_id, devices,
+                await self._db_thread.run(self.store.mark_published, t.command_id, devices,
                                   utc_now() + dt.timedelta(seconds=t.timeout_sec))
             else:
-                await self._in_db(self.store.mark_published, t.command_id, devices, utc_now())
+                await self._db_thread.run(self.store.mark_published, t.command_id, devices, utc_now())
                 self._queue([self.tracker.sent(t.command_id, epoch_ms())])
 
     # --- ACKs and time -------------------------------------------------------------------------
@@ -262,7 +259,7 @@ class CommandService:
             if not batch:
                 continue
             try:
-                stored = await self._in_db(self.store.apply, batch)
+                stored = await self._db_thread.run(self.store.apply, batch)
             except Exception:
                 self._updates[:0] = batch  # keep them for the retry the supervisor makes
                 self._flush_wanted.set()
@@ -270,11 +267,11 @@ class CommandService:
             await self._announce(stored)
 
     async def _announce(self, stored: list[StoredEvent]) -> None:
-        by_stream: dict[str, list[StoredEvent]] = defaultdict(list)
-        for ev in stored:
-            by_stream[ev.stream].append(ev)
-        for stream, events in by_stream.items():
-            body = {"command_id": stream, "events": [ev.wire() for ev in events]}
+        """Wake the web's SSE streams of each command that has new stored events. Only the command
+        id travels: a stream reads the events from `operation_event` anyway (ids, order, replay
+        after Last-Event-ID, and a missed announcement must not lose anything)."""
+        for stream in dict.fromkeys(ev.stream for ev in stored):
+            body = {"command_id": stream}
             await self.bus.publish(COMMAND_EVENTS.format(command_id=stream), json.dumps(body).encode(), qos=1)
 
     async def _rpc_stats(self, _params: dict[str, Any]) -> dict[str, Any]:

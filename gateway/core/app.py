@@ -1,20 +1,30 @@
 """The core process: store, embedded broker, RPC, health, systemd notifications.
 
-`CoreApp(config, secrets)` does no I/O. `await app.run(stop)` opens and migrates the store,
-starts the broker, tells systemd READY=1, runs every long-lived service under the supervisor
-until `stop` is set, then shuts down (STOPPING=1) within `SHUTDOWN_BUDGET` seconds.
-Later components (bays, devices, commands, uplink) are added as services and RPC methods here.
+Contract
+- `CoreApp(config, secrets, notifier)` does no I/O. `await app.run(stop)` builds the core's parts
+  (`CoreParts`: opens and migrates the store, starts the broker, the RPC server and every service,
+  registering each one's stop as soon as it started), tells systemd READY=1, sets `ready`, runs
+  every long-lived service under the supervisor until `stop` is set (or the supervisor fails),
+  then stops the parts in the reverse order of their start (STOPPING=1) within
+  `SHUTDOWN_BUDGET` seconds and closes the database. A part that fails to start stops the ones
+  started before it and the error propagates.
+- `app.parts` is the fully-built `CoreParts` from `ready` on (kept after the stop for inspection);
+  only `bridge` is optional (None when `[cloud.bridge]` is off).
+- The core's own RPC methods (`ping`, `broker.stats`, `devices.bad_messages`, `uplink.*`) are
+  here; each service registers its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from peewee import SqliteDatabase
@@ -58,13 +68,12 @@ def _log_stuck(what: str) -> None:
             log.error("shutdown: %s: pending task %s at %s", what, t.get_name(), where or "?")
 
 
-def _dead_letters(db: SqliteDatabase | None, seqs: list[int], action: str) -> int:
+def _dead_letters(db: SqliteDatabase, seqs: list[int], action: str) -> int:
     """Requeue (pending again, attempts reset) or discard dead outbox events; others are untouched."""
     from gateway.store import write_tx
     from gateway.store.models import OutboxEvent
     from gateway.store.outbox import state_is
 
-    assert db is not None
     with write_tx(db):
         q = OutboxEvent.seq.in_(seqs) & state_is("dead")
         if action == "requeue":
@@ -110,6 +119,61 @@ def ensure_fd_limit(needed: int) -> int:
     return soft
 
 
+@dataclass(frozen=True)
+class CoreParts:
+    """Everything the core runs, built and started: no part is missing (bridge: configured off)."""
+
+    db: SqliteDatabase
+    bus: LocalBus
+    rpc: RpcServer
+    health: HealthReporter
+    wash: WashService
+    presence: PresenceService
+    pairing: PairingWindow
+    commands: CommandService
+    drainer: OutboxDrainer
+    payments: PaymentFollower
+    gpio: GpioService
+    bridge: CloudBridge | None
+
+    def services(self) -> list[Service]:
+        """Every long-lived task of the parts, for the supervisor."""
+        parts = (self.wash.services() + self.presence.services() + self.pairing.services()
+                 + self.commands.services() + self.payments.services() + self.gpio.services())
+        services = [Service("bus-dispatch", self.bus.dispatch_forever)]
+        services += [Service(name, run) for name, run in parts]
+        services.append(Service("uplink-drainer", self.drainer.run))
+        if self.bridge is not None:
+            services.append(Service("cloud-bridge", self.bridge.run))
+        return services
+
+
+class HealthReporter:
+    """Publishes `Health` retained on `gateway/health` when it changes."""
+
+    def __init__(self, bus: LocalBus, health: Health) -> None:
+        self.bus = bus
+        self.health = health
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_plc(self, plc: dict[str, bool]) -> None:
+        """The wash service's view of its bays (online or not); published when it changed."""
+        if plc == self.health.plc:
+            return
+        self.health.plc = dict(plc)
+        # Health changes are rare (a bay going offline or back): one small task each.
+        task = asyncio.get_running_loop().create_task(self.publish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def publish(self) -> None:
+        await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
+
+    async def drain(self) -> None:
+        """Wait for the publishes under way."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class CoreApp:
     def __init__(self, config: Config, secrets: Secrets, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -117,74 +181,31 @@ class CoreApp:
         self.notifier = notifier or Notifier()
         self.health = Health(cloud_configured=bool(config.cloud.url))
         self.started_at = time.monotonic()
-        self.db: SqliteDatabase | None = None
-        self.bus: LocalBus | None = None
-        self.rpc: RpcServer | None = None
         self.ready = asyncio.Event()
-        self.wash: WashService | None = None
-        self.presence: PresenceService | None = None
-        self.pairing: PairingWindow | None = None
-        self.commands: CommandService | None = None
-        self.drainer: OutboxDrainer | None = None
-        self.payments: PaymentFollower | None = None
-        self.bridge: CloudBridge | None = None
-        self.gpio: GpioService | None = None
-        self._health_tasks: set[asyncio.Task[None]] = set()
         self.bad_messages = BadMessages()  # malformed ACK/streaming per device (RPC devices.bad_messages)
+        self._parts: CoreParts | None = None
+
+    @property
+    def parts(self) -> CoreParts:
+        """The running core's parts (from `ready` on)."""
+        if self._parts is None:
+            raise RuntimeError("the core is not running yet")
+        return self._parts
+
+    def _on_plc_health(self, plc: dict[str, bool]) -> None:
+        self.parts.health.on_plc(plc)
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         t0 = time.monotonic()
-        self.notifier.status("opening the database")
-        self.db = open_database(cfg.paths.database)
-        applied = migrate(self.db)
-        if applied:
-            log.info("applied schema migrations %s", applied)
-        self.notifier.status("starting the MQTT broker")
-        ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
-        self.bus = LocalBus(broker_settings(cfg.mqtt, self.secrets.mqtt_internal_password))
-        await self.bus.reload_accounts(mqtt_accounts.load(self.db))
-        try:
-            await self.bus.start()
-            self.rpc = RpcServer(self.bus)
-            self._register_rpc(self.rpc)
-            await self._publish_retained()
-            self.wash = WashService(cfg, self.db, self.bus, self._on_plc_health)
-            await self.wash.start(self.rpc)
-            self.presence = PresenceService(cfg, self.secrets, self.db, self.bus, self.bad_messages)
-            await self.presence.start()
-            self.pairing = PairingWindow(self.bus, cfg.devices.pairing_window_sec)
-            await self.pairing.start(self.rpc)
-            self.commands = CommandService(cfg, self.secrets, self.db, self.bus, self.bad_messages)
-            await self.commands.start(self.rpc)
-            self.drainer = OutboxDrainer(cfg, self.secrets.cloud_key, self.db)
-            self.payments = PaymentFollower(cfg, self.secrets, self.db, self.bus)
-            await self.payments.start(self.rpc)
-            recovery = RecoveryCodes(self.db)
-            recovery.register(self.rpc)
-            pairing = self.pairing
-
-            async def short_press() -> None:
-                await pairing.open(PAIRING_SEC, by="service button")
-
-            async def long_press() -> None:
-                recovery.issue()
-
-            self.gpio = GpioService(cfg.gpio, self.health.snapshot, short_press, long_press)
-            self.gpio.start()
-            services = [Service("bus-dispatch", self.bus.dispatch_forever),
-                        Service("mqtt-accounts", self._reload_mqtt_accounts)]
-            parts = (self.wash.services() + self.presence.services() + self.pairing.services()
-                     + self.commands.services() + self.payments.services() + self.gpio.services())
-            services += [Service(name, run) for name, run in parts]
-            services += [Service("uplink-drainer", self.drainer.run), Service("uplink-health", self._uplink_health)]
-            if cfg.cloud.bridge.enabled:
-                self.bridge = self._make_bridge()
-                services.append(Service("cloud-bridge", self.bridge.run))
+        async with contextlib.AsyncExitStack() as stack:
+            parts = self._parts = await self._build(stack)
+            services = parts.services()
+            services += [Service("mqtt-accounts", lambda: self._reload_mqtt_accounts(parts)),
+                         Service("uplink-health", lambda: self._uplink_health(parts))]
             if self.notifier.watchdog_interval:
                 services.append(Service("watchdog", self._watchdog, backoff_min=0.1))
-            supervisor = Supervisor(services)
-            task = asyncio.create_task(supervisor.run(), name="supervisor")
+            task = asyncio.create_task(Supervisor(services).run(), name="supervisor")
             elapsed = time.monotonic() - t0
             self.notifier.ready(f"running: MQTT on {cfg.mqtt.bind}:{cfg.mqtt.port}")
             self.ready.set()
@@ -202,101 +223,98 @@ class CoreApp:
             failure = task.exception() if task in done else None
             if failure is not None:
                 raise failure
-        finally:
-            await self._shutdown()
-
-    async def _shutdown(self) -> None:
-        if self.gpio is not None:
-            self.gpio.stop()
-        if self.presence is not None:
-            await self.presence.stop()
-        if self.commands is not None:
-            await self.commands.stop()
-        if self.payments is not None:
-            await self.payments.stop()
-        if self.wash is not None:
-            try:
-                await asyncio.wait_for(self.wash.stop(), SHUTDOWN_BUDGET / 2)
-            except TimeoutError:
-                _log_stuck("the wash service did not stop")
-        if self.bus is not None and self.bus.started:
-            offline = {"online": False, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
-            await self.bus.publish(STATUS, json.dumps(offline).encode(), retain=True)
-        await asyncio.gather(*self._health_tasks, return_exceptions=True)
-        if self.bus is not None:
-            try:
-                await asyncio.wait_for(self.bus.stop(), SHUTDOWN_BUDGET)
-            except TimeoutError:
-                log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
-        if self.db is not None:
-            self.db.close()
         log.info("core stopped")
 
-    def _make_bridge(self) -> CloudBridge:
-        """The live MQTT bridge: bay status and device presence out; wash commands, device commands
-        and payment pushes in, through the same decision paths as local ones."""
-        assert self.bus is not None and self.wash is not None and self.commands is not None
-        wash, commands, payments = self.wash, self.commands, self.payments
-        assert payments is not None
+    async def _build(self, stack: contextlib.AsyncExitStack) -> CoreParts:
+        """Open, start and wire every part; each one's stop is pushed on `stack` once it started,
+        so the stack stops them in reverse order (also when a later part fails to start)."""
+        cfg, secrets = self.config, self.secrets
+        self.notifier.status("opening the database")
+        db = open_database(cfg.paths.database)
+        stack.callback(db.close)
+        applied = migrate(db)
+        if applied:
+            log.info("applied schema migrations %s", applied)
+        self.notifier.status("starting the MQTT broker")
+        ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
+        bus = LocalBus(broker_settings(cfg.mqtt, secrets.mqtt_internal_password))
+        health = HealthReporter(bus, self.health)
+        stack.push_async_callback(self._stop_bus, bus, health)
+        await bus.reload_accounts(mqtt_accounts.load(db))
+        await bus.start()
+        rpc = RpcServer(bus)
+        await self._publish_retained(bus, health)
 
-        async def on_wash_cmd(bay_id: str, payload: bytes) -> None:
-            await wash.command_from(bay_id, payload, "cloud-bridge")
+        wash = WashService(cfg, db, bus, health.on_plc)
+        stack.push_async_callback(self._stop_wash, wash)
+        await wash.start(rpc)
+        presence = PresenceService(cfg, secrets, db, bus, self.bad_messages)
+        stack.push_async_callback(presence.stop)
+        await presence.start()
+        pairing = PairingWindow(bus, cfg.devices.pairing_window_sec)
+        await pairing.start(rpc)
+        commands = CommandService(cfg, secrets, db, bus, self.bad_messages)
+        stack.push_async_callback(commands.stop)
+        await commands.start(rpc)
+        drainer = OutboxDrainer(cfg, secrets.cloud_key, db)
+        payments = PaymentFollower(cfg, secrets, db, bus)
+        stack.push_async_callback(payments.stop)
+        await payments.start(rpc)
+        recovery = RecoveryCodes(db)
+        recovery.register(rpc)
 
-        async def on_device_command(device_id: str, payload: bytes) -> None:
-            try:
-                msg = json.loads(payload)
-                if not isinstance(msg, dict):
-                    raise ValueError("not a JSON object")
-                _answer, start = await commands.submit({"command": msg.get("command"), "payload": msg.get("payload"),
-                                                        "device_ids": [device_id], "bulk": False,
-                                                        "source": "cloud"})
-            except (ValueError, RpcError) as exc:
-                log.warning("cloud command for %s refused: %s", device_id, exc)
-                return
-            start()
+        async def short_press() -> None:
+            await pairing.open(PAIRING_SEC, by="service button")
 
-        async def on_payment_status(charge_id: str, payload: bytes) -> None:
-            try:
-                status = json.loads(payload).get("status")
-                if not isinstance(status, str):
-                    raise ValueError("status must be a string")
-                await payments.apply(charge_id, status)
-            except (ValueError, AttributeError, RpcError) as exc:
-                log.warning("cloud payment status for %s ignored: %s", charge_id, exc)
+        async def long_press() -> None:
+            recovery.issue()
 
-        bridge = CloudBridge(BridgeSettings.from_config(self.config, password=self.secrets.cloud_bridge_password),
-                             on_wash_cmd=on_wash_cmd, on_device_command=on_device_command,
-                             on_payment_status=on_payment_status)
+        gpio = GpioService(cfg.gpio, self.health.snapshot, short_press, long_press)
+        gpio.start()
+        stack.callback(gpio.stop)
+        bridge = make_bridge(self.config, self.secrets, bus, wash, commands, payments) \
+            if cfg.cloud.bridge.enabled else None
+        self._register_rpc(rpc, db, bus, drainer)
+        return CoreParts(db=db, bus=bus, rpc=rpc, health=health, wash=wash, presence=presence, pairing=pairing,
+                         commands=commands, drainer=drainer, payments=payments, gpio=gpio, bridge=bridge)
 
-        def forward(topic: str, payload: bytes) -> None:
-            if payload and is_forwarded(topic):
-                bridge.forward(topic, payload)
+    async def _stop_wash(self, wash: WashService) -> None:
+        try:
+            await asyncio.wait_for(wash.stop(), SHUTDOWN_BUDGET / 2)
+        except TimeoutError:
+            _log_stuck("the wash service did not stop")
 
-        self.bus.on_publish(forward)
-        return bridge
+    async def _stop_bus(self, bus: LocalBus, health: HealthReporter) -> None:
+        """Say offline (retained), let health publishes end, stop the broker (bounded)."""
+        if bus.started:
+            offline = {"online": False, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
+            await bus.publish(STATUS, json.dumps(offline).encode(), retain=True)
+        await health.drain()
+        try:
+            await asyncio.wait_for(bus.stop(), SHUTDOWN_BUDGET)
+        except TimeoutError:
+            log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
 
-    def _register_rpc(self, rpc: RpcServer) -> None:
+    def _register_rpc(self, rpc: RpcServer, db: SqliteDatabase, bus: LocalBus, drainer: OutboxDrainer) -> None:
         async def ping(_params: dict[str, Any]) -> dict[str, Any]:
             return {"pong": True, "version": __version__, "uptime_sec": round(time.monotonic() - self.started_at, 3)}
 
         async def uplink_state(_params: dict[str, Any]) -> dict[str, Any]:
-            return self.drainer.state() if self.drainer is not None else {"enabled": False}
+            return drainer.state()
 
         async def outbox_action(params: dict[str, Any], action: str) -> dict[str, Any]:
             seqs = params.get("seq")
             if not isinstance(seqs, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seqs):
                 raise RpcError("VALIDATION_FAILED", "seq must be a list of outbox sequence numbers", 400)
-            assert self.drainer is not None
-            changed = await asyncio.get_running_loop().run_in_executor(None, _dead_letters, self.db, seqs, action)
+            changed = await asyncio.get_running_loop().run_in_executor(None, _dead_letters, db, seqs, action)
             if action == "requeue":
-                self.drainer.wake()
+                drainer.wake()
             log.info("outbox: %s %d dead letters", action, changed)
             return {"changed": changed}
 
         async def broker_stats(_params: dict[str, Any]) -> dict[str, Any]:
-            assert self.bus is not None
-            return {"clients": len(self.bus.clients), "refused": dict(self.bus.refusals.counts),
-                    "handler_errors": self.bus.dropped_handler_errors}
+            return {"clients": len(bus.clients), "refused": dict(bus.refusals.counts),
+                    "handler_errors": bus.dropped_handler_errors}
 
         async def bad_messages(params: dict[str, Any]) -> dict[str, Any] | None:
             device_id = params.get("device_id")
@@ -320,51 +338,34 @@ class CoreApp:
         rpc.register("uplink.requeue", lambda p: outbox_action(p, "requeue"))
         rpc.register("uplink.discard", lambda p: outbox_action(p, "discard"))
 
-    async def _publish_retained(self) -> None:
+    async def _publish_retained(self, bus: LocalBus, health: HealthReporter) -> None:
         """amqtt keeps retained messages in memory only: the core re-creates them at each start."""
-        assert self.bus is not None
         status = {"online": True, "version": __version__, "since": iso_z(), "site_id": self.config.site.id}
-        await self.bus.publish(STATUS, json.dumps(status).encode(), retain=True)
-        await self.publish_health()
+        await bus.publish(STATUS, json.dumps(status).encode(), retain=True)
+        await health.publish()
 
-    def _on_plc_health(self, plc: dict[str, bool]) -> None:
-        if plc == self.health.plc:
-            return
-        self.health.plc = dict(plc)
-        if self.bus is not None:
-            # Health changes are rare (a bay going offline or back): one small task each.
-            task = asyncio.get_running_loop().create_task(self.publish_health())
-            self._health_tasks.add(task)
-            task.add_done_callback(self._health_tasks.discard)
-
-    async def publish_health(self) -> None:
-        assert self.bus is not None
-        await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
-
-    async def _reload_mqtt_accounts(self) -> None:
+    async def _reload_mqtt_accounts(self, parts: CoreParts) -> None:
         """Follow `mqtt_account` (written by the web and the `mqtt-user` CLI, which cannot reach
         the broker's memory): a read of a few rows a second, on the loop (a WAL read never waits
         for a writer)."""
-        assert self.bus is not None and self.db is not None
         while True:
             await asyncio.sleep(MQTT_ACCOUNTS_RELOAD_SEC)
-            await self.bus.reload_accounts(mqtt_accounts.load(self.db))
+            await parts.bus.reload_accounts(mqtt_accounts.load(parts.db))
 
-    async def _uplink_health(self) -> None:
+    async def _uplink_health(self, parts: CoreParts) -> None:
         """Health follows the drainer: reachable cloud, degraded, and the backlog rounded so that a
         busy outbox does not republish health on every event."""
         while True:
-            assert self.drainer is not None
-            st = self.drainer.state()
+            st = parts.drainer.state()
             backlog = st["backlog"]
             failing = bool(st["enabled"]) and st["consecutive_failures"] > 0
             summary = {"degraded": st["degraded"], "reasons": st["degraded_reasons"], "dead": st["dead_total"],
                        "failing": failing, "backlog": backlog if backlog < 100 else round(backlog, -2),
-                       "bridge": None if self.bridge is None else self.bridge.connected}
+                       "bridge": None if parts.bridge is None else parts.bridge.connected}
             cloud = bool(st["enabled"]) and not failing
             if summary != self.health.uplink or cloud != self.health.cloud:
                 self.health.uplink, self.health.cloud = summary, cloud
-                await self.publish_health()
+                await parts.health.publish()
             await asyncio.sleep(UPLINK_HEALTH_SEC)
 
     async def _watchdog(self) -> None:
@@ -372,3 +373,44 @@ class CoreApp:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def make_bridge(config: Config, secrets: Secrets, bus: LocalBus, wash: WashService, commands: CommandService,
+                payments: PaymentFollower) -> CloudBridge:
+    """The live MQTT bridge: bay status and device presence out; wash commands, device commands
+    and payment pushes in, through the same decision paths as local ones."""
+
+    async def on_wash_cmd(bay_id: str, payload: bytes) -> None:
+        await wash.command_from(bay_id, payload, "cloud-bridge")
+
+    async def on_device_command(device_id: str, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            if not isinstance(msg, dict):
+                raise ValueError("not a JSON object")
+            _answer, start = await commands.submit({"command": msg.get("command"), "payload": msg.get("payload"),
+                                                    "device_ids": [device_id], "bulk": False, "source": "cloud"})
+        except (ValueError, RpcError) as exc:
+            log.warning("cloud command for %s refused: %s", device_id, exc)
+            return
+        start()
+
+    async def on_payment_status(charge_id: str, payload: bytes) -> None:
+        try:
+            status = json.loads(payload).get("status")
+            if not isinstance(status, str):
+                raise ValueError("status must be a string")
+            await payments.apply(charge_id, status)
+        except (ValueError, AttributeError, RpcError) as exc:
+            log.warning("cloud payment status for %s ignored: %s", charge_id, exc)
+
+    bridge = CloudBridge(BridgeSettings.from_config(config, password=secrets.cloud_bridge_password),
+                         on_wash_cmd=on_wash_cmd, on_device_command=on_device_command,
+                         on_payment_status=on_payment_status)
+
+    def forward(topic: str, payload: bytes) -> None:
+        if payload and is_forwarded(topic):
+            bridge.forward(topic, payload)
+
+    bus.on_publish(forward)
+    return bridge

@@ -17,10 +17,10 @@ from typing import Any
 from gateway.clock import iso_z, utc_now
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.rpc import RpcError, RpcServer
+from gateway.mqtt.topics import PAIRING
 
 log = logging.getLogger(__name__)
 
-PAIRING_TOPIC = "gateway/pairing"
 MAX_WINDOW_SEC = 3600
 
 
@@ -64,7 +64,7 @@ class PairingWindow:
         return {"open": open_, "until": iso_z(self.until_wall) if open_ and self.until_wall else None}
 
     async def _publish(self) -> None:
-        await self.bus.publish(PAIRING_TOPIC, json.dumps(self.snapshot()).encode(), qos=1, retain=True)
+        await self.bus.publish(PAIRING, json.dumps(self.snapshot()).encode(), qos=1, retain=True)
 
     async def _rpc_open(self, params: dict[str, Any]) -> dict[str, Any]:
         sec = params.get("seconds")

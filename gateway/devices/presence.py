@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +34,14 @@ from gateway.devices.badmessages import BadMessages
 from gateway.devices.validate import DEVICE_STATUSES, MAX_INT
 from gateway.droplog import Drops
 from gateway.mqtt.broker import LocalBus
+from gateway.mqtt.topics import DEVICE_STREAMING_FILTER, LIVE, PRESENCE
 from gateway.store import write_tx
+from gateway.store.dbthread import DbThread
 from gateway.store.models import Device, DeviceLifecycleEvent, DeviceStatusSample
 from gateway.store.outbox import add_event
 
 log = logging.getLogger(__name__)
 
-STREAMING_FILTER = "server/+/streaming"
-PRESENCE_TOPIC = "gateway/presence/{device_id}"
-LIVE_TOPIC = "gateway/live/{device_id}"
 CHECK_SEC = 1.0
 BUCKET_MIN = 15
 HISTORY_DAYS = 7
@@ -105,18 +103,20 @@ class PresenceService:
         self.dropped = self._drops.counts
         self.accepted = 0
         self._unknown_checked: dict[str, float] = {}
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presence-db")
+        self._db_thread = DbThread("presence-db", db)
 
     async def start(self) -> None:
-        self.known = set(await self._in_db(lambda: [d.device_id for d in Device.select(Device.device_id)]))
-        self.bus.subscribe(STREAMING_FILTER, self._on_streaming)
+        self.known = set(await self._db_thread.run(lambda: [d.device_id for d in Device.select(Device.device_id)]))
+        self.bus.subscribe(DEVICE_STREAMING_FILTER, self._on_streaming)
 
     def services(self) -> list[tuple[str, Any]]:
         return [("device-presence", self._run)]
 
     async def stop(self) -> None:
-        await self._in_db(self._flush, *self._take_dirty())
-        self._db_thread.shutdown(wait=True)
+        try:
+            await self._db_thread.run(self._flush, *self._take_dirty())
+        finally:
+            await self._db_thread.close()
 
     # --- messages ------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ class PresenceService:
                 self._unknown_checked[dev] = now
                 if len(self._unknown_checked) > 10_000:
                     self._unknown_checked.clear()
-                found = await self._in_db(lambda: Device.select().where(Device.device_id == dev).exists())
+                found = await self._db_thread.run(lambda: Device.select().where(Device.device_id == dev).exists())
                 if found:
                     self.known.add(dev)
             if dev not in self.known:
@@ -167,7 +167,7 @@ class PresenceService:
         self.seen[dev] = _Seen(time.monotonic(), wall, rssi, status, uptime, True)
         self._samples.setdefault((dev, _bucket(wall)), _Sample()).add(rssi, status)
         if not was_online:
-            await self._in_db(self._transition, dev, True, self.seen[dev])
+            await self._db_thread.run(self._transition, dev, True, self.seen[dev])
             await self._publish(dev, self.seen[dev])
         await self._publish_live(dev, self.seen[dev])
 
@@ -181,22 +181,22 @@ class PresenceService:
             for dev, s in list(self.seen.items()):
                 if s.online and now - s.at > self.timeout:
                     s.online = False
-                    await self._in_db(self._transition, dev, False, s)
+                    await self._db_thread.run(self._transition, dev, False, s)
                     await self._publish(dev, s)
                     await self._publish_live(dev, s)
             if now - last_flush >= self.save_every:
                 last_flush = now
-                await self._in_db(self._flush, *self._take_dirty())
+                await self._db_thread.run(self._flush, *self._take_dirty())
 
     async def _publish(self, dev: str, s: _Seen) -> None:
         """Online/offline transitions, retained on `gateway/presence/{device_id}` (internal users;
         the cloud bridge forwards them)."""
-        await self.bus.publish(PRESENCE_TOPIC.format(device_id=dev), _body(dev, s), qos=1, retain=True)
+        await self.bus.publish(PRESENCE.format(device_id=dev), _body(dev, s), qos=1, retain=True)
 
     async def _publish_live(self, dev: str, s: _Seen) -> None:
         """The device's latest state, retained on `gateway/live/{device_id}` (the web's view between
         saves; QoS 0: the next message replaces a lost one)."""
-        await self.bus.publish(LIVE_TOPIC.format(device_id=dev), _body(dev, s), qos=0, retain=True)
+        await self.bus.publish(LIVE.format(device_id=dev), _body(dev, s), qos=0, retain=True)
 
     def _take_dirty(self) -> tuple[dict[str, _Seen], dict[tuple[str, dt.datetime], _Sample]]:
         out = {}
@@ -207,8 +207,6 @@ class PresenceService:
         samples, self._samples = self._samples, {}
         return out, samples
 
-    async def _in_db(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
 
     # --- database thread -----------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ Request on `gateway/rpc/{method}`: `{"id": str, "reply_to": str, "params": {...}
 Reply on `reply_to`: `{"id": str, "ok": true, "result": ...}` or
 `{"id": str, "ok": false, "error": {"code", "message", "status"}}` where `code`/`status` are the
 HTTP envelope's error code and status (device-api.md §1), so the web can relay a decision as is.
-Only the gateway's own users may use `gateway/#` (ACL), so requests come from the web or the
-cloud bridge. The server side lives in the core (`RpcServer`), the client side in any process
-with a paho connection (`BusClient.call()` in gateway/mqtt/client.py).
+Only the gateway's own users may use `gateway/#` (ACL), so requests come from the web and the
+CLI's bus tools (`scan-bus`, `reset-bay`); the cloud bridge lives in the core and calls the
+services directly. The server side lives in the core (`RpcServer`), the client side in any
+process with a paho connection (`BusClient.call()` in gateway/mqtt/client.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.mqtt.broker import LocalBus
-from gateway.mqtt.topics import RPC_REQUEST_FILTER
+from gateway.mqtt.topics import RPC_REPLY_PREFIX, RPC_REQUEST_FILTER
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class RpcServer:
             req_id, reply_to, params = req["id"], req["reply_to"], req.get("params") or {}
             if not isinstance(req_id, str) or not isinstance(reply_to, str) or not isinstance(params, dict):
                 raise TypeError("id, reply_to must be strings and params an object")
-            if not reply_to.startswith("gateway/reply/"):
+            if not reply_to.startswith(RPC_REPLY_PREFIX):
                 raise ValueError("reply_to must be under gateway/reply/")
         except (ValueError, KeyError, TypeError) as exc:
             self.bad_requests += 1

@@ -5,7 +5,14 @@
 - `gateway/reply/{client_id}`: core -> caller replies (`{"id", "ok", "result" | "error"}`)
 - `gateway/status`: retained availability of the core (`{"online", "version", "since"}`)
 - `gateway/health`: retained health of the parts the core owns (plc buses, cloud link)
-- `gateway/commands/{command_id}/events`: new SSE events of a device command (core -> web)
+- `gateway/commands/{command_id}/events`: `{"command_id"}`: that command has new stored SSE
+  events (core -> web; the web reads them from `operation_event`)
+- `gateway/presence/{device_id}`: retained online/offline transitions of a device (core)
+- `gateway/live/{device_id}`: retained live state, every streaming message (core -> web only)
+- `gateway/pairing`: retained state of the pairing window (core)
+
+`sites/{site_id}/...` are the cloud broker's topics (uplink.md, "MQTT bridge"): only the cloud
+bridge uses them, on the cloud's broker, never on the local one.
 """
 
 from __future__ import annotations
@@ -17,15 +24,35 @@ STATUS = "gateway/status"
 HEALTH = "gateway/health"
 COMMAND_EVENTS = "gateway/commands/{command_id}/events"
 COMMAND_EVENTS_FILTER = "gateway/commands/+/events"
+RPC_REPLY_PREFIX = "gateway/reply/"
+PRESENCE = "gateway/presence/{device_id}"
+PRESENCE_FILTER = "gateway/presence/+"
+LIVE = "gateway/live/{device_id}"
+LIVE_FILTER = "gateway/live/+"
+PAIRING = "gateway/pairing"
 
 DEVICE_COMMAND = "device/{device_id}/command"
+DEVICE_COMMAND_FILTER = "device/+/command"
 DEVICE_ACK = "server/{device_id}/ack"
+DEVICE_ACK_FILTER = "server/+/ack"
 DEVICE_STREAMING = "server/{device_id}/streaming"
+DEVICE_STREAMING_FILTER = "server/+/streaming"
 PAYMENT_STATUS = "device/{charge_id}/payment-status"
+PAYMENT_STATUS_FILTER = "device/+/payment-status"
 WASH_CMD = "wash/{bay_id}/cmd"
 WASH_CMD_FILTER = "wash/+/cmd"
 WASH_CMD_RESULT = "wash/{bay_id}/cmd/result"
+WASH_CMD_RESULT_FILTER = "wash/+/cmd/result"
 WASH_STATUS = "wash/{bay_id}/status"
+WASH_STATUS_FILTER = "wash/+/status"
+
+# The cloud broker's (uplink.md); `{site_id}` first, then the id of the level after it.
+CLOUD_GATEWAY_STATUS = "sites/{site_id}/gateway/status"
+CLOUD_WASH_STATUS = "sites/{site_id}/wash/{bay_id}/status"
+CLOUD_DEVICE_PRESENCE = "sites/{site_id}/devices/{device_id}/presence"
+CLOUD_WASH_CMD_FILTER = "sites/{site_id}/wash/+/cmd"
+CLOUD_DEVICE_COMMAND_FILTER = "sites/{site_id}/device/+/command"
+CLOUD_PAYMENT_STATUS_FILTER = "sites/{site_id}/payments/+/status"
 
 
 def matches(topic_filter: str, topic: str) -> bool:

@@ -36,6 +36,7 @@ from gateway.mqtt.rpc import RpcError, RpcServer
 from gateway.mqtt.topics import PAYMENT_STATUS
 from gateway.payments.cloud import CloudRefused, CloudUnavailable, PaymentsClient
 from gateway.store import write_tx
+from gateway.store.dbthread import DbThread
 from gateway.store.models import Payment
 from gateway.store.outbox import add_event
 
@@ -74,11 +75,8 @@ class PaymentFollower:
         self.polls = 0
         self.poll_failures = 0
         self._wake = asyncio.Event()
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payments-db")
+        self._db_thread = DbThread("payments-db", db)
         self._http = ThreadPoolExecutor(max_workers=2, thread_name_prefix="payments-http")
-
-    async def _in_db(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
 
     async def start(self, rpc: RpcServer) -> None:
         await self._rescan()
@@ -90,7 +88,7 @@ class PaymentFollower:
 
     async def stop(self) -> None:
         self._http.shutdown(wait=True, cancel_futures=True)
-        self._db_thread.shutdown(wait=True)
+        await self._db_thread.close()
 
     # --- charges -------------------------------------------------------------------------------
 
@@ -109,7 +107,7 @@ class PaymentFollower:
         return [(p.charge_id, p.device_id, p.status, p.expiry) for p in q]
 
     async def _rescan(self) -> None:
-        for charge_id, device_id, status, expiry in await self._in_db(self._load):
+        for charge_id, device_id, status, expiry in await self._db_thread.run(self._load):
             if charge_id not in self.charges:
                 c = _Charge(charge_id, device_id, status, self._expiry(expiry))
                 self.charges[charge_id] = c
@@ -155,7 +153,7 @@ class PaymentFollower:
             return c.status
         if c.status in FINAL or status == "PENDING":
             return c.status
-        if await self._in_db(self._store_final, charge_id, status, reason):
+        if await self._db_thread.run(self._store_final, charge_id, status, reason):
             log.info("payment %s of %s: %s%s", charge_id, c.device_id, status, f" ({reason})" if reason else "")
         c.status = status
         await self._publish(c)
@@ -169,7 +167,7 @@ class PaymentFollower:
         waited = time.monotonic() - (c.final_since or 0)
         if self.bus.has_subscriber(topic) or waited >= UNDELIVERED_KEEP_SEC:
             await self.bus.publish(topic, b"", qos=1, retain=True)
-            await self._in_db(self._mark_delivered, c.charge_id)
+            await self._db_thread.run(self._mark_delivered, c.charge_id)
             del self.charges[c.charge_id]
 
     # --- polling -------------------------------------------------------------------------------

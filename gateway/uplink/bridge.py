@@ -52,158 +52,41 @@ import contextlib
 import json
 import logging
 import random
-import re
-import socket
-import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from gateway.backoff import backoff_delay
 from gateway.clock import iso_z
-from gateway.config import Config
 from gateway.droplog import Drops
+from gateway.mqtt import topics
+from gateway.uplink.bridge_outbound import LatestPerTopic
+from gateway.uplink.bridge_paho import (
+    Conn,
+    PahoLog,
+    close_client,
+    describe,
+    hand_callbacks_to_loop,
+    open_connection,
+    run_joined,
+)
+from gateway.uplink.bridge_settings import ID_RE, BridgeSettings, is_forwarded
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CloudCallback = Callable[[str, bytes], Awaitable[None]]
 
-# Bay, device and charge ids: one safe topic level (\Z: `$` would also take a trailing newline).
-ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
-STATUS_TOPIC = "sites/{site_id}/gateway/status"
-WASH_STATUS_TOPIC = "sites/{site_id}/wash/{bay_id}/status"
-DEVICE_PRESENCE_TOPIC = "sites/{site_id}/devices/{device_id}/presence"
-SUBSCRIPTIONS = ("sites/{site_id}/wash/+/cmd", "sites/{site_id}/device/+/command",
-                 "sites/{site_id}/payments/+/status")
+SUBSCRIPTIONS = (topics.CLOUD_WASH_CMD_FILTER, topics.CLOUD_DEVICE_COMMAND_FILTER, topics.CLOUD_PAYMENT_STATUS_FILTER)
 ONLINE = json.dumps({"online": True}).encode()
 OFFLINE = json.dumps({"online": False}).encode()
 STABLE_AFTER_SEC = 30.0  # a connection that lasted this long resets the backoff
 OFFLINE_ACK_TIMEOUT_SEC = 2.0
 DROP_LOG_EVERY_SEC = 60.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class BridgeSettings:
-    """Everything the bridge needs; validated here (no I/O: files are read when connecting)."""
-
-    site_id: str
-    host: str
-    port: int = 8883
-    tls: bool = True
-    ca_file: str = ""  # empty: the system's trusted CAs (TLS settings are ignored with tls off)
-    cert_file: str = ""  # client certificate (PEM) for mutual TLS; may hold the key too
-    key_file: str = ""
-    client_id: str = ""  # empty: carwash-gateway-{site_id}
-    username: str = ""
-    password: str = ""
-    keepalive_sec: int = 60
-    connect_timeout_sec: float = 10.0  # TCP connect, TLS handshake, and again for the CONNACK
-    backoff_min_sec: float = 1.0
-    backoff_max_sec: float = 60.0
-    max_payload_bytes: int = 64 * 1024
-    max_pending_topics: int = 10_000
-    max_inbound_queue: int = 1_000
-    max_inflight: int = 20
-
-    def __post_init__(self) -> None:
-        if not ID_RE.match(self.site_id):
-            raise ValueError(f"site id {self.site_id!r} is not a valid topic level ({ID_RE.pattern})")
-        if not self.host:
-            raise ValueError("host is required")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} out of range")
-        if self.key_file and not self.cert_file:
-            raise ValueError("key_file needs cert_file")
-        if not 0 < self.backoff_min_sec <= self.backoff_max_sec:
-            raise ValueError("need 0 < backoff_min_sec <= backoff_max_sec")
-        for name in ("keepalive_sec", "connect_timeout_sec", "max_payload_bytes", "max_pending_topics",
-                     "max_inbound_queue", "max_inflight"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-
-    @property
-    def effective_client_id(self) -> str:
-        return self.client_id or f"carwash-gateway-{self.site_id}"
-
-    @classmethod
-    def from_config(cls, config: Config, *, password: str = "", **overrides: Any) -> BridgeSettings:
-        """Settings from `[cloud.bridge]` and `site.id`; `cert_file`/`key_file` are read from the
-        bridge config when it has them (else pass them in `overrides`)."""
-        b = config.cloud.bridge
-        values: dict[str, Any] = {
-            "site_id": config.site.id, "host": b.host, "port": b.port, "tls": b.tls, "ca_file": b.ca_file,
-            "cert_file": getattr(b, "cert_file", ""), "key_file": getattr(b, "key_file", ""),
-            "client_id": b.client_id, "username": b.username, "password": password,
-            "keepalive_sec": b.keepalive_sec,
-        }
-        values.update(overrides)
-        return cls(**values)
-
-
-def is_forwarded(local_topic: str) -> bool:
-    """Whether the core hands a local publish to the bridge: bay status and presence transitions.
-    Not `gateway/live/{device_id}` (every streaming message, for the web only) nor anything else."""
-    parts = local_topic.split("/")
-    return len(parts) == 3 and ((parts[0] == "wash" and parts[2] == "status")
-                                or (parts[0] == "gateway" and parts[1] == "presence"))
-
-
-def backoff_delay(failures: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Full jitter: uniform in [lo, min(hi, lo * 2^failures)]."""
-    return rng.uniform(lo, max(lo, min(hi, lo * 2.0 ** min(failures, 40))))
-
-
-class _PahoLog(logging.Logger):
-    """paho's logger for one client: its errors (already reported by the bridge as one warning)
-    go to `on_error` and are logged at DEBUG like the rest of paho's chatter."""
-
-    def __init__(self, on_error: Callable[[str], None]) -> None:
-        super().__init__(f"{__name__}.paho")
-        self.parent = logging.getLogger(__name__)
-        self._on_error = on_error
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if level >= logging.ERROR:
-            try:
-                text = str(msg) % args if args else str(msg)
-            except (TypeError, ValueError):
-                text = f"{msg} {args}"
-            self._on_error(text)
-            level = logging.DEBUG
-        super().log(level, msg, *args, **kwargs)
-
-
-class _TlsContext(ssl.SSLContext):
-    """Remembers the sockets it wrapped: paho leaves the socket of a failed TLS handshake open,
-    and the bridge closes it (else a ResourceWarning at garbage collection)."""
-
-    wrapped: list[ssl.SSLSocket]
-
-    def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
-                    suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
-                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-        wrapped = super().wrap_socket(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-                                      server_hostname, session)
-        self.wrapped.append(wrapped)
-        return wrapped
-
-
-@dataclass
-class _Conn:
-    """One connection attempt: its paho client and what the loop waits for."""
-
-    client: mqtt.Client
-    connack: asyncio.Future[tuple[Any, bool] | None]  # (reason code, session present); None: lost first
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
-    lost_reason: str = ""
-    error: str = ""  # the first error paho logged on this connection
-    accepted: bool = False
 
 
 class CloudBridge:
@@ -213,7 +96,7 @@ class CloudBridge:
                  on_payment_status: CloudCallback, rng: random.Random | None = None) -> None:
         self.settings = settings
         site = settings.site_id
-        self._status_topic = STATUS_TOPIC.format(site_id=site)
+        self._status_topic = topics.CLOUD_GATEWAY_STATUS.format(site_id=site)
         self._filters = [f.format(site_id=site) for f in SUBSCRIPTIONS]
         self._routes: dict[tuple[str, str], tuple[str, CloudCallback]] = {
             ("wash", "cmd"): ("wash command", on_wash_cmd),
@@ -228,11 +111,9 @@ class CloudBridge:
         self.callback_errors = 0
         self.last_error = ""
         self._drops = Drops(log, DROP_LOG_EVERY_SEC)
-        self._pending: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # topic -> (seq, latest payload)
-        self._seq = 0
-        self._inflight: dict[int, tuple[str, int]] = {}  # mid -> (topic, seq) on the current connection
+        self._pending = LatestPerTopic(settings.max_pending_topics)
         self._waiters: dict[int, asyncio.Future[None]] = {}  # mid -> PUBACK wanted by the bridge itself
-        self._conn: _Conn | None = None
+        self._conn: Conn | None = None
         self._connected = False
         self._subscribed = False
         self._connected_once = False
@@ -288,20 +169,20 @@ class CloudBridge:
 
     def publish_wash_status(self, bay_id: str, payload: bytes) -> bool:
         """Forward a bay's status to `sites/{site}/wash/{bay_id}/status` (QoS 1, retained)."""
-        return self._forward(bay_id, WASH_STATUS_TOPIC.format(site_id=self.settings.site_id, bay_id=bay_id), payload)
+        topic = topics.CLOUD_WASH_STATUS.format(site_id=self.settings.site_id, bay_id=bay_id)
+        return self._forward(bay_id, topic, payload)
 
     def publish_device_presence(self, device_id: str, payload: bytes) -> bool:
         """Forward a device's presence to `sites/{site}/devices/{device_id}/presence` (QoS 1, retained)."""
-        topic = DEVICE_PRESENCE_TOPIC.format(site_id=self.settings.site_id, device_id=device_id)
+        topic = topics.CLOUD_DEVICE_PRESENCE.format(site_id=self.settings.site_id, device_id=device_id)
         return self._forward(device_id, topic, payload)
 
     def forward(self, local_topic: str, payload: bytes) -> bool:
         """Forward a local `wash/{bay}/status` or `gateway/presence/{device_id}`; others are dropped."""
-        parts = local_topic.split("/")
-        if len(parts) == 3 and parts[0] == "wash" and parts[2] == "status":
-            return self.publish_wash_status(parts[1], payload)
-        if len(parts) == 3 and parts[0] == "gateway" and parts[1] == "presence":
-            return self.publish_device_presence(parts[2], payload)
+        if topics.matches(topics.WASH_STATUS_FILTER, local_topic):
+            return self.publish_wash_status(local_topic.split("/")[1], payload)
+        if topics.matches(topics.PRESENCE_FILTER, local_topic):
+            return self.publish_device_presence(local_topic.split("/")[2], payload)
         self._on_loop(self._drop, "unmapped local topic", local_topic,
                       "only wash/+/status and gateway/presence/+ are forwarded")
         return False
@@ -348,14 +229,14 @@ class CloudBridge:
         s = self.settings
         loop = asyncio.get_running_loop()
         client = self._new_client()
-        conn = _Conn(client, loop.create_future())
+        conn = Conn(client, loop.create_future())
         self._conn = conn
         connected_at: float | None = None
         try:
             try:
-                await self._in_thread(self._open, client)
+                await self._in_thread(open_connection, client, self.settings)
             except (OSError, ValueError) as exc:  # refused, unreachable, TLS/certificate, unreadable files
-                self._failed(f"cannot connect to {s.host}:{s.port}: {_describe(exc)}")
+                self._failed(f"cannot connect to {s.host}:{s.port}: {describe(exc)}")
                 return None
             client.loop_start()
             try:
@@ -386,53 +267,29 @@ class CloudBridge:
             self._conn = None
             self._connected = self._subscribed = False
             self._since = None
-            self._inflight.clear()
+            self._pending.lost()
             for fut in self._waiters.values():
                 fut.cancel()
             self._waiters.clear()
             self._changed()
-            await self._in_thread(_close_client, client)
+            await self._in_thread(close_client, client)
 
     def _new_client(self) -> mqtt.Client:
         s = self.settings
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.effective_client_id, clean_session=False,
                              protocol=mqtt.MQTTv311, reconnect_on_failure=False)
-        client.enable_logger(_PahoLog(lambda text: self._to_loop(self._on_paho_error, client, text)))
+        client.enable_logger(PahoLog(lambda text: self._to_loop(self._on_paho_error, client, text)))
         client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
         client.connect_timeout = s.connect_timeout_sec
         client.max_inflight_messages_set(s.max_inflight)
         if s.username:
             client.username_pw_set(s.username, s.password or None)
         client.will_set(self._status_topic, OFFLINE, qos=1, retain=True)
-        client.on_connect = self._p_on_connect
-        client.on_disconnect = self._p_on_disconnect
-        client.on_publish = self._p_on_publish
-        client.on_subscribe = self._p_on_subscribe
-        client.on_message = self._p_on_message
+        hand_callbacks_to_loop(client, self._to_loop, on_connack=self._on_connack, on_lost=self._on_lost,
+                               on_puback=self._on_puback, on_suback=self._on_suback, on_message=self._on_message)
         return client
 
-    def _open(self, client: mqtt.Client) -> None:
-        """Worker thread: TLS context (reads the files), TCP connect, handshake, CONNECT sent."""
-        s = self.settings
-        ctx: _TlsContext | None = None
-        if s.tls:
-            ctx = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
-            ctx.wrapped = []
-            if s.ca_file:
-                ctx.load_verify_locations(cafile=s.ca_file)
-            else:
-                ctx.load_default_certs()
-            if s.cert_file:
-                ctx.load_cert_chain(s.cert_file, s.key_file or None)
-            client.tls_set_context(ctx)
-        try:
-            client.connect(s.host, s.port, keepalive=s.keepalive_sec)
-        except BaseException:
-            for sock in ctx.wrapped if ctx is not None else ():
-                sock.close()
-            raise
-
-    def _on_connected(self, conn: _Conn, session_present: bool) -> None:
+    def _on_connected(self, conn: Conn, session_present: bool) -> None:
         s = self.settings
         client = conn.client
         conn.accepted = True
@@ -445,7 +302,7 @@ class CloudBridge:
         self._last_logged_error = ""
         client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         client.subscribe([(f, 1) for f in self._filters])
-        for topic, (seq, payload) in list(self._pending.items()):
+        for topic, seq, payload in self._pending.waiting():
             self._send(client, topic, seq, payload)
         log.info("cloud bridge: connected to %s:%d as %s (%s, session present: %s, %d pending sent)",
                  s.host, s.port, s.effective_client_id, "TLS" if s.tls else "plain TCP", session_present,
@@ -472,52 +329,20 @@ class CloudBridge:
         self._changed()
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` in the bridge's worker thread. A cancellation waits for `fn` to end before it
-        is re-raised (what `fn` returned or raised is then discarded): no thread outlives `run()`."""
         assert self._executor is not None
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            while not fut.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({fut})
-            if not fut.cancelled():
-                fut.exception()  # retrieved: no "exception was never retrieved" at collection
-            raise
-
-    # --- paho's network thread: hand everything to the loop --------------------------------------
+        return await run_joined(self._executor, fn, *args)
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """From paho's network thread: everything it reports is handled on the loop."""
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # a closed loop: the bridge is gone
             loop.call_soon_threadsafe(fn, *args)
 
-    def _p_on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
-        self._to_loop(self._on_connack, client, reason, bool(flags.session_present))
-
-    def _p_on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        # MQTT 3.1.1 has no reason codes: paho says "Unspecified error" (0x80) for a closed socket.
-        self._to_loop(self._on_lost, client, "socket closed" if reason == 0x80 else str(reason))
-
-    def _p_on_publish(self, client: mqtt.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
-        self._to_loop(self._on_puback, client, mid)
-
-    def _p_on_subscribe(self, client: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
-        self._to_loop(self._on_suback, client, list(reasons))
-
-    def _p_on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            topic: str | None = msg.topic
-        except UnicodeDecodeError:
-            topic = None
-        self._to_loop(self._on_message, topic, bytes(msg.payload), bool(msg.retain))
-
     # --- on the loop -----------------------------------------------------------------------------
 
-    def _current(self, client: mqtt.Client) -> _Conn | None:
+    def _current(self, client: mqtt.Client) -> Conn | None:
         conn = self._conn
         return conn if conn is not None and conn.client is client else None
 
@@ -551,15 +376,9 @@ class CloudBridge:
             if not waiter.done():
                 waiter.set_result(None)
             return
-        entry = self._inflight.pop(mid, None)
-        if entry is None:
-            return  # the online status
-        topic, seq = entry
-        self.forwarded += 1
-        latest = self._pending.get(topic)
-        if latest is not None and latest[0] == seq:
-            del self._pending[topic]
-        self._changed()
+        if self._pending.acked(mid):  # else the online status
+            self.forwarded += 1
+            self._changed()
 
     def _on_suback(self, client: mqtt.Client, reasons: list[Any]) -> None:
         if self._current(client) is None:
@@ -641,16 +460,9 @@ class CloudBridge:
             loop.call_soon_threadsafe(fn, *args)
 
     def _store_and_send(self, topic: str, payload: bytes) -> None:
-        self._seq += 1
-        seq = self._seq
-        if topic in self._pending:
-            self._pending[topic] = (seq, payload)
-            self._pending.move_to_end(topic)
-        else:
-            if len(self._pending) >= self.settings.max_pending_topics:
-                oldest, _ = self._pending.popitem(last=False)
-                self._drop("pending buffer full", oldest, f"{self.settings.max_pending_topics} topics waiting")
-            self._pending[topic] = (seq, payload)
+        seq, dropped = self._pending.put(topic, payload)
+        if dropped is not None:
+            self._drop("pending buffer full", dropped, f"{self.settings.max_pending_topics} topics waiting")
         conn = self._conn
         if self._connected and conn is not None:
             self._send(conn.client, topic, seq, payload)
@@ -658,7 +470,7 @@ class CloudBridge:
     def _send(self, client: mqtt.Client, topic: str, seq: int, payload: bytes) -> None:
         info = client.publish(topic, payload, qos=1, retain=True)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._inflight[info.mid] = (topic, seq)
+            self._pending.sent(info.mid, topic, seq)
         # else (the connection just went): it stays pending and is sent after the next CONNACK
 
     def _drop(self, reason: str, where: str, detail: str) -> None:
@@ -670,26 +482,6 @@ class CloudBridge:
         self._change = asyncio.Event()
 
 
-def _close_client(client: mqtt.Client) -> None:
-    """Worker thread: DISCONNECT if still connected, join paho's thread, close what is left."""
-    client.disconnect()
-    client.loop_stop()
-    sock = client.socket()
-    if sock is not None:
-        sock.close()
-    # Closes the wake-up socket pair of loop_start() now rather than when the client is collected
-    # (an exception logged by paho's thread can keep the client alive through its traceback), and
-    # drops the callbacks and the logger (which refer back to the client).
-    client.reinitialise()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate rejected: {exc.verify_message}"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, ssl.SSLError) else f"TLS: {text}"
-
-
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -697,4 +489,4 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-__all__ = ["ID_RE", "BridgeSettings", "CloudBridge", "backoff_delay"]
+__all__ = ["ID_RE", "BridgeSettings", "CloudBridge", "is_forwarded"]

@@ -37,83 +37,53 @@ Contract
   (registrations, lifecycle, configs). `device.event_logs`, `wash.session`, `payment.updated` and
   `command.result` are never dropped: if they alone exceed the cap the drainer is `degraded`.
 - Threads: HTTP (http.client, one keep-alive connection, `cloud.timeout_sec` per connect and
-  read) and every database statement run in one dedicated worker thread (`run_in_executor`), so
+  read) and every database statement run in one dedicated worker thread (`DbThread`), so
   the asyncio loop never blocks; writes are IMMEDIATE transactions. Cancelling shuts the socket
   down under a blocked request (a TCP connect still in progress runs out its timeout). With an
   empty `cloud.url` only housekeeping runs.
 - `state()` is a snapshot of the counters for the health report; `degraded` says whether the
   site needs attention (over the cap with protected events, or the cloud refusing the site).
 
+Parts: the HTTP client is `gateway.uplink.http`, the outbox SQL `gateway.uplink.outbox_sql`, the
+backoff `gateway.backoff`; this module is the loop and its bookkeeping.
+
 `python -m gateway.uplink.drainer --database PATH --url URL --site-id ID` runs a drainer alone
-(key in $CARWASH_UPLINK_KEY) until SIGTERM/SIGINT: for tests, benchmarks and diagnostics; the
-core runs `OutboxDrainer` in its own event loop.
+(key in $CARWASH_UPLINK_KEY) until SIGTERM/SIGINT (`gateway.uplink.cli`): for tests, benchmarks
+and diagnostics; the core runs `OutboxDrainer` in its own event loop.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
 import enum
-import http.client
-import json
 import logging
-import os
 import random
-import signal
-import socket
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from peewee import SqliteDatabase
 
-from gateway.access.signing import http_signature
+from gateway.backoff import Backoff
 from gateway.clock import epoch_s, iso_z, utc_now
-from gateway.config import CloudConfig, Config, OutboxConfig, SiteConfig
-from gateway.store.db import write_tx
-from gateway.store.outbox import payload_bytes
+from gateway.config import CloudConfig, Config, OutboxConfig
+from gateway.store.dbthread import DbThread
+from gateway.uplink import outbox_sql
+from gateway.uplink.http import BODY_OVERHEAD, EventsClient
+from gateway.uplink.outbox_sql import COALESCIBLE_TYPES, PROTECTED_TYPES, Row
 
 log = logging.getLogger(__name__)
 
-COALESCIBLE_TYPES: tuple[str, ...] = ("wash.status", "device.status")
-PROTECTED_TYPES: tuple[str, ...] = ("device.event_logs", "wash.session", "payment.updated", "command.result")
-RETRYABLE_4XX = frozenset({408, 429})
-CHANNEL_4XX = frozenset({401, 403, 404, 405})  # the site/key/URL is wrong, not the event
 KEY_ENV = "CARWASH_UPLINK_KEY"
-
-# A pending row by seq (its primary key), checked against its event id: a coalesced event deleted
-# meanwhile may have left its seq to a new, never sent row (seq has no AUTOINCREMENT).
-_BY_ROW = 'UPDATE "outbox_event" SET {set} WHERE "seq" = ? AND "event_id" = ? AND "state" = \'pending\''
-_BODY_HEAD = b'{"events":['
-_BODY_TAIL = b"]}"
-_STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
-
 
 class _Kind(enum.Enum):
     IDLE = "idle"  # nothing pending
     PROGRESS = "progress"  # the batch was settled (sent or dead): go on at once
     RETRY = "retry"  # back off, then try the head of the queue again
-
-
-@dataclass(frozen=True)
-class _Row:
-    seq: int
-    event_id: str
-    type: str
-    data: bytes
-
-
-@dataclass
-class _Answer:
-    kind: str  # ok | retry | channel | reject | stopped
-    error: str = ""
-    accepted: frozenset[str] = frozenset()
-    retry_after: float | None = None
 
 
 @dataclass
@@ -157,12 +127,8 @@ class OutboxDrainer:
         self._housekeeping_interval = housekeeping_interval_sec
         self._rng = rng or random.Random()
         url = urllib.parse.urlsplit(self._cloud.url) if self._cloud.url else None
-        self._url = url
-        prefix = url.path.rstrip("/") if url else ""
-        self._path = f"{prefix}/api/v1/gateways/{urllib.parse.quote(self._site_id, safe='')}/events"
-        self._conn: http.client.HTTPConnection | None = None
-        self._conn_lock = threading.Lock()  # the loop thread aborts the worker's connection
-        self._stopping = threading.Event()
+        self._http = EventsClient(url, self._site_id, key, self._cloud.timeout_sec) if url is not None else None
+        self._backoff = Backoff(self._outbox.backoff_min_sec, self._outbox.backoff_max_sec, self._rng)
         self._lock = threading.Lock()  # counters: written by the worker, read by state()
         self._c = _Counters()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,7 +144,7 @@ class OutboxDrainer:
     @property
     def enabled(self) -> bool:
         """False when no cloud URL is configured (only housekeeping runs)."""
-        return self._url is not None
+        return self._http is not None
 
     @property
     def degraded(self) -> bool:
@@ -239,16 +205,17 @@ class OutboxDrainer:
             raise RuntimeError("OutboxDrainer.run() is already running")
         loop = asyncio.get_running_loop()
         self._loop, self._wake_event, self._running = loop, asyncio.Event(), True
-        self._stopping.clear()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-drainer")
-        failures = 0
+        if self._http is not None:
+            self._http.resume()
+        worker = DbThread("uplink-drainer", self._db)  # HTTP and SQL, one at a time, off the loop
+        self._backoff.reset()
         next_housekeeping = loop.time()
         try:
             while True:
                 if loop.time() >= next_housekeeping:
                     self._phase("housekeeping")
                     try:
-                        await loop.run_in_executor(executor, self.housekeeping)
+                        await worker.run(self.housekeeping)
                     except Exception:
                         log.exception("uplink: outbox housekeeping failed")
                     next_housekeeping = loop.time() + self._housekeeping_interval
@@ -260,20 +227,19 @@ class OutboxDrainer:
                 self._wake_event.clear()
                 self._phase("sending")
                 try:
-                    step = await loop.run_in_executor(executor, self._step)
+                    step = await worker.run(self._step)
                 except Exception as exc:  # a database error: keep the loop alive, retry later
                     log.exception("uplink: drain step failed")
                     self._note_failure(f"{type(exc).__name__}: {exc}")
                     step = _Step(_Kind.RETRY)
                 due_in = self._marks_due_in()
                 if due_in <= 0 or (step.kind is _Kind.RETRY and due_in < float("inf")):  # a backoff may be long
-                    await self._write_marks_in(loop, executor)
+                    await self._write_marks_in(worker)
                 if step.kind is _Kind.PROGRESS:
-                    failures = 0
+                    self._backoff.reset()
                     continue
                 if step.kind is _Kind.RETRY:
-                    failures += 1
-                    delay = self.backoff_delay(failures, step.retry_after)
+                    delay = self._backoff.failure(step.retry_after)
                     with self._lock:
                         self._c.next_attempt_at = iso_z(utc_now() + dt.timedelta(seconds=delay))
                         self._c.phase = "backoff"
@@ -281,31 +247,22 @@ class OutboxDrainer:
                     with self._lock:
                         self._c.next_attempt_at = None
                     continue
-                failures = 0
+                self._backoff.reset()
                 timeout = max(0.0, min(self._poll_interval, next_housekeeping - loop.time(), self._marks_due_in()))
                 self._phase("idle")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_event.wait(), timeout)
         finally:
-            self._stopping.set()
-            self._abort_inflight()
+            if self._http is not None:
+                self._http.abort()
             try:
                 # Queued behind a step still running (its HTTP request was just aborted).
-                await loop.run_in_executor(executor, self._close_worker)
+                await worker.run(self._close_worker)
             finally:
-                executor.shutdown(wait=True)
+                await worker.close()  # closes the worker's database connection too
                 self._phase("stopped")
                 self._running = False
                 self._loop = self._wake_event = None
-
-    def backoff_delay(self, failures: int, retry_after: float | None = None) -> float:
-        """Full jitter: uniform in [min, min(max, min * 2^failures)], at least Retry-After."""
-        lo, hi = self._outbox.backoff_min_sec, self._outbox.backoff_max_sec
-        cap = min(hi, lo * 2.0 ** min(failures, 40))
-        delay = self._rng.uniform(lo, max(lo, cap))
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, hi))
-        return delay
 
     # --- housekeeping (any thread; the drainer runs it in its worker) --------------------------
 
@@ -316,21 +273,14 @@ class OutboxDrainer:
         self.prune_delivered()
         self.enforce_retention()
         # Each through its partial index: housekeeping never reads the whole table.
-        (pending, pending_bytes), = self._db.execute_sql(
-            'SELECT COUNT(*), COALESCE(SUM("size"), 0) FROM "outbox_event" WHERE "state" = \'pending\'').fetchall()
-        (dead,), = self._db.execute_sql(
-            'SELECT COUNT(*) FROM "outbox_event" WHERE "state" = \'dead\'').fetchall()
+        pending, pending_bytes, dead = outbox_sql.queue_figures(self._db)
         with self._lock:
-            self._c.backlog, self._c.pending_bytes = int(pending), int(pending_bytes)
-            self._c.dead_total = int(dead)
+            self._c.backlog, self._c.pending_bytes, self._c.dead_total = pending, pending_bytes, dead
 
     def prune_delivered(self) -> int:
         """Delete sent events older than delivered_retention_days; returns how many."""
         cutoff = epoch_s(utc_now() - dt.timedelta(days=self._outbox.delivered_retention_days))
-        with write_tx(self._db):
-            cur = self._db.execute_sql(
-                'DELETE FROM "outbox_event" WHERE "state" = \'sent\' AND "sent_at" < ?', (cutoff,))
-        n = max(int(cur.rowcount), 0)
+        n = outbox_sql.prune_sent_before(self._db, cutoff)
         if n:
             log.info("uplink: pruned %d delivered outbox events older than %d days", n,
                      self._outbox.delivered_retention_days)
@@ -340,39 +290,8 @@ class OutboxDrainer:
         """Drop the oldest droppable pending events while the pending total exceeds max_bytes;
         returns how many were dropped. Sets `degraded` when protected events alone exceed it."""
         cap = self._outbox.max_bytes
-        dropped: dict[str, int] = {}
-        freed_total = 0
-        with write_tx(self._db):
-            (total,) = self._db.execute_sql(
-                'SELECT COALESCE(SUM("size"), 0) FROM "outbox_event" WHERE "state" = \'pending\'').fetchone()
-            excess = int(total) - cap
-            protected = ",".join("?" * len(PROTECTED_TYPES))
-            coalescible = ",".join("?" * len(COALESCIBLE_TYPES))
-            tiers: list[tuple[str, tuple[str, ...]]] = [
-                (f'"type" IN ({coalescible})', COALESCIBLE_TYPES),
-                (f'"type" NOT IN ({coalescible}) AND "type" NOT IN ({protected})', COALESCIBLE_TYPES + PROTECTED_TYPES),
-            ]
-            for where, params in tiers:
-                if excess <= 0:
-                    break
-                cur = self._db.execute_sql(
-                    f'SELECT "seq", "type", "size" FROM "outbox_event" WHERE "state" = \'pending\' AND {where} '
-                    'ORDER BY "seq"', params)
-                cutoff = None
-                freed = 0
-                for seq, typ, size in cur:
-                    freed += int(size)
-                    dropped[typ] = dropped.get(typ, 0) + 1
-                    cutoff = seq
-                    if freed >= excess:
-                        break
-                cur.close()
-                if cutoff is not None:
-                    self._db.execute_sql(
-                        f'DELETE FROM "outbox_event" WHERE "state" = \'pending\' AND {where} AND "seq" <= ?',
-                        (*params, cutoff))
-                    excess -= freed
-                    freed_total += freed
+        result = outbox_sql.drop_over_cap(self._db, cap)
+        dropped, freed_total, excess = result.by_type, result.bytes, result.excess
         count = sum(dropped.values())
         over = excess > 0
         with self._lock:
@@ -411,35 +330,28 @@ class OutboxDrainer:
                 self._c.backlog = max(self._c.backlog - settled, len(rows) - settled)
         return step
 
-    def _fetch(self) -> tuple[list[_Row], bool]:
+    def _fetch(self) -> tuple[list[Row], bool]:
         """The head of the queue within the batch limits; and whether it is the whole queue."""
         # Delivered rows not yet marked are still pending in the database: read past them.
         with self._lock:
             skip = set(self._unmarked)
             self._c.polls += 1
-        limit = self._outbox.batch_max_events + len(skip)
-        cur = self._db.execute_sql(
-            'SELECT e."seq", e."event_id", e."type", p."payload" FROM "outbox_event" e '
-            'JOIN "outbox_payload" p ON p."seq" = e."seq" WHERE e."state" = \'pending\' ORDER BY e."seq" LIMIT ?',
-            (limit,))
-        fetched = cur.fetchall()  # fetch everything: the read snapshot ends here
-        rows: list[_Row] = []
-        size = len(_BODY_HEAD) + len(_BODY_TAIL)
-        for seq, event_id, typ, payload in fetched:
-            if event_id in skip:
-                continue
+        fetched, whole = outbox_sql.pending_head(self._db, self._outbox.batch_max_events + len(skip), skip)
+        rows: list[Row] = []
+        size = BODY_OVERHEAD
+        for row in fetched:
             if len(rows) == self._outbox.batch_max_events:
                 return rows, False
-            data = payload_bytes(payload)
-            add = len(data) + (1 if rows else 0)
+            add = len(row.data) + (1 if rows else 0)
             if rows and size + add > self._outbox.batch_max_bytes:
                 return rows, False
-            rows.append(_Row(int(seq), str(event_id), str(typ), data))
+            rows.append(row)
             size += add
-        return rows, len(fetched) < limit
+        return rows, whole
 
-    def _deliver(self, rows: list[_Row]) -> _Step:
-        answer = self._post(rows)
+    def _deliver(self, rows: list[Row]) -> _Step:
+        assert self._http is not None
+        answer = self._http.post([r.data for r in rows])
         if answer.kind == "stopped":
             return _Step(_Kind.RETRY)
         if answer.kind == "ok":
@@ -466,109 +378,18 @@ class OutboxDrainer:
         self._note_failure(answer.error, channel=answer.kind == "channel")
         return _Step(_Kind.RETRY, answer.retry_after)
 
-    # --- HTTP (worker thread) ----------------------------------------------------------------
-
-    def _connection(self) -> http.client.HTTPConnection:
-        with self._conn_lock:
-            if self._conn is None:
-                assert self._url is not None
-                host, port = self._url.hostname or "", self._url.port
-                timeout = self._cloud.timeout_sec
-                if self._url.scheme == "https":
-                    self._conn = http.client.HTTPSConnection(host, port, timeout=timeout)
-                else:
-                    self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
-            return self._conn
-
-    def _close_conn(self) -> None:
-        with self._conn_lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    def _abort_inflight(self) -> None:
-        """From the loop thread: make a blocked send/receive of the worker return at once."""
-        with self._conn_lock:
-            sock = self._conn.sock if self._conn is not None else None
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
     def _close_worker(self) -> None:
-        """In the worker thread at the end: the delivered events' marks, its HTTP connection and its
-        database connection."""
-        self._close_conn()
+        """In the worker thread at the end: the delivered events' marks and the HTTP connection."""
+        if self._http is not None:
+            self._http.close()
         try:
             self.write_marks()
         except Exception:  # as after a crash: they stay pending, are sent again and deduplicated
             log.exception("uplink: marking %d delivered events sent failed", len(self._unmarked))
-        self._db.close()  # Peewee connections are per thread: this closes the worker's only
-
-    def _post(self, rows: list[_Row]) -> _Answer:
-        if self._stopping.is_set():
-            return _Answer("stopped")
-        body = _BODY_HEAD + b",".join(r.data for r in rows) + _BODY_TAIL
-        headers = {"Content-Type": "application/json", "x-signature": http_signature(body, self._key)}
-        for attempt in (1, 2):
-            reused = self._conn is not None
-            conn = self._connection()
-            try:
-                if conn.sock is None:
-                    conn.connect()
-                    # http.client writes headers and body separately: without this, Nagle and the
-                    # peer's delayed ACK add ~40 ms to every request.
-                    sock: socket.socket = conn.sock  # type: ignore[assignment]  # set by connect()
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.request("POST", self._path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                self._close_conn()
-                if self._stopping.is_set():  # aborted by run()'s end: not a cloud failure
-                    return _Answer("stopped")
-                # A kept-alive connection the server closed meanwhile: one immediate retry.
-                if reused and attempt == 1 and isinstance(exc, _STALE_CONNECTION) and not self._stopping.is_set():
-                    continue
-                return _Answer("retry", f"cannot reach the cloud: {type(exc).__name__}: {exc}".rstrip(": "))
-            if resp.will_close:
-                self._close_conn()
-            return self._classify(resp.status, resp.getheader("Retry-After"), data)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _classify(status: int, retry_after_header: str | None, data: bytes) -> _Answer:
-        if 200 <= status < 300:
-            try:
-                doc = json.loads(data)
-                accepted = doc["data"]["accepted"]
-                if doc.get("success") is not True or not isinstance(accepted, list):
-                    raise ValueError("no accepted list")
-                return _Answer("ok", accepted=frozenset(a for a in accepted if isinstance(a, str)))
-            except (ValueError, KeyError, TypeError) as exc:
-                return _Answer("retry", f"HTTP {status} with an unreadable answer: {exc}")
-        error = f"HTTP {status}"
-        try:
-            doc = json.loads(data)
-            if isinstance(doc, dict):
-                error += f" {doc.get('errorCode', '')}: {doc.get('message', '')}".rstrip(": ")
-        except ValueError:
-            if data:
-                error += f": {data[:200].decode(errors='replace')}"
-        retry_after: float | None = None
-        if retry_after_header:
-            try:
-                retry_after = max(0.0, float(retry_after_header))
-            except ValueError:
-                retry_after = None  # an HTTP date: our own backoff will do
-        if status >= 500 or status in RETRYABLE_4XX:
-            return _Answer("retry", error, retry_after=retry_after)
-        if 400 <= status < 500 and status not in CHANNEL_4XX:
-            return _Answer("reject", error)
-        return _Answer("channel", error, retry_after=retry_after)
 
     # --- database writes (worker thread) -----------------------------------------------------
 
-    def _mark_sent(self, rows: list[_Row]) -> None:
+    def _mark_sent(self, rows: list[Row]) -> None:
         """Delivered: never sent again by this drainer; marked in the database by write_marks()."""
         if not rows:
             return
@@ -587,13 +408,8 @@ class OutboxDrainer:
             marks = dict(self._unmarked)
         if not marks:
             return 0
-        now = epoch_s()
-        # A delivered row deleted meanwhile (coalesced, or dropped over the cap) matches nothing.
         try:
-            with write_tx(self._db):
-                self._db.cursor().executemany(
-                    _BY_ROW.format(set='"state" = \'sent\', "sent_at" = ?, "attempts" = "attempts" + 1'),
-                    [(now, seq, event_id) for event_id, seq in marks.items()])
+            outbox_sql.mark_sent(self._db, marks, epoch_s())
         except Exception:
             with self._lock:  # try again later, not in a tight loop
                 self._marks_due = time.monotonic() + self._outbox.backoff_min_sec
@@ -605,9 +421,9 @@ class OutboxDrainer:
                 self._marks_due = None
         return len(marks)
 
-    async def _write_marks_in(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+    async def _write_marks_in(self, worker: DbThread) -> None:
         try:
-            await loop.run_in_executor(executor, self.write_marks)
+            await worker.run(self.write_marks)
         except Exception:
             log.exception("uplink: marking %d delivered events sent failed; retrying", len(self._unmarked))
 
@@ -617,16 +433,11 @@ class OutboxDrainer:
             due = self._marks_due
         return float("inf") if due is None else max(0.0, due - time.monotonic())
 
-    def _mark_attempt(self, rows: list[_Row], error: str) -> None:
-        with write_tx(self._db):
-            self._db.cursor().executemany(_BY_ROW.format(set='"attempts" = "attempts" + 1, "last_error" = ?'),
-                                          [(error[:500], r.seq, r.event_id) for r in rows])
+    def _mark_attempt(self, rows: list[Row], error: str) -> None:
+        outbox_sql.mark_attempt(self._db, rows, error)
 
-    def _mark_dead(self, row: _Row, error: str) -> None:
-        with write_tx(self._db):
-            self._db.execute_sql(
-                _BY_ROW.format(set='"state" = \'dead\', "attempts" = "attempts" + 1, "last_error" = ?'),
-                (error[:500], row.seq, row.event_id))
+    def _mark_dead(self, row: Row, error: str) -> None:
+        outbox_sql.mark_dead(self._db, row, error)
         with self._lock:
             self._c.dead += 1
             self._c.dead_total += 1
@@ -659,60 +470,9 @@ class OutboxDrainer:
         log.log(logging.WARNING if first or channel else logging.DEBUG, "uplink: delivery failed: %s", error)
 
 
-# --- stand-alone runner ----------------------------------------------------------------------
+__all__ = ["COALESCIBLE_TYPES", "KEY_ENV", "PROTECTED_TYPES", "OutboxDrainer"]
 
+if __name__ == "__main__":  # `python -m gateway.uplink.drainer`: the command tests and bench run
+    from gateway.uplink.cli import main
 
-def main(argv: list[str] | None = None) -> int:
-    from gateway.store import open_database, schema_status
-
-    defaults = OutboxConfig()
-    ap = argparse.ArgumentParser(prog="python -m gateway.uplink.drainer",
-                                 description=f"Drain an outbox to a cloud until SIGTERM (key in ${KEY_ENV}).")
-    ap.add_argument("--database", required=True)
-    ap.add_argument("--url", required=True)
-    ap.add_argument("--site-id", required=True)
-    ap.add_argument("--timeout", type=float, default=CloudConfig().timeout_sec)
-    ap.add_argument("--batch-max-events", type=int, default=defaults.batch_max_events)
-    ap.add_argument("--batch-max-bytes", type=int, default=defaults.batch_max_bytes)
-    ap.add_argument("--max-bytes", type=int, default=defaults.max_bytes)
-    ap.add_argument("--backoff-min", type=float, default=defaults.backoff_min_sec)
-    ap.add_argument("--backoff-max", type=float, default=defaults.backoff_max_sec)
-    ap.add_argument("--mark-sent-delay", type=float, default=defaults.mark_sent_delay_sec)
-    ap.add_argument("--poll-interval", type=float, default=5.0)
-    ap.add_argument("--log-level", default="WARNING")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s drainer %(levelname)s %(message)s")
-    key = os.environ.get(KEY_ENV)
-    if not key:
-        ap.error(f"${KEY_ENV} must hold the site key")
-    config = Config(
-        site=SiteConfig(id=args.site_id),
-        cloud=CloudConfig(url=args.url, timeout_sec=args.timeout),
-        outbox=OutboxConfig(batch_max_events=args.batch_max_events, batch_max_bytes=args.batch_max_bytes,
-                            max_bytes=args.max_bytes, backoff_min_sec=args.backoff_min,
-                            backoff_max_sec=args.backoff_max, mark_sent_delay_sec=args.mark_sent_delay),
-    )
-    db = open_database(args.database)
-    current, version = schema_status(db)
-    if not current:
-        print(f"database schema version {version} is not current: start the core once to migrate", flush=True)
-        return 2
-
-    async def amain() -> None:
-        drainer = OutboxDrainer(config, key, db, poll_interval_sec=args.poll_interval)
-        task = asyncio.create_task(drainer.run(), name="uplink-drainer")
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    t0 = time.monotonic()
-    asyncio.run(amain())
-    db.close()
-    log.info("drainer stopped after %.1f s", time.monotonic() - t0)
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -4,8 +4,9 @@
 RPC method `wash.command` (the web's REST API) and from MQTT `wash/{bayId}/cmd` (local clients,
 the cloud bridge): one function, one set of rules. Poll results and timers drive the machines;
 their effects are carried out here: PLC writes through the bus scheduler, session and bay rows
-(with their outbox events) through one database thread, status on `wash/{bayId}/status`
-(retained, QoS 1), and the outcome of every MQTT command on `wash/{bayId}/cmd/result`.
+(with their outbox events; `gateway.wash.store`) through one database thread (`DbThread`),
+status on `wash/{bayId}/status` (retained, QoS 1), and the outcome of every MQTT command on
+`wash/{bayId}/cmd/result`. `wash.scan` is `gateway.wash.scan`.
 
 Writes (SD-card wear): a session's start and end are stored at once, with the bay row and its
 `wash.status` event in the same transaction, and so are the unsaved views of the other bays.
@@ -27,7 +28,6 @@ import time
 import uuid
 import zoneinfo
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,27 +38,15 @@ from gateway.config import BusConfig, Config
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.rpc import RpcError, RpcServer
 from gateway.mqtt.topics import WASH_CMD, WASH_CMD_FILTER, WASH_CMD_RESULT, WASH_STATUS
-from gateway.store import write_tx
-from gateway.store.models import Bay, BayReset, WashSession
-from gateway.store.outbox import add_event
-from gateway.wash.machine import (
-    BayMachine,
-    CloseSession,
-    Decision,
-    Effects,
-    OpenSession,
-    ResetDone,
-    Verdict,
-    View,
-    Write,
-)
+from gateway.store.dbthread import DbThread
+from gateway.wash.machine import BayMachine, Decision, Effects, OpenSession, Verdict, View, Write
+from gateway.wash.scan import scan
+from gateway.wash.store import Persist, WashStore, naive_utc
 from plc.bus import BayAddress, BusScheduler, BusSettings, PlcError, PollResult
-from plc.profile import DecodeError, Profile, decode_status, encode_command, load_profiles
+from plc.profile import Profile, encode_command, load_profiles
 
 log = logging.getLogger(__name__)
 
-SCAN_MAX_UNITS = 32
-SCAN_MAX_PROBES = 128  # unit ids × bases of one scan
 ACTIONS = ("START", "STOP", "RESET")
 
 TICK_SEC = 0.1
@@ -84,13 +72,6 @@ class _Batch:
     view: View
 
 
-# What one transaction stores for a bay: id, name, the view, its sessions to open or close.
-_Persist = tuple[str, str, View, list[OpenSession | CloseSession]]
-
-
-def _dt(ts: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
-
 
 def bus_settings(c: BusConfig) -> BusSettings:
     """The gateway's bus configuration as plc/ takes it."""
@@ -110,7 +91,8 @@ class WashService:
         self.zone = zoneinfo.ZoneInfo(config.site.timezone)
         self.bays: dict[str, _Bay] = {}
         self.schedulers: dict[str, BusScheduler] = {}
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wash-db")
+        self.store = WashStore(db, config.site.id, self.zone)
+        self._db_thread = DbThread("wash-db", db)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- start-up -------------------------------------------------------------------------
@@ -120,12 +102,13 @@ class WashService:
         cfg = self.config
         profiles = load_profiles(cfg.wash.extra_profiles)
         self.profiles = profiles
-        rows = await self._in_db(self._load_rows)
+        rows = await self._db_thread.run(self.store.load, [b.id for b in cfg.bays])
         for b in cfg.bays:
             profile = profiles.get(b.profile)
             if profile is None:
                 raise ValueError(f"bay {b.id}: unknown profile {b.profile!r} (known: {', '.join(profiles)})")
-            row, open_session, day, seq = rows.get(b.id, (None, None, "", 0))
+            loaded = rows[b.id]
+            row, open_session = loaded.row, loaded.open_session
             view = View(changed_at=time.time())
             if row is not None:
                 view = View(state=row.state, progress=row.progress, course=row.course, error_code=row.error_code,
@@ -136,8 +119,9 @@ class WashService:
                                  offline_after=cfg.wash.offline_after, view=view,
                                  session_open=open_session is not None)
             self.bays[b.id] = _Bay(id=b.id, name=b.name or b.id, profile=profile, bus=b.bus, machine=machine,
-                                   day=day, day_seq=seq)
-        await self._in_db(self._ensure_rows)
+                                   day=loaded.day, day_seq=loaded.day_seq)
+        await self._db_thread.run(self.store.ensure_rows,
+                                  [(bay.id, bay.name, bay.machine.view) for bay in self.bays.values()])
         for bay in self.bays.values():
             await self._publish(bay.id, bay.machine.view)
         for bus_cfg in cfg.buses:
@@ -164,7 +148,7 @@ class WashService:
         try:
             await self._save_unsaved()
         finally:
-            self._db_thread.shutdown(wait=True)
+            await self._db_thread.close()
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -207,66 +191,11 @@ class WashService:
                 for name, s in self.schedulers.items()}
 
     async def _rpc_scan(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Probe unit ids `first..last` × `bases` on one bus between polls (at most
-        `SCAN_MAX_PROBES` reads): each answers the poll block at that base, decoded with `profile`
-        when it decodes. `bases` defaults to 0 and the bases the site configures on that bus. On
-        TCP, a PLC that answers a unit id no bay uses (247) ignores unit ids: it is read once, and
-        `ignores_unit_id` says so instead of listing the same PLC under every id."""
-        bus, profile_name = params.get("bus"), params.get("profile", "washbay-v1")
-        first, last, bases = params.get("first", 1), params.get("last", 16), params.get("bases")
-        scheduler = self.schedulers.get(bus) if isinstance(bus, str) else None
-        if scheduler is None:
-            raise RpcError("VALIDATION_FAILED", f"bus must be one of {', '.join(self.schedulers) or '(none)'}", 400)
-        profile = self.profiles.get(profile_name) if isinstance(profile_name, str) else None
-        if profile is None:
-            raise RpcError("VALIDATION_FAILED", f"profile must be one of {', '.join(self.profiles)}", 400)
-        if not (isinstance(first, int) and isinstance(last, int) and 1 <= first <= last <= 247
-                and last - first < SCAN_MAX_UNITS):
-            raise RpcError("VALIDATION_FAILED", f"first..last: unit ids 1..247, at most {SCAN_MAX_UNITS}", 400)
-        if bases is None:
-            bases = sorted({0} | {b.base for b in self.config.bays if b.bus == bus})
-        if not (isinstance(bases, list) and bases and all(isinstance(x, int) and 0 <= x <= 65000 for x in bases)):
-            raise RpcError("VALIDATION_FAILED", "bases: a list of base addresses 0..65000", 400)
-        bases = sorted(set(bases))
-        if (last - first + 1) * len(bases) > SCAN_MAX_PROBES:
-            raise RpcError("VALIDATION_FAILED", f"at most {SCAN_MAX_PROBES} unit id × base probes per scan", 400)
-        if not scheduler.connected:
-            # A down bus answers nothing, and each read would wait for the next failed reconnect:
-            # a scan took minutes, and held up every other RPC meanwhile.
-            raise RpcError("PLC_OFFLINE", f"bus {bus} is down; nothing to scan", 503)
-        ignores_unit_id = False
-        if scheduler.settings.type == "tcp":
-            try:
-                await scheduler.read(247, bases[0] + profile.poll_offset, profile.poll_count)
-                ignores_unit_id = True
-            except PlcError:
-                pass
-        units = []
-        for unit in range(first, first + 1 if ignores_unit_id else last + 1):
-            for base in bases:
-                units.append(await self._probe(scheduler, profile, unit, base))
-        log.info("scan of bus %s units %d..%d, bases %s: %d answered%s", bus, first, last, bases,
-                 sum(1 for u in units if "registers" in u), "; the PLC ignores unit ids" if ignores_unit_id else "")
-        return {"bus": bus, "profile": profile.name, "bases": bases, "ignores_unit_id": ignores_unit_id,
-                "units": units}
-
-    @staticmethod
-    async def _probe(scheduler: BusScheduler, profile: Profile, unit: int, base: int) -> dict[str, Any]:
-        entry: dict[str, Any] = {"unit": unit, "base": base}
-        try:
-            regs = await scheduler.read(unit, base + profile.poll_offset, profile.poll_count)
-        except PlcError as exc:
-            entry["error"] = str(exc)
-            return entry
-        entry["registers"] = regs
-        try:
-            st = decode_status(profile, regs)
-            entry["decoded"] = {"state": st.state, "progress": st.progress, "course": st.course,
-                                "error": st.error_name or (st.error_code or None)}
-        except DecodeError as exc:
-            entry["decoded"] = None
-            entry["decode_error"] = str(exc)
-        return entry
+        """`wash.scan` (gateway.wash.scan): unit ids × bases on one bus, between its polls."""
+        bases: dict[str, set[int]] = {}
+        for b in self.config.bays:
+            bases.setdefault(b.bus, set()).add(b.base)
+        return await scan(self.schedulers, self.profiles, bases, params)
 
     async def command_from(self, bay_id: str, payload: bytes, source: str) -> None:
         """A `wash/{bay}/cmd` message that came another way (the cloud bridge): same rules."""
@@ -344,16 +273,16 @@ class WashService:
         if items:
             await self._store(items)
 
-    def _take_unsaved(self) -> list[_Persist]:
-        items: list[_Persist] = [(b.id, b.name, b.unsaved, []) for b in self.bays.values() if b.unsaved is not None]
+    def _take_unsaved(self) -> list[Persist]:
+        items: list[Persist] = [(b.id, b.name, b.unsaved, []) for b in self.bays.values() if b.unsaved is not None]
         for bay in self.bays.values():
             bay.unsaved = None
         return items
 
-    async def _store(self, items: list[_Persist]) -> None:
+    async def _store(self, items: list[Persist]) -> None:
         """Persist in one transaction; unsaved views taken for it are given back if it fails."""
         try:
-            await self._in_db(self._persist, items)
+            await self._db_thread.run(self.store.persist, items)
         except BaseException:
             for bay_id, _name, view, sessions in items:  # unless a newer view came meanwhile
                 if not sessions and self.bays[bay_id].unsaved is None:
@@ -376,7 +305,7 @@ class WashService:
             self._spawn(self._write(bay, w))
         async with bay.lock:  # FIFO: effects of one bay are stored and published in order
             if fx.resets:
-                await self._in_db(self._persist_resets, bay.id, fx.resets)
+                await self._db_thread.run(self.store.persist_resets, bay.id, fx.resets)
             if fx.sessions:
                 bay.unsaved = None  # this write carries a newer view
                 # The other bays' unsaved views ride along: one commit instead of two.
@@ -417,7 +346,7 @@ class WashService:
     async def _publish(self, bay_id: str, v: View) -> None:
         body = {"bayId": bay_id, "sessionId": v.session_id, "requestId": v.request_id, "state": v.state,
                 "progress": v.progress, "course": v.course, "errorCode": v.error_code,
-                "timestampUtc": iso_z(_dt(v.changed_at))}
+                "timestampUtc": iso_z(naive_utc(v.changed_at))}
         await self.bus.publish(WASH_STATUS.format(bay_id=bay_id), json.dumps(body).encode(), qos=1, retain=True)
 
     def _report_health(self) -> None:
@@ -432,81 +361,6 @@ class WashService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("wash: carrying out effects failed", exc_info=task.exception())
-
-    async def _in_db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
-
-    # --- database thread (one thread: writes stay in order and never block the loop) ----------
-
-    def _load_rows(self) -> dict[str, tuple[Bay | None, WashSession | None, str, int]]:
-        out: dict[str, tuple[Bay | None, WashSession | None, str, int]] = {}
-        today = dt.datetime.now(self.zone).strftime("%Y%m%d")
-        for b in self.config.bays:
-            row = Bay.get_or_none(Bay.bay_id == b.id)
-            open_session = (WashSession.select().where((WashSession.bay == b.id) & WashSession.end_time.is_null())
-                            .order_by(WashSession.id.desc()).first())
-            last = (WashSession.select().where((WashSession.bay == b.id) & (WashSession.local_day == today))
-                    .order_by(WashSession.seq.desc()).first())
-            out[b.id] = (row, open_session, today if last else "", last.seq if last else 0)
-        return out
-
-    def _ensure_rows(self) -> None:
-        with write_tx(self.db):
-            for bay in self.bays.values():
-                v = bay.machine.view
-                if Bay.get_or_none(Bay.bay_id == bay.id) is None:
-                    Bay.create(bay_id=bay.id, name=bay.name, state=v.state, progress=v.progress, course=v.course,
-                               error_code=v.error_code, updated_at=_dt(v.changed_at))
-
-    def _persist(self, items: list[_Persist]) -> None:
-        """Store bays' views (bay row, coalesced wash.status) and their sessions in one transaction."""
-        with write_tx(self.db):
-            for bay_id, name, view, sessions in items:
-                self._persist_bay(bay_id, name, view, sessions)
-
-    def _persist_bay(self, bay_id: str, name: str, v: View, sessions: list[OpenSession | CloseSession]) -> None:
-        site = self.config.site.id
-        for s in sessions:
-            if isinstance(s, OpenSession):
-                local_day, seq = v.session_id.split("-")[0], int(v.session_id.rsplit("-", 1)[1])  # type: ignore[union-attr]
-                WashSession.create(session_id=v.session_id, bay=bay_id, local_day=local_day, seq=seq,
-                                   course=s.course, state="STARTING", request_id=s.request_id,
-                                   start_time=_dt(s.at))
-            else:
-                row = (WashSession.select().where((WashSession.bay == bay_id) & WashSession.end_time.is_null())
-                       .order_by(WashSession.id.desc()).first())
-                if row is None:
-                    continue
-                row.state, row.error_code, row.end_time = s.state, s.error_code, _dt(s.at)
-                row.course = row.course or v.course
-                row.save()
-                add_event("wash.session", {
-                    "sessionId": row.session_id, "bayId": bay_id, "course": row.course, "state": row.state,
-                    "errorCode": row.error_code, "requestId": row.request_id,
-                    "startTime": iso_z(row.start_time), "endTime": iso_z(row.end_time)},
-                    site_id=site, partition=f"bay:{bay_id}")
-        values = {"name": name, "state": v.state, "progress": v.progress, "course": v.course,
-                  "error_code": v.error_code, "session_id": v.session_id, "request_id": v.request_id,
-                  "plc_session_counter": v.plc_session, "updated_at": _dt(v.changed_at)}
-        # An upsert, not REPLACE: REPLACE deletes the row, which sessions reference.
-        Bay.insert(bay_id=bay_id, **values).on_conflict(conflict_target=[Bay.bay_id], update=values).execute()
-        add_event("wash.status", {"bayId": bay_id, "state": v.state, "course": v.course, "errorCode": v.error_code,
-                                  "sessionId": v.session_id, "timestampUtc": iso_z(_dt(v.changed_at))},
-                  site_id=site, partition=f"bay:{bay_id}", coalesce_key=f"wash.status:{bay_id}")
-
-
-    def _persist_resets(self, bay_id: str, resets: list[ResetDone]) -> None:
-        """Each reset's record and its `wash.reset` event for the cloud, in one transaction."""
-        with write_tx(self.db):
-            for r in resets:
-                BayReset.create(bay=bay_id, request_id=r.request_id, requested_by=r.by, error_code=r.error_code,
-                                outcome=r.outcome, requested_at=_dt(r.requested_at), done_at=_dt(r.at))
-                add_event("wash.reset", {"bayId": bay_id, "requestId": r.request_id, "by": r.by,
-                                         "errorCode": r.error_code, "outcome": r.outcome,
-                                         "requestedAt": iso_z(_dt(r.requested_at)), "doneAt": iso_z(_dt(r.at))},
-                          site_id=self.config.site.id, partition=f"bay:{bay_id}")
-        for r in resets:
-            log.info("%s: reset by %s (%s): %s", bay_id, r.by, r.error_code, r.outcome)
 
 
 def _copy_view(v: View) -> View:
