@@ -117,7 +117,7 @@ function moneyCharts() {
   const fullHour = fmt({day: "numeric", month: "short", hour: "2-digit", minute: "2-digit", hourCycle: "h23"});
   const plots = [];
 
-  function draw(fig, data, series, unit) {
+  function draw(fig, data, series, unit, bars) {
     const area = fig.querySelector(".plot-area");
     area.textContent = "";
     const hourly = data.bucket === "hour", half = (hourly ? 3600 : 86400) / 2;
@@ -134,9 +134,14 @@ function moneyCharts() {
          values: (u, splits) => (ticks.y = splits.map((v) => num.format(v)))},
       ],
       series: [{label: texts.date, value: (u, v) => (v == null ? "–" : full.format(new Date(v * 1000)))}]
-        .concat(series.map((s, i) => ({label: s.label, stroke: PALETTE[i % PALETTE.length], width: 2,
-          points: {show: true, size: 7, fill: PALETTE[i % PALETTE.length]},
-          value: (u, v) => (v == null ? "–" : num.format(v) + " " + unit)}))),
+        .concat(series.map((s, i) => {
+          const colour = PALETTE[i % PALETTE.length];
+          // Money as bars side by side per bucket (cash left, QR right); counts as lines with points.
+          const shape = bars ? {fill: colour, paths: uPlot.paths.bars({size: [0.4, 48], align: i ? 1 : -1}), points: {show: false}}
+            : {points: {show: true, size: 7, fill: colour}};
+          return Object.assign({label: s.label, stroke: colour, width: 2,
+                                value: (u, v) => (v == null ? "–" : num.format(v) + " " + unit)}, shape);
+        })),
       hooks: {draw: [() => {
         fig.dataset.range = data.range;
         fig.dataset.points = String(series.reduce((n, s) => n + s.values.filter((v) => v != null).length, 0));
@@ -158,7 +163,7 @@ function moneyCharts() {
     while (plots.length) plots.pop().destroy();
     draw(document.getElementById("chart-revenue"), d, [
       {key: "cash", label: texts.cash, values: d.revenue.cash},
-      {key: "qr", label: texts.qr, values: d.revenue.qr}], texts.baht);
+      {key: "qr", label: texts.qr, values: d.revenue.qr}], texts.baht, true);
     draw(document.getElementById("chart-sessions"), d,
       Object.keys(d.sessions).map((b) => ({key: b, label: d.bays[b] || b, values: d.sessions[b]})), texts.sessions);
     const codes = Object.keys(d.errors);
