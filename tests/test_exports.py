@@ -27,6 +27,7 @@ from web.app import create_app
 
 ZONE = zoneinfo.ZoneInfo("Asia/Bangkok")  # the demo site's zone
 THAI_NAME = "ตู้หน้าร้าน"
+FORMULA = '=HYPERLINK("http://evil.example","pay")'  # a device's description a spreadsheet must not run
 
 
 @pytest.fixture
@@ -90,10 +91,10 @@ def _seed(d: dt.date) -> None:
                             total_amount=total, qr_charge_id=qr_id, qr_net_amount=qr,
                             bank=None if bank is None else json.dumps(bank),
                             coin=None if coin is None else json.dumps(coin), received_at=local(after, 1))
-    for cid, satang, t in (("chg-1", 5000, local(d, 9)), ("chg-3", 12345, local(next_day, 22)),
-                           ("chg-out", 100, local(after, 0, 1))):
+    for cid, satang, t, text in (("chg-1", 5000, local(d, 9), "ล้างรถ"), ("chg-3", 12345, local(next_day, 22), FORMULA),
+                                 ("chg-out", 100, local(after, 0, 1), "")):
         Payment.create(charge_id=cid, device="dev-a", amount_satang=satang, payment_method="QR_PROMPT_PAY",
-                       description="ล้างรถ", status="SUCCEEDED", created_at=t, updated_at=t)
+                       description=text, status="SUCCEEDED", created_at=t, updated_at=t)
 
 
 def download(client: FlaskClient, kind: str, d: dt.date, **headers: str) -> list[dict[str, str]]:
@@ -180,7 +181,8 @@ def test_exports_match_the_database(site: tuple[FlaskClient, str, dt.date], monk
     assert [r["charge_id"] for r in charges] == [c["charge_id"] for c in db_charges] == ["chg-1", "chg-3"]
     for row, want in zip(charges, db_charges, strict=True):
         assert Decimal(row["amount_baht"]) * 100 == want["amount_satang"]
-        assert row["description"] == "ล้างรถ" and utc_of(row["created_at"]) == want["created_at"]
+        assert utc_of(row["created_at"]) == want["created_at"]
+    assert charges[0]["description"] == "ล้างรถ" and charges[1]["description"] == "'" + FORMULA  # kept as text
     assert charges[1]["amount_baht"] == "123.45"
 
 

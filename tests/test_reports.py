@@ -86,11 +86,11 @@ def test_revenue_counts_succeeded_payments_by_the_devices_time() -> None:
 
 def test_count_series_per_key_and_bucket() -> None:
     w = window("today", at(2026, 12, 7, 12), BKK)
-    rows = [("bay2", at(2026, 12, 7, 8, 5)), ("bay1", at(2026, 12, 7, 8, 59)), ("bay1", at(2026, 12, 7, 9)),
-            ("bay1", at(2026, 12, 6, 23, 59))]
+    rows = [("bay2", at(2026, 12, 7, 8, 5), 1), ("bay1", at(2026, 12, 7, 8, 45), 3), ("bay1", at(2026, 12, 7, 9), 1),
+            ("bay1", at(2026, 12, 6, 23, 45), 2)]
     series = count_series(w, rows)
     assert list(series) == ["bay1", "bay2"]
-    assert series["bay1"][8] == 1 and series["bay1"][9] == 1 and sum(series["bay1"]) == 2
+    assert series["bay1"][8] == 3 and series["bay1"][9] == 1 and sum(series["bay1"]) == 4
     assert series["bay2"][8] == 1 and sum(series["bay2"]) == 1
 
 

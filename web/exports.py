@@ -7,6 +7,7 @@ included (default: today; at most 366 days). Each file is UTF-8 with a BOM (Exce
 Thai right), a header row, CRLF lines, instants as ISO 8601 in the site's zone with the offset.
 Amounts are baht: event-log amounts are whole baht as the devices send them; QR charges are kept
 in satang and written as baht with two decimals. Rows are in the order the gateway stored them.
+Text that a spreadsheet would take for a formula (`=`, `+`, `-`, `@` first) gets a leading `'`.
 
 Rows are read in pages of `PAGE_ROWS` by primary key, each page its own short read, so a long
 download never holds a read transaction open (that would stop WAL checkpoints).
@@ -93,6 +94,16 @@ def _names() -> dict[str, str]:
     return {d: n or "" for d, n in tuple_rows(Device.select(Device.device_id, Device.name))}
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (device names, descriptions and ids come
+    from devices and technicians) gets a leading apostrophe, as OWASP advises; numbers and all
+    other text are written as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
 def _csv(name: str, header: list[str], rows: Callable[[], Iterator[list[Any]]]) -> Response:
     """A streamed CSV download: BOM, header, then `rows()` (called once the response starts)."""
 
@@ -109,7 +120,7 @@ def _csv(name: str, header: list[str], rows: Callable[[], Iterator[list[Any]]]) 
         out.writerow(header)
         yield BOM + take()
         for i, row in enumerate(rows(), 1):
-            out.writerow(row)
+            out.writerow([cell(v) for v in row])
             if i % 200 == 0:  # chunks of a few kB rather than a write per row
                 yield take()
         yield take()

@@ -95,10 +95,13 @@ def cash_baht(bank: Mapping[str, int], coin: Mapping[str, int]) -> int:
     return sum(int(k) * v for k, v in bank.items()) + sum(int(k) * v for k, v in coin.items())
 
 
+REVENUE_TYPE, REVENUE_STATUS = "PAYMENT", "SUCCEEDED"
+
+
 def is_revenue(item_type: str, status: str) -> bool:
     """Which event-log items count as money taken: payments that succeeded (a failed or
     cancelled QR attempt took nothing; other item types carry no money)."""
-    return item_type == "PAYMENT" and status == "SUCCEEDED"
+    return item_type == REVENUE_TYPE and status == REVENUE_STATUS
 
 
 @dataclass(frozen=True)
@@ -131,14 +134,14 @@ def revenue_series(w: Window, items: Iterable[Item]) -> dict[str, list[int]]:
     return out
 
 
-def count_series(w: Window, rows: Iterable[tuple[str, dt.datetime]]) -> dict[str, list[int]]:
-    """Rows per bucket and key (sessions per bay, errors per code), keys sorted; rows outside
-    the window are left out."""
+def count_series(w: Window, rows: Iterable[tuple[str, dt.datetime, int]]) -> dict[str, list[int]]:
+    """Counts per bucket and key (sessions per bay, errors per code) from (key, when, how many)
+    rows, keys sorted; rows outside the window are left out."""
     out: dict[str, list[int]] = {}
-    for key, at in rows:
+    for key, at, n in rows:
         i = w.index(at)
         if i is not None:
-            out.setdefault(key, [0] * len(w))[i] += 1
+            out.setdefault(key, [0] * len(w))[i] += n
     return dict(sorted(out.items()))
 
 
