@@ -220,5 +220,9 @@ def test_chart_series_match_the_database(site: tuple[FlaskClient, str, dt.date])
     assert data["sessions"]["bay1"][i - 1] == 1 and data["sessions"]["bay2"][i + 2] == 1
     assert data["errors"] == {"E_PUMP": [1 if j == i else 0 for j in range(7)]}
     assert set(data["sessions"]) == {"bay1", "bay2"}  # this site configures no bays: the ones with sessions
+    # The page's table: per device and site day, from the same summed rows.
+    html = client.get("/money").get_data(as_text=True)
+    assert f"<td>{d}</td><td>dev-a</td><td>175</td>" in html
+    assert f"<td>{d + dt.timedelta(days=1)}</td><td>dev-b</td><td>50</td>" in html
     hourly = client.get("/api/v1/reports/money?range=today").get_json()["data"]
     assert hourly["bucket"] == "hour" and len(hourly["x"]) == 24 and len(hourly["revenue"]["cash"]) == 24
