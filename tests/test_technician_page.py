@@ -84,7 +84,11 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
-    wait = WebDriverWait(d, WAIT)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # A page that reloads itself after an action (location.reload) can swap an element under a
+    # waiting condition: look again instead of failing.
+    wait = WebDriverWait(d, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
     # Not logged in: the login form; a wrong password says so; then log in.
     d.get(demo.url + "/")
