@@ -1,8 +1,10 @@
 """The technician page in headless Chromium (Debian's chromium + chromedriver, driven by Selenium)
 against the demo site started by the test: log in, watch a bay wash to DONE, claim a pending device
 by its PIN, apply a config to several simulated devices and see the progress reach 100 % with the
-simulated failure shown, see a plot, switch to English. With CARWASH_SCREENSHOTS=DIR the screenshots
-(the README's pictures: docs/screenshots) go to DIR; a plain run leaves tracked files alone."""
+simulated failure shown, read the Money charts (data drawn, axis values and units in Thai and
+English, hover values, range picker) and an export, switch to English. With CARWASH_SCREENSHOTS=DIR
+the screenshots (the README's pictures: docs/screenshots) go to DIR; a plain run leaves tracked
+files alone."""
 
 from __future__ import annotations
 
