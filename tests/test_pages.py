@@ -4,6 +4,7 @@ the CSRF header, pages redirect when logged out, both languages render every pag
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +128,17 @@ def test_failed_logins_are_limited_per_address_on_the_api_and_the_page(client: F
     r = client.post("/login", data={"username": "demo", "password": "demo", "csrf": csrf}, environ_base=attacker)
     assert r.status_code == 429 and "Retry-After" in r.headers
     assert 'class="error"' in r.get_data(as_text=True)
+
+
+def test_vendored_uplot_is_the_pinned_release() -> None:
+    """web/static/vendor holds what update.sh fetched and checked: the files match SHA256SUMS (no
+    hand edits), the build's banner names update.sh's VERSION, the licence ships beside it."""
+    vendor = Path(__file__).resolve().parent.parent / "web" / "static" / "vendor"
+    sums = dict(line.split()[::-1] for line in (vendor / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {"uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name
+    version = re.search(r"^VERSION=(\S+)$", (vendor / "update.sh").read_text(), re.M)
+    banner = f"/*! https://github.com/leeoniya/uPlot (v{version[1] if version else '?'})"
+    assert (vendor / "uPlot.iife.min.js").read_text().startswith(banner)
+    assert "Permission is hereby granted" in (vendor / "uPlot.LICENSE").read_text()  # MIT

@@ -1,28 +1,36 @@
 """The technician page in headless Chromium (Debian's chromium + chromedriver, driven by Selenium)
 against the demo site started by the test: log in, watch a bay wash to DONE, claim a pending device
 by its PIN, apply a config to several simulated devices and see the progress reach 100 % with the
-simulated failure shown, see a plot, switch to English. With CARWASH_SCREENSHOTS=DIR the screenshots
-(the README's pictures: docs/screenshots) go to DIR; a plain run leaves tracked files alone."""
+simulated failure shown, read the Money charts (data drawn, axis values and units in Thai and
+English, hover values, range picker) and an export, switch to English. With CARWASH_SCREENSHOTS=DIR
+the screenshots (the README's pictures: docs/screenshots) go to DIR; a plain run leaves tracked
+files alone."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sim.procs import stop_process
+from tests.clients import http_json
 from tests.conftest import start_demo
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver")
 SHOTS_ENV = "CARWASH_SCREENSHOTS"
+BY_CSS = "css selector"  # selenium's By.CSS_SELECTOR, for the helpers below (selenium is imported lazily)
 WAIT = 60  # a demo wash lasts 30 s
 
 
@@ -78,7 +86,11 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
-    wait = WebDriverWait(d, WAIT)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # A page that reloads itself after an action (location.reload) can swap an element under a
+    # waiting condition: look again instead of failing.
+    wait = WebDriverWait(d, WAIT, ignored_exceptions=(StaleElementReferenceException,))
 
     # Not logged in: the login form; a wrong password says so; then log in.
     d.get(demo.url + "/")
@@ -153,11 +165,32 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     wait.until(lambda _: "ON_TIME" in err.text)
     shot(d, "device")
 
-    # The sessions plot has the wash above; the history lists the bulk command.
+    # Money (issue 21): payments of the past week uploaded as the claimed device would, then the
+    # charts read back from the page: data drawn, axis values and units readable, hover values.
+    uploaded = upload_week(demo.url, device_id)
     d.get(demo.url + "/money")
-    charts = d.find_elements(By.CSS_SELECTOR, "svg.chart")
-    assert len(charts) == 3 and charts[1].find_elements(By.CSS_SELECTOR, "rect")
+    figs = {k: d.find_element(By.ID, f"chart-{k}") for k in ("revenue", "sessions", "errors")}
+    shown = read_charts(d, wait, figs, "7d")
+    api_sums = d.execute_async_script(
+        "fetch('/api/v1/reports/money?range=7d').then(r => r.json()).then(j => arguments[0]("
+        "{cash: j.data.revenue.cash.reduce((a, b) => a + b, 0), qr: j.data.revenue.qr.reduce((a, b) => a + b, 0)}))")
+    assert shown["revenue"]["sums"] == api_sums  # the page draws what the API answers...
+    assert api_sums["cash"] >= uploaded["cash"] and api_sums["qr"] >= uploaded["qr"]  # ...which holds the uploads
+    assert shown["revenue"]["y_label"] == "บาท" and shown["sessions"]["y_label"] == "ครั้ง"
+    assert all(THAI.search(x) for x in shown["revenue"]["x_ticks"]), shown["revenue"]["x_ticks"]  # "7 ธ.ค."
+    assert colour_pixels(d, figs["revenue"], (46, 125, 50)) > 20  # the cash series (PALETTE[0]) is on the canvas
+    hover_value(d, figs["revenue"])
     shot(d, "money")
+    d.find_element(By.CSS_SELECTOR, '.range-picker [data-range="today"]').click()
+    shown = read_charts(d, wait, figs, "today")
+    assert shown["sessions"]["sums"]["bay1"] >= 1  # the wash watched above, in today's hours
+    assert any(re.fullmatch(r"\d\d:00", x) for x in shown["sessions"]["x_ticks"]), shown["sessions"]["x_ticks"]
+    csv_file = d.execute_async_script(  # the export as the browser downloads it: bytes, then text
+        "fetch('/api/v1/exports/payments.csv?from=' + arguments[0]).then(r => r.arrayBuffer()).then(b => arguments[1]("
+        "{head: Array.from(new Uint8Array(b, 0, 3)), text: new TextDecoder().decode(b)}))", uploaded["first_day"])
+    assert csv_file["head"] == [0xEF, 0xBB, 0xBF]  # the UTF-8 BOM Excel needs for Thai
+    assert csv_file["text"].startswith("time,device_id,device_name")
+    assert csv_file["text"].count(",Box A,") >= uploaded["items"]
     d.get(demo.url + "/commands")
     assert "APPLY_CONFIG" in d.find_element(By.TAG_NAME, "main").text
 
@@ -196,3 +229,77 @@ def test_technician_flows(demo: Demo, browser) -> None:  # type: ignore[no-untyp
     d.find_element(By.CSS_SELECTOR, "a.lang").click()
     wait.until(lambda drv: drv.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en")
     assert "Command history" in d.find_element(By.TAG_NAME, "nav").text
+    d.get(demo.url + "/money")
+    figs = {k: d.find_element(By.ID, f"chart-{k}") for k in ("revenue", "sessions", "errors")}
+    shown = read_charts(d, wait, figs, "7d")
+    assert shown["revenue"]["y_label"] == "baht" and shown["errors"]["y_label"] == "sessions"
+    assert all(re.fullmatch(r"\d{1,2} [A-Z][a-z]{2}", x) for x in shown["revenue"]["x_ticks"]), shown["revenue"]
+    hover_value(d, figs["sessions"])
+
+
+THAI = re.compile("[\u0e00-\u0e7f]")
+
+
+def upload_week(url: str, device_id: str) -> dict[str, Any]:
+    """Signed event-log upload for `device_id` (the demo signs with the spec's test key): a cash
+    and a QR payment on each of the last seven days of the site (Asia/Bangkok). Returns the totals."""
+    from gateway.access.signing import http_signature
+    from sim.demo import spec_test_key
+
+    zone = zoneinfo.ZoneInfo("Asia/Bangkok")
+    now = dt.datetime.now(zone)
+    items: list[dict[str, Any]] = []
+    for ago in range(7):
+        day = now.date() - dt.timedelta(days=ago)
+        at = dt.datetime.combine(day, dt.time(12), zone)
+        if ago == 0:
+            at = min(at, now - dt.timedelta(minutes=1))  # today's noon may be still to come
+        ms = int(at.timestamp() * 1000)
+        items.append({"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": ms, "total_amount": 100 * (ago + 1) + 10,
+                      "bank": {"20": 0, "50": 0, "100": ago + 1, "500": 0, "1000": 0},
+                      "coin": {"1": 0, "2": 0, "5": 0, "10": 1}, "qr": {"chargeId": None, "net_amount": 0}})
+        items.append({"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": ms + 1, "total_amount": 40 + ago,
+                      "bank": {"20": 0, "50": 0, "100": 0, "500": 0, "1000": 0},
+                      "coin": {"1": 0, "2": 0, "5": 0, "10": 0},
+                      "qr": {"chargeId": f"CHG-{ago}", "net_amount": 40 + ago}})
+    raw = json.dumps({"device_id": device_id, "items": items}).encode()
+    headers = {"Content-Type": "application/json", "x-signature": http_signature(raw, spec_test_key())}
+    code, body = http_json(url + "/api/v1/device-event-logs/uploads", method="POST", data=raw, headers=headers)
+    assert code == 201, body
+    return {"cash": sum(100 * (a + 1) + 10 for a in range(7)), "qr": sum(40 + a for a in range(7)), "items": len(items),
+            "first_day": (now.date() - dt.timedelta(days=6)).isoformat()}
+
+
+def read_charts(d, wait, figs: dict[str, Any], range_name: str) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """What each chart drew for `range_name` (recorded by app.js after each draw): it has points."""
+    wait.until(lambda _: all(f.get_attribute("data-range") == range_name for f in figs.values()))
+    shown = {}
+    for kind, f in figs.items():
+        shown[kind] = {"points": int(f.get_attribute("data-points")),
+                       "sums": json.loads(f.get_attribute("data-sums")),
+                       "x_ticks": json.loads(f.get_attribute("data-x-ticks")),
+                       "y_ticks": json.loads(f.get_attribute("data-y-ticks")),
+                       "y_label": f.get_attribute("data-y-label")}
+        got = shown[kind]
+        assert got["points"] > 0 and len(got["x_ticks"]) >= 3 and got["y_ticks"], (kind, got)
+        assert f.find_elements(BY_CSS, "canvas"), kind
+    return shown
+
+
+def colour_pixels(d, fig, rgb: tuple[int, int, int]) -> int:  # type: ignore[no-untyped-def]
+    """Pixels of exactly `rgb` on the chart's canvas."""
+    return int(d.execute_script(
+        "const c = arguments[0].querySelector('canvas');"
+        "const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 0; i < px.length; i += 4) if (px[i] === arguments[1] && px[i + 1] === arguments[2]"
+        " && px[i + 2] === arguments[3]) n++; return n;", fig, *rgb))
+
+
+def hover_value(d, fig) -> None:  # type: ignore[no-untyped-def]
+    """Over the plot, the legend shows the hovered bucket's date and values."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    over = fig.find_element(BY_CSS, ".u-over")
+    ActionChains(d).move_to_element(over).move_by_offset(over.size["width"] // 2 - 4, 0).perform()
+    values = [v.text for v in fig.find_elements(BY_CSS, ".u-legend .u-value")]
+    assert values[0] not in ("", "–") and any(re.search(r"\d", v) for v in values[1:]), values

@@ -3,7 +3,7 @@
 `POST /api/v1/auth/login {username, password}` → `data: {token, expires_at}`. `require_technician()`
 raises 401 UNAUTHORIZED (missing, malformed, expired or forged token, or a removed, disabled or
 signed-out account). `account_of(token)` is the one check behind it and behind the technician
-page's session (web/pages.py): signature, expiry, and the account's row, whose `token_version`
+page's session (web/session.py): signature, expiry, and the account's row, whose `token_version`
 must equal the token's `ver` claim. Removing or disabling an account, changing its password and
 logging out (which bumps the version) thus end every token issued before, on the next request.
 """

@@ -91,7 +91,103 @@ async function applyConfig(form, deviceIds, box) {
 
 // --- pages ------------------------------------------------------------------------------------
 
+// --- Money charts (uPlot, vendored in /static/vendor) ---------------------------------------
+// Series come from /api/v1/reports/money in the site's zone; axis values, dates and hover values
+// are formatted here with Intl in the page's language and the site's zone (not the phone's).
+// After each draw the figure records what it shows (data-points, data-sums, data-x-ticks,
+// data-y-ticks, data-y-label): the canvas holds no text a test or a screen reader could read.
+
+const PALETTE = ["#2e7d32", "#1565c0", "#6a1b9a", "#ef6c00", "#00838f", "#ad1457", "#558b2f", "#4e342e"];
+
+function thin(xs, most) {
+  const step = Math.max(1, Math.ceil(xs.length / most));
+  return xs.filter((_, i) => i % step === 0);
+}
+
+function moneyCharts() {
+  const box = document.getElementById("charts");
+  if (!box || typeof uPlot === "undefined") return;
+  const texts = JSON.parse(document.getElementById("chart-texts").textContent);
+  const tz = box.dataset.timezone;
+  const locale = document.body.dataset.lang === "th" ? "th-TH" : "en-GB";
+  const num = new Intl.NumberFormat(locale, {maximumFractionDigits: 2});
+  const fmt = (opts) => new Intl.DateTimeFormat(locale, Object.assign({timeZone: tz}, opts));
+  const dayFmt = fmt({day: "numeric", month: "short"}), hourFmt = fmt({hour: "2-digit", minute: "2-digit", hourCycle: "h23"});
+  const fullDay = fmt({weekday: "short", day: "numeric", month: "short", year: "numeric"});
+  const fullHour = fmt({day: "numeric", month: "short", hour: "2-digit", minute: "2-digit", hourCycle: "h23"});
+  const plots = [];
+
+  function draw(fig, data, series, unit, bars) {
+    const area = fig.querySelector(".plot-area");
+    area.textContent = "";
+    const hourly = data.bucket === "hour", half = (hourly ? 3600 : 86400) / 2;
+    const xf = hourly ? hourFmt : dayFmt, full = hourly ? fullHour : fullDay;
+    const ticks = {x: [], y: []};
+    const opts = {
+      width: Math.max(280, area.clientWidth || fig.clientWidth), height: 240,
+      scales: {x: {time: true, range: () => [data.x[0] - half, data.x[data.x.length - 1] + half]},
+               y: {range: (u, lo, hi) => [0, hi > 0 ? hi * 1.15 : 1]}},
+      axes: [
+        {splits: () => thin(data.x, hourly ? 8 : 10),
+         values: (u, splits) => (ticks.x = splits.map((v) => xf.format(new Date(v * 1000))))},
+        {label: unit, size: 64, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 1e5, 2e5, 5e5, 1e6],
+         values: (u, splits) => (ticks.y = splits.map((v) => num.format(v)))},
+      ],
+      series: [{label: texts.date, value: (u, v) => (v == null ? "–" : full.format(new Date(v * 1000)))}]
+        .concat(series.map((s, i) => {
+          const colour = PALETTE[i % PALETTE.length];
+          // Money as bars side by side per bucket (cash left, QR right); counts as lines with points.
+          const shape = bars ? {fill: colour, paths: uPlot.paths.bars({size: [0.4, 48], align: i ? 1 : -1}), points: {show: false}}
+            : {points: {show: true, size: 7, fill: colour}};
+          return Object.assign({label: s.label, stroke: colour, width: 2,
+                                value: (u, v) => (v == null ? "–" : num.format(v) + " " + unit)}, shape);
+        })),
+      hooks: {draw: [() => {
+        fig.dataset.range = data.range;
+        fig.dataset.points = String(series.reduce((n, s) => n + s.values.filter((v) => v != null).length, 0));
+        fig.dataset.sums = JSON.stringify(Object.fromEntries(series.map((s) => [s.key, s.values.reduce((a, b) => a + b, 0)])));
+        fig.dataset.xTicks = JSON.stringify(ticks.x);
+        fig.dataset.yTicks = JSON.stringify(ticks.y);
+        fig.dataset.yLabel = unit;
+      }]},
+    };
+    plots.push(new uPlot(opts, [data.x].concat(series.map((s) => s.values)), area));
+  }
+
+  let asked = 0;
+  async function load(range) {
+    const mine = ++asked;  // a slow answer for an earlier pick must not overwrite a later one
+    const r = await api("GET", "/api/v1/reports/money?range=" + encodeURIComponent(range));
+    if (!r.ok || mine !== asked) return;
+    const d = r.json.data;
+    while (plots.length) plots.pop().destroy();
+    draw(document.getElementById("chart-revenue"), d, [
+      {key: "cash", label: texts.cash, values: d.revenue.cash},
+      {key: "qr", label: texts.qr, values: d.revenue.qr}], texts.baht, true);
+    draw(document.getElementById("chart-sessions"), d,
+      Object.keys(d.sessions).map((b) => ({key: b, label: d.bays[b] || b, values: d.sessions[b]})), texts.sessions);
+    const codes = Object.keys(d.errors);
+    const all = d.x.map((_, i) => codes.reduce((n, c) => n + d.errors[c][i], 0));
+    draw(document.getElementById("chart-errors"), d, [{key: "all", label: texts.all_errors, values: all}]
+      .concat(codes.map((c) => ({key: c, label: c, values: d.errors[c]}))), texts.sessions);
+  }
+
+  for (const b of box.querySelectorAll(".range-picker button")) {
+    b.addEventListener("click", () => {
+      for (const o of box.querySelectorAll(".range-picker button")) o.setAttribute("aria-pressed", String(o === b));
+      load(b.dataset.range);
+    });
+  }
+  let resized;
+  window.addEventListener("resize", () => {
+    clearTimeout(resized);
+    resized = setTimeout(() => { for (const u of plots) u.setSize({width: Math.max(280, u.root.parentElement.clientWidth), height: 240}); }, 150);
+  });
+  load(box.querySelector('.range-picker [aria-pressed="true"]').dataset.range);
+}
+
 const pages = {
+  money() { moneyCharts(); },
   overview() {
     const es = new EventSource("/api/wash/events");
     es.addEventListener("wash:status", (e) => {
