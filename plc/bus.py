@@ -14,7 +14,7 @@ import logging
 import os
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +105,16 @@ class PollResult:
     at: float
 
 
+def error_kind(error: str) -> str:
+    """A poll error's bounded kind: timeout, exception (the PLC's exception reply), bad_frame
+    (CRC or framing), decode (registers the profile refuses), other."""
+    for prefix, kind in (("timeout", "timeout"), ("exception", "exception"), ("bad frame", "bad_frame"),
+                         ("decode", "decode")):
+        if error.startswith(prefix):
+            return kind
+    return "other"
+
+
 class PlcError(Exception):
     """A request (write or out-of-poll read) got no valid answer; the message says why
     ("timeout", "exception 2", "bad frame: ...", "bus disconnected")."""
@@ -123,6 +133,7 @@ class _BayState:
     polls: int = 0
     errors: int = 0
     last_error: str | None = None
+    error_kinds: Counter[str] = field(default_factory=Counter)  # error_kind() -> count (metrics)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (time, ok)
 
@@ -201,7 +212,7 @@ class BusScheduler:
                         if b.recent else None,
                         "latency_ms_median": round(statistics.median(lat) * 1000, 3) if lat else None,
                         "latency_ms_last": round(lat[-1] * 1000, 3) if lat else None,
-                        "offline_backoff": b.backoff}
+                        "offline_backoff": b.backoff, "errors_by_kind": dict(b.error_kinds)}
         return out
 
     async def run(self) -> None:
@@ -363,6 +374,7 @@ class BusScheduler:
             b.due = max(b.due + b.addr.poll_period, now)
         else:
             b.errors += 1
+            b.error_kinds[error_kind(error)] += 1
             b.failures += 1
             if b.failures == 1 or error != b.last_error:
                 log.log(logging.WARNING if b.failures == 1 else logging.DEBUG,

@@ -41,6 +41,7 @@ from gateway.config import Config, Secrets
 from gateway.devices.badmessages import BadMessages
 from gateway.devices.validate import DEVICE_ID_RE, Invalid
 from gateway.droplog import Drops
+from gateway.metrics_hist import ACK_BUCKETS, Buckets
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.rpc import AfterReply, RpcError, RpcServer
 from gateway.mqtt.topics import COMMAND_EVENTS, DEVICE_COMMAND
@@ -67,6 +68,7 @@ class CommandService:
         self.tracker = Tracker()
         self.drops = Drops(log)
         self.published = 0
+        self.ack_latency = Buckets(ACK_BUCKETS)  # seconds from publish to final ACK (metrics)
         self.last_publish_ms = 0.0
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commands-db")
         self._updates: list[Update] = []
@@ -233,6 +235,10 @@ class CommandService:
             return
         update = self.tracker.ack(ack, epoch_ms())
         if update is not None:
+            t = update.tracked
+            if t.deadline is not None and ack.status != "PROGRESS":
+                # From the command's last publish (its deadline is that + timeout) to this ACK.
+                self.ack_latency.observe(max(0.0, time.monotonic() - (t.deadline - t.timeout_sec)))
             self._queue([update])
 
     async def _timer(self) -> None:

@@ -9,12 +9,14 @@ Later components (bays, devices, commands, uplink) are added as services and RPC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 from peewee import SqliteDatabase
@@ -26,6 +28,7 @@ from gateway.clock import iso_z
 from gateway.commands.service import CommandService
 from gateway.config import Config, MqttConfig, Secrets
 from gateway.core.gpio import PAIRING_SEC, GpioService
+from gateway.core.health import PiMonitor
 from gateway.core.sdnotify import Notifier
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.badmessages import BadMessages
@@ -80,10 +83,11 @@ class Health:
         self.plc: dict[str, bool] = {}
         self.cloud = False
         self.uplink: dict[str, Any] = {}
+        self.pi: dict[str, Any] = {"attention": False, "warnings": []}  # PiMonitor.summary()
 
     def snapshot(self) -> dict[str, Any]:
         return {"plc": dict(self.plc), "cloud": self.cloud, "cloud_configured": self.cloud_configured,
-                "uplink": dict(self.uplink), "at": iso_z()}
+                "uplink": dict(self.uplink), "pi": dict(self.pi), "at": iso_z()}
 
 
 # Descriptors besides MQTT connections: database, WAL, serial ports, PLC and cloud sockets, logs.
@@ -129,17 +133,27 @@ class CoreApp:
         self.payments: PaymentFollower | None = None
         self.bridge: CloudBridge | None = None
         self.gpio: GpioService | None = None
+        self.pi: PiMonitor | None = None  # the Pi's own health (gateway/core/health.py)
+        self._orderly_stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
         self.bad_messages = BadMessages()  # malformed ACK/streaming per device (RPC devices.bad_messages)
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         t0 = time.monotonic()
+        self._loop = asyncio.get_running_loop()
         self.notifier.status("opening the database")
         self.db = open_database(cfg.paths.database)
         applied = migrate(self.db)
         if applied:
             log.info("applied schema migrations %s", applied)
+        self.pi = PiMonitor(Path(cfg.health.sys_root), Path(cfg.paths.database).parent,
+                            check_sec=cfg.health.check_sec, disk_warn_percent=cfg.health.disk_warn_percent,
+                            temperature_warn_c=cfg.health.temperature_warn_c, on_change=self._on_pi_health)
+        self.pi.marker.start()
+        await asyncio.to_thread(self.pi.read)
+        self.health.pi = self.pi.summary()
         self.notifier.status("starting the MQTT broker")
         ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
         self.bus = LocalBus(broker_settings(cfg.mqtt, self.secrets.mqtt_internal_password))
@@ -178,6 +192,7 @@ class CoreApp:
                      + self.commands.services() + self.payments.services() + self.gpio.services())
             services += [Service(name, run) for name, run in parts]
             services += [Service("uplink-drainer", self.drainer.run), Service("uplink-health", self._uplink_health)]
+            services.append(Service("pi-health", self.pi.run))
             if cfg.cloud.bridge.enabled:
                 self.bridge = self._make_bridge()
                 services.append(Service("cloud-bridge", self.bridge.run))
@@ -202,6 +217,7 @@ class CoreApp:
             failure = task.exception() if task in done else None
             if failure is not None:
                 raise failure
+            self._orderly_stop = True
         finally:
             await self._shutdown()
 
@@ -230,6 +246,8 @@ class CoreApp:
                 log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
         if self.db is not None:
             self.db.close()
+        if self.pi is not None and self._orderly_stop:
+            self.pi.marker.stop()
         log.info("core stopped")
 
     def _make_bridge(self) -> CloudBridge:
@@ -304,7 +322,17 @@ class CoreApp:
                 raise RpcError("VALIDATION_FAILED", "device_id must be a string", 400)
             return self.bad_messages.get(device_id)
 
+        async def pi_health(_params: dict[str, Any]) -> dict[str, Any]:
+            return self.pi.snapshot() if self.pi is not None else {}
+
+        async def metrics_scrape(_params: dict[str, Any]) -> dict[str, Any]:
+            from gateway.core.metrics import exposition
+
+            return {"text": exposition(self)}
+
         rpc.register("ping", ping)
+        rpc.register("health.pi", pi_health)
+        rpc.register("metrics.scrape", metrics_scrape)
         rpc.register("broker.stats", broker_stats)
         rpc.register("devices.bad_messages", bad_messages)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
@@ -336,6 +364,24 @@ class CoreApp:
             task = asyncio.get_running_loop().create_task(self.publish_health())
             self._health_tasks.add(task)
             task.add_done_callback(self._health_tasks.discard)
+
+    def _on_pi_health(self) -> None:
+        """PiMonitor's warnings changed (called from its thread): republish health on the loop."""
+        assert self.pi is not None
+        summary = self.pi.summary()
+        loop = self._loop
+
+        def apply() -> None:
+            if summary != self.health.pi:
+                self.health.pi = summary
+                if self.bus is not None and self.bus.started:
+                    task = asyncio.get_running_loop().create_task(self.publish_health())
+                    self._health_tasks.add(task)
+                    task.add_done_callback(self._health_tasks.discard)
+
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the reading ran
+                loop.call_soon_threadsafe(apply)
 
     async def publish_health(self) -> None:
         assert self.bus is not None
