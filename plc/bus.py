@@ -226,7 +226,7 @@ class BusScheduler:
                 except _BusDown as exc:
                     self._mark_down(str(exc))
                 except Exception as exc:  # noqa: BLE001 - a bug must not silently end every bay's polling
-                    log.exception("bus %s: unexpected error; reconnecting", self.name)
+                    log.exception("bus %s: unexpected error; reconnecting", self.name, extra={"bus": self.name})
                     self._mark_down(f"unexpected error: {exc!r}")
                 link = self._link
                 self._close()
@@ -265,7 +265,7 @@ class BusScheduler:
         self._tx = Transactor(link, self.settings.type, timeout=self.timeout, gap=self.gap, guard=self.guard)
         self.connected = True
         if self._down_reason is not None:
-            log.warning("bus %s: connected again", self.name)
+            log.warning("bus %s: connected again", self.name, extra={"bus": self.name})
         self._down_reason = None
         # The line is back: every bay is polled at once, not after its offline backoff.
         now = time.monotonic()
@@ -284,7 +284,8 @@ class BusScheduler:
 
     def _mark_down(self, reason: str) -> None:
         if self._down_reason is None:
-            log.error("bus %s: down: %s; every bay on it is offline until it comes back", self.name, reason)
+            log.error("bus %s: down: %s; every bay on it is offline until it comes back", self.name, reason,
+                      extra={"bus": self.name})
         self._down_reason = reason
 
     async def _wait_reconnect(self, delay: float) -> None:
@@ -368,7 +369,8 @@ class BusScheduler:
         b.recent.append((now, error is None))
         if error is None:
             if b.failures >= self.offline_after:
-                log.warning("bus %s: %s answers again", self.name, b.addr.bay_id)
+                log.warning("bus %s: %s answers again", self.name, b.addr.bay_id,
+                            extra={"bus": self.name, "bay_id": b.addr.bay_id})
             b.failures, b.backoff = 0, 0.0
             b.latencies.append(latency)
             b.due = max(b.due + b.addr.poll_period, now)
@@ -378,7 +380,8 @@ class BusScheduler:
             b.failures += 1
             if b.failures == 1 or error != b.last_error:
                 log.log(logging.WARNING if b.failures == 1 else logging.DEBUG,
-                        "bus %s: %s: %s", self.name, b.addr.bay_id, error)
+                        "bus %s: %s: %s", self.name, b.addr.bay_id, error,
+                        extra={"bus": self.name, "bay_id": b.addr.bay_id})
             if b.failures >= self.offline_after:
                 # A dead PLC costs one timeout per backoff period, not one per poll period.
                 b.backoff = min(max(b.backoff * 2, b.addr.poll_period * 2), self.backoff_max)

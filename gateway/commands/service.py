@@ -91,7 +91,8 @@ class CommandService:
                 left = (rec.deadline_at - now_wall).total_seconds()
                 self.tracker.arm(t.command_id, now_mono + max(0.0, left))
             if rec.unsent:
-                log.info("command %s: will publish to %d devices after a restart", t.command_id, len(rec.unsent))
+                log.info("command %s: will publish to %d devices after a restart", t.command_id, len(rec.unsent),
+                         extra={"command_id": t.command_id})
                 self._recovered.append((t, rec.unsent))
             elif rec.deadline_at is None:  # nothing pending: finish what a crash interrupted
                 self._queue([self.tracker.time_out(t, now_ms)])
@@ -173,7 +174,8 @@ class CommandService:
         stored = await self._in_db(self.store.create, t, source)
         self.tracker.add(t)
         await self._announce(stored)
-        log.info("command %s %s to %d device(s) from %s", t.command_id, t.command, len(device_ids), source)
+        log.info("command %s %s to %d device(s) from %s", t.command_id, t.command, len(device_ids), source,
+                 extra={"command_id": t.command_id})
         out: dict[str, Any] = {"command_id": t.command_id}
         if bulk:
             out["setup_id"] = t.setup_id
@@ -206,7 +208,8 @@ class CommandService:
                 await self.bus.publish(DEVICE_COMMAND.format(device_id=d), sign_mqtt(body, self.key), qos=1)
                 self.published += 1
             self.last_publish_ms = (time.monotonic() - started) * 1000
-            log.info("command %s published to %d devices in %.0f ms", t.command_id, len(devices), self.last_publish_ms)
+            log.info("command %s published to %d devices in %.0f ms", t.command_id, len(devices), self.last_publish_ms,
+                     extra={"command_id": t.command_id})
             if t.require_ack:
                 # Every device gets at least `timeout_sec` after its command went out.
                 if t.command_id in self.tracker.pending:
