@@ -107,9 +107,10 @@ class PollResult:
 
 def error_kind(error: str) -> str:
     """A poll error's bounded kind: timeout, exception (the PLC's exception reply), bad_frame
-    (CRC or framing), decode (registers the profile refuses), other."""
+    (CRC or framing), decode (registers the profile refuses), disconnected (the bus itself is down),
+    other."""
     for prefix, kind in (("timeout", "timeout"), ("exception", "exception"), ("bad frame", "bad_frame"),
-                         ("decode", "decode")):
+                         ("decode", "decode"), ("disconnected", "disconnected")):
         if error.startswith(prefix):
             return kind
     return "other"

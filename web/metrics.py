@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -183,7 +183,9 @@ def metrics() -> Response:
     web_registry: CollectorRegistry = current_app.extensions[REGISTRY]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged(merge(_core_families(), web_registry.collect())))
-    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST,
+    # The classic text format (0.0.4): every name here is a legacy name, so the output is the same,
+    # and scrapers that predate the 1.0.0 content type (Prometheus 2, agents) take it as it is.
+    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
                                                         "Cache-Control": "no-store"})
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 # The wash contract's bay states (wash-contract.md); a state outside it is still shown.
 BAY_STATES = ("IDLE", "STARTING", "WASHING", "DONE", "ERROR", "OFFLINE")
+POLL_ERROR_KINDS = ("timeout", "exception", "bad_frame", "decode", "disconnected", "other")  # plc.bus.error_kind
 START_TIME = time.time()
 
 
@@ -117,13 +118,14 @@ class CoreCollector(Collector):
         polls = CounterMetricFamily("carwash_modbus_polls", "Status polls of the bay", labels=["bus", "bay"])
         errors = CounterMetricFamily("carwash_modbus_poll_errors",
                                      "Failed polls by kind: timeout, exception (the PLC's exception reply), "
-                                     "bad_frame (CRC or framing), decode, other", labels=["bus", "bay", "kind"])
+                                     "bad_frame (CRC or framing), decode, disconnected (bus down), other",
+                                     labels=["bus", "bay", "kind"])
         latency = GaugeMetricFamily("carwash_modbus_poll_latency_median_seconds",
                                     "Median poll round trip over the recent polls", labels=["bus", "bay"])
         for n, s in schedulers.items():
             for bay, st in s.stats().items():
                 polls.add_metric([n, bay], st["polls"])
-                for kind in ("timeout", "exception", "bad_frame", "decode", "other"):
+                for kind in POLL_ERROR_KINDS:
                     errors.add_metric([n, bay, kind], st.get("errors_by_kind", {}).get(kind, 0))
                 if st.get("latency_ms_median") is not None:
                     latency.add_metric([n, bay], st["latency_ms_median"] / 1000)
