@@ -166,6 +166,7 @@ def test_pi_health_on_the_api_the_overview_and_status(rig: Rig) -> None:
     assert code == 200 and pi["available"] and pi["attention"] and pi["flags"]["under_voltage_now"], pi
     assert pi["cpu_temp_c"] == 61.2 and pi["mem_total_bytes"] == 3884084 * 1024
     assert pi["last_unclean_stop"] is None  # a fresh site
+    assert (site.dir / "core.running").is_file()  # the running core's marker (an unclean stop leaves it)
     assert any("under-voltage now" in w for w in pi["warnings"])
     # The overview (the page's session cookie) warns.
     status, _, html = get(site, "/", headers={"Cookie": f"cw_token={body['data']['token']}; lang=en"})
@@ -175,6 +176,7 @@ def test_pi_health_on_the_api_the_overview_and_status(rig: Rig) -> None:
 
 def test_a_silent_core_still_gives_the_web_metrics(rig: Rig) -> None:
     assert rig.core.stop() == 0  # last test of the module: the fixture's stop is then a no-op
+    assert not (rig.site.dir / "core.running").exists()  # an orderly stop removes the marker
     fams = scrape(rig.site)
     assert value(fams, "carwash_core_up") == 0
     assert value(fams, "carwash_process_cpu_seconds_total", process="web") > 0
