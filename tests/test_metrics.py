@@ -124,6 +124,7 @@ def test_one_scrape_target_for_core_and_web(rig: Rig) -> None:
     assert value(fams, "carwash_mqtt_connections", role="internal") >= 1
     assert value(fams, "carwash_mqtt_messages_received_total", role="internal") >= 1  # the RPC requests
     assert value(fams, "carwash_devices_online") == 0
+    assert value(fams, "carwash_mqtt_refusals_total", reason="login") == 0  # there before the first one
     assert "carwash_command_ack_latency_seconds" in fams and "carwash_outbox_backlog_events" in fams
     assert value(fams, "carwash_http_requests_total", route="/api/health", method="GET", status="200") >= 1
     assert value(fams, "carwash_http_request_duration_seconds_count", route="/api/health", method="GET") >= 1

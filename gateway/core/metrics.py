@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 # The wash contract's bay states (wash-contract.md); a state outside it is still shown.
 BAY_STATES = ("IDLE", "STARTING", "WASHING", "DONE", "ERROR", "OFFLINE")
 POLL_ERROR_KINDS = ("timeout", "exception", "bad_frame", "decode", "disconnected", "other")  # plc.bus.error_kind
+# The broker's refusal reasons (gateway/mqtt/broker.py), shown at 0 from the start so that
+# rate() and alerts see the series before the first refusal; a new reason still appears.
+REFUSAL_REASONS = ("login", "client_id", "acl_publish", "acl_subscribe", "max_connections",
+                   "cooldown", "connect_timeout", "packet_size", "rate", "flood")
 START_TIME = time.time()
 
 
@@ -160,8 +164,9 @@ class CoreCollector(Collector):
                      [([r], by_role.get(r, 0)) for r in sorted({*roles, *by_role})])
         yield _counter("carwash_mqtt_messages_received", "Publishes the broker received from clients, by role",
                        ["role"], [([r], n) for r, n in sorted(bus.received.items())])
+        counts = bus.refusals.counts
         yield _counter("carwash_mqtt_refusals", "What the broker refused, by reason (logins, ACL, limits)",
-                       ["reason"], [([r], n) for r, n in sorted(bus.refusals.counts.items())])
+                       ["reason"], [([r], counts.get(r, 0)) for r in sorted({*REFUSAL_REASONS, *counts})])
 
     @staticmethod
     def _devices(app: CoreApp) -> Iterator[Metric]:
