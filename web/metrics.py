@@ -41,6 +41,8 @@ CORE_TIMEOUT_SEC = 3.0
 # Seconds; an API answer on a Pi takes milliseconds, an upload or a firmware image longer.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REGISTRY = "carwash.metrics"
+WARN_EVERY_SEC = 600.0
+_last_warning = -WARN_EVERY_SEC
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -165,7 +167,10 @@ def _core_families() -> list[Metric]:
         answer = bus.call("metrics.scrape", {}, timeout=CORE_TIMEOUT_SEC)
         return list(text_string_to_metric_families(answer["text"]))
     except (BusUnavailable, RpcTimeout, RpcError, KeyError, TypeError, ValueError) as exc:
-        log.warning("metrics: the core did not answer the scrape: %s", exc)
+        global _last_warning
+        if time.monotonic() - _last_warning >= WARN_EVERY_SEC:  # a scrape every 15 s must not flood the log
+            _last_warning = time.monotonic()
+            log.warning("metrics: the core did not answer the scrape: %s", exc)
         return [GaugeMetricFamily("carwash_core_up", "1 when the core answered this scrape (the web sets 0 when "
                                   "it did not)", value=0)]
 
