@@ -206,8 +206,8 @@ class CoreCollector(Collector):
             yield _gauge("carwash_outbox_backlog_bytes", "Bytes of the outbox events waiting",
                          value=st["pending_bytes"])
             yield _counter("carwash_outbox_sent_events", "Events the cloud accepted", [], [([], st["sent"])])
-            yield _counter("carwash_outbox_dead_letters", "Events the cloud refused for good (dead letters)", [],
-                           [([], st["dead_total"])])
+            yield _counter("carwash_outbox_dead_letters", "Events the cloud refused for good (turned dead letters) "
+                           "since the core started", [], [([], st["dead"])])
             yield _counter("carwash_outbox_dropped_events", "Events dropped over the outbox's size cap", [],
                            [([], st["dropped"])])
             cloud_up = bool(st["enabled"]) and st["consecutive_failures"] == 0
