@@ -176,9 +176,44 @@ def test_pi_health_on_the_api_the_overview_and_status(rig: Rig) -> None:
 
 
 def test_a_silent_core_still_gives_the_web_metrics(rig: Rig) -> None:
-    assert rig.core.stop() == 0  # last test of the module: the fixture's stop is then a no-op
+    assert rig.core.stop() == 0  # the last test using the rig: its stop is then a no-op
     assert not (rig.site.dir / "core.running").exists()  # an orderly stop removes the marker
     fams = scrape(rig.site)
     assert value(fams, "carwash_core_up") == 0
     assert value(fams, "carwash_process_cpu_seconds_total", process="web") > 0
     assert "carwash_modbus_polls" not in fams
+
+
+def test_command_outcomes_and_ack_latency_as_families() -> None:
+    """The counters the command tracker keeps for the collector (no devices on the module's site)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from gateway.commands.tracker import Ack, DeviceResult, Tracked, Tracker
+    from gateway.core.metrics import histogram
+    from gateway.metrics_hist import Buckets
+
+    tr = Tracker()
+    t = Tracked("cmd-x", "APPLY_CONFIG", True, {}, 30.0, results={d: DeviceResult() for d in ("d1", "d2", "d3")})
+    tr.add(t)
+    tr.arm("cmd-x", 100.0)
+    tr.ack(Ack("cmd-x", "d1", "APPLY_CONFIG", "SUCCESS"), 1000)
+    tr.ack(Ack("cmd-x", "d1", "APPLY_CONFIG", "SUCCESS"), 1001)  # a duplicate: ignored, not an outcome
+    tr.ack(Ack("cmd-x", "d2", "APPLY_CONFIG", "FAILED", error="bad"), 2000)
+    tr.expire(100.0, 3000)
+    assert tr.outcomes == {("APPLY_CONFIG", "SUCCESS"): 1, ("APPLY_CONFIG", "FAILED"): 1,
+                           ("APPLY_CONFIG", "TIMEOUT"): 1}
+    b = Buckets((0.1, 1.0))
+    for v in (0.05, 0.1, 0.7, 5.0):
+        b.observe(v)
+
+    class One(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield histogram("carwash_command_ack_latency_seconds", "test", b)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(One())
+    (fam,) = text_string_to_metric_families(generate_latest(registry).decode())
+    got = {s.labels.get("le", s.name): s.value for s in fam.samples}
+    assert got == {"0.1": 2, "1.0": 3, "+Inf": 4, "carwash_command_ack_latency_seconds_count": 4,
+                   "carwash_command_ack_latency_seconds_sum": pytest.approx(5.85)}
