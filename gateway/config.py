@@ -9,6 +9,7 @@ Relative paths in the file are resolved against the file's own directory.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import secrets as pysecrets
@@ -202,6 +203,21 @@ class GpioConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HealthConfig:
+    sys_root: str = _f("/", path=True, doc="root under which /sys and /proc are read (tests: a recorded tree)")
+    disk_warn_percent: float = _f(90.0, min=1, max=100, doc="warn when the data partition is this full")
+    temperature_warn_c: float = _f(80.0, min=30, max=120, doc="warn at this CPU temperature")
+    check_sec: float = _f(30.0, min=1, max=3600, doc="how often the core reads the Pi's health")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = _f(True, doc="serve GET /metrics on the web port")
+    allow: tuple[str, ...] = _f(("127.0.0.1", "::1"), doc="client addresses or networks (CIDR) allowed to scrape",
+                                pattern=r"^[0-9A-Fa-f.:/]+\Z")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f("INFO")
 
@@ -220,6 +236,8 @@ class Config:
     cloud: CloudConfig = _f(CloudConfig())
     outbox: OutboxConfig = _f(OutboxConfig())
     gpio: GpioConfig = _f(GpioConfig())
+    health: HealthConfig = _f(HealthConfig())
+    metrics: MetricsConfig = _f(MetricsConfig())
     logging: LoggingConfig = _f(LoggingConfig())
     source: str = field(default="", compare=False, metadata={"internal": True})
 
@@ -233,6 +251,8 @@ class Secrets:
     mqtt_internal_password: str = _f(min_len=16, doc="password of the gateway's own MQTT users")
     cloud_key: str = _f("", doc="key of the site's x-signature towards the cloud (uplink.md); needed with cloud.url")
     cloud_bridge_password: str = _f("", doc="password of the cloud MQTT bridge's user, if it has one")
+    metrics_token: str = _f("", doc="bearer token that allows GET /metrics from any address; empty: none",
+                            pattern=r"^(|[!-~]{16,256})\Z")
 
 
 # --- generic loader -------------------------------------------------------------------------
@@ -394,6 +414,11 @@ def _cross_check(cfg: Config, loader: _Loader) -> None:
     # The web relays request bodies to the core as RPCs over the broker.
     if cfg.mqtt.internal_max_packet_bytes < cfg.web.body_limit_bytes + 65536:
         loader.fail("mqtt.internal_max_packet_bytes", "must be at least web.body_limit_bytes + 65536")
+    for i, net in enumerate(cfg.metrics.allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            loader.fail(f"metrics.allow[{i}]", f"{net!r} is not an IP address or network")
     if cfg.cloud.bridge.enabled and not cfg.cloud.bridge.host:
         loader.fail("cloud.bridge.host", "required when cloud.bridge.enabled is true")
     buses: dict[str, BusConfig] = {}

@@ -133,6 +133,43 @@ def _call_or_none(client: Any, method: str) -> Any:
         return None
 
 
+def _size(n: float | None) -> str:
+    if n is None:
+        return "not available"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def pi_lines(pi: dict[str, Any]) -> list[str]:
+    """The Pi's health (RPC `health.pi`, gateway/core/health.py) as `status` prints it."""
+    flags = pi.get("flags")
+    if flags is None:
+        power = "not available"
+    elif flags.get("under_voltage_now"):
+        power = "UNDER-VOLTAGE NOW"
+    elif flags.get("under_voltage_occurred"):
+        power = "under-voltage occurred since boot"
+    else:
+        power = "ok"
+    if flags and (flags.get("throttled_now") or flags.get("freq_capped_now")):
+        power += ", CPU throttled"
+    temp = pi.get("cpu_temp_c")
+    up = pi.get("uptime_sec")
+    unclean = (pi.get("last_unclean_stop") or {}).get("detected_at")
+    lines = [f"pi: cpu {'not available' if temp is None else f'{temp:.1f} °C'}, power {power}, "
+             f"uptime {'not available' if up is None else f'{up / 86400:.1f} d'}",
+             f"pi: data disk {_size(pi.get('disk_free_bytes'))} free of {_size(pi.get('disk_total_bytes'))} "
+             f"({pi.get('disk_used_percent')} % used, warning at {pi.get('disk_warn_percent')} %), "
+             f"memory {_size(pi.get('mem_available_bytes'))} available of {_size(pi.get('mem_total_bytes'))}",
+             f"pi: core writes {_size(pi.get('core_written_bytes_per_day'))}/day; last unclean shutdown: "
+             + (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unclean)) if unclean else "none")]
+    lines += [f"WARNING: {w}" for w in pi.get("warnings", [])]
+    return lines
+
+
 def status(cfg: Config, secrets: Secrets) -> int:
     from gateway.mqtt.client import BusClient
 
@@ -149,6 +186,7 @@ def status(cfg: Config, secrets: Secrets) -> int:
             health = client.health
         core = client.core_status
         broker = _call_or_none(client, "broker.stats")
+        pi = _call_or_none(client, "health.pi")
     finally:
         client.stop()
     if health is None:
@@ -167,6 +205,9 @@ def status(cfg: Config, secrets: Secrets) -> int:
               f", backlog {up.get('backlog', '?')}, dead {up.get('dead', '?')}"
               + (f", bridge {'up' if up.get('bridge') else 'down'}" if up.get("bridge") is not None else "")
               + ("".join(f"; {r}" for r in up.get("reasons", []))))
+        if pi:
+            for line in pi_lines(pi):
+                print(line)
     for bay, state, course, err in _rows(cfg, 'SELECT "bay_id", "state", "course", "error_code" FROM "bay" ORDER BY 1'):
         print(f"  {bay:10s} {state:9s} {course or '-':12s} {err or ''}")
     (total, online, pending), = _rows(cfg, 'SELECT COUNT(*), SUM("online"), SUM(NOT "claimed" AND NOT "rejected") '

@@ -14,7 +14,7 @@ import logging
 import os
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +105,17 @@ class PollResult:
     at: float
 
 
+def error_kind(error: str) -> str:
+    """A poll error's bounded kind: timeout, exception (the PLC's exception reply), bad_frame
+    (CRC or framing), decode (registers the profile refuses), disconnected (the bus itself is down),
+    other."""
+    for prefix, kind in (("timeout", "timeout"), ("exception", "exception"), ("bad frame", "bad_frame"),
+                         ("decode", "decode"), ("disconnected", "disconnected")):
+        if error.startswith(prefix):
+            return kind
+    return "other"
+
+
 class PlcError(Exception):
     """A request (write or out-of-poll read) got no valid answer; the message says why
     ("timeout", "exception 2", "bad frame: ...", "bus disconnected")."""
@@ -123,6 +134,7 @@ class _BayState:
     polls: int = 0
     errors: int = 0
     last_error: str | None = None
+    error_kinds: Counter[str] = field(default_factory=Counter)  # error_kind() -> count (metrics)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     recent: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (time, ok)
 
@@ -201,7 +213,7 @@ class BusScheduler:
                         if b.recent else None,
                         "latency_ms_median": round(statistics.median(lat) * 1000, 3) if lat else None,
                         "latency_ms_last": round(lat[-1] * 1000, 3) if lat else None,
-                        "offline_backoff": b.backoff}
+                        "offline_backoff": b.backoff, "errors_by_kind": dict(b.error_kinds)}
         return out
 
     async def run(self) -> None:
@@ -215,7 +227,7 @@ class BusScheduler:
                 except _BusDown as exc:
                     self._mark_down(str(exc))
                 except Exception as exc:  # noqa: BLE001 - a bug must not silently end every bay's polling
-                    log.exception("bus %s: unexpected error; reconnecting", self.name)
+                    log.exception("bus %s: unexpected error; reconnecting", self.name, extra={"bus": self.name})
                     self._mark_down(f"unexpected error: {exc!r}")
                 link = self._link
                 self._close()
@@ -254,7 +266,7 @@ class BusScheduler:
         self._tx = Transactor(link, self.settings.type, timeout=self.timeout, gap=self.gap, guard=self.guard)
         self.connected = True
         if self._down_reason is not None:
-            log.warning("bus %s: connected again", self.name)
+            log.warning("bus %s: connected again", self.name, extra={"bus": self.name})
         self._down_reason = None
         # The line is back: every bay is polled at once, not after its offline backoff.
         now = time.monotonic()
@@ -273,7 +285,8 @@ class BusScheduler:
 
     def _mark_down(self, reason: str) -> None:
         if self._down_reason is None:
-            log.error("bus %s: down: %s; every bay on it is offline until it comes back", self.name, reason)
+            log.error("bus %s: down: %s; every bay on it is offline until it comes back", self.name, reason,
+                      extra={"bus": self.name})
         self._down_reason = reason
 
     async def _wait_reconnect(self, delay: float) -> None:
@@ -357,16 +370,19 @@ class BusScheduler:
         b.recent.append((now, error is None))
         if error is None:
             if b.failures >= self.offline_after:
-                log.warning("bus %s: %s answers again", self.name, b.addr.bay_id)
+                log.warning("bus %s: %s answers again", self.name, b.addr.bay_id,
+                            extra={"bus": self.name, "bay_id": b.addr.bay_id})
             b.failures, b.backoff = 0, 0.0
             b.latencies.append(latency)
             b.due = max(b.due + b.addr.poll_period, now)
         else:
             b.errors += 1
+            b.error_kinds[error_kind(error)] += 1
             b.failures += 1
             if b.failures == 1 or error != b.last_error:
                 log.log(logging.WARNING if b.failures == 1 else logging.DEBUG,
-                        "bus %s: %s: %s", self.name, b.addr.bay_id, error)
+                        "bus %s: %s: %s", self.name, b.addr.bay_id, error,
+                        extra={"bus": self.name, "bay_id": b.addr.bay_id})
             if b.failures >= self.offline_after:
                 # A dead PLC costs one timeout per backoff period, not one per poll period.
                 b.backoff = min(max(b.backoff * 2, b.addr.poll_period * 2), self.backoff_max)

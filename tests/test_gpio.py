@@ -19,6 +19,7 @@ from gateway.core.app import CoreApp
 from gateway.core.gpio import GpioUnavailable, board_model, import_lgpio, led_pattern, select_pin_factory
 from gateway.core.sdnotify import Notifier
 from tests.conftest import Site, make_site
+from tests.pi_root import THROTTLED_OK, THROTTLED_UNDER_VOLTAGE, set_throttled, write_pi_root
 
 LED, BUTTON = 17, 27
 PI4 = "Raspberry Pi 4 Model B Rev 1.5"
@@ -44,6 +45,10 @@ def test_led_pattern_rules() -> None:
     assert led_pattern({"plc": {"bay1": True}, "cloud": False, "cloud_configured": False}) == "on"
     assert led_pattern({"plc": {"bay1": True}, "cloud": False, "cloud_configured": True}) == "slow"
     assert led_pattern({"plc": {"bay1": False}, "cloud": False, "cloud_configured": True}) == "fast"
+    # The Pi itself (under-voltage, a nearly full disk) wins over the cloud, not over a PLC.
+    pi = {"attention": True, "warnings": ["under-voltage now"]}
+    assert led_pattern({"plc": {"bay1": True}, "cloud": False, "cloud_configured": True, "pi": pi}) == "attention"
+    assert led_pattern({"plc": {"bay1": False}, "cloud": True, "cloud_configured": True, "pi": pi}) == "fast"
 
 
 async def _until(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -55,7 +60,9 @@ async def _until(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped
 
 
 async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplog) -> None:  # type: ignore[no-untyped-def]
-    site: Site = make_site(tmp_path / "site", f"[gpio]\nenabled = true\nled_pin = {LED}\nbutton_pin = {BUTTON}\n")
+    root = write_pi_root(tmp_path / "pi", THROTTLED_OK)
+    site: Site = make_site(tmp_path / "site", f"[gpio]\nenabled = true\nled_pin = {LED}\nbutton_pin = {BUTTON}\n"
+                                              f'[health]\nsys_root = "{root}"\n')
     app = CoreApp(site.config, site.secrets, Notifier({}))
     stop = asyncio.Event()
     task = asyncio.create_task(app.run(stop))
@@ -73,6 +80,15 @@ async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplo
         app.health.cloud_configured, app.health.cloud = True, False
         await _until(lambda: gpio.pattern == "slow")
         app.health.cloud_configured = False
+        await _until(lambda: gpio.pattern == "on")
+        # The supply sags (recorded get_throttled of a Pi): "attention" until the flags clear.
+        assert app.pi is not None
+        set_throttled(root, THROTTLED_UNDER_VOLTAGE)
+        await asyncio.to_thread(app.pi.read)
+        await _until(lambda: gpio.pattern == "attention")
+        assert gpio.led._blink_thread is not None
+        set_throttled(root, THROTTLED_OK)
+        await asyncio.to_thread(app.pi.read)
         await _until(lambda: gpio.pattern == "on")
 
         # Short press: the pairing window opens.

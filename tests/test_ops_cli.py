@@ -47,6 +47,10 @@ def test_status_outbox_backup_restore(site: Site, tmp_path: Path) -> None:
         assert st.returncode == 0, st.stderr
         assert "core: online since" in st.stdout and "devices: 3 (0 online, 3 pending)" in st.stdout, st.stdout
         assert "clients connected; refused so far: none" in st.stdout, st.stdout
+        # The Pi's health (this machine: whatever it reports, or "not available"); a fresh site
+        # has had no unclean shutdown.
+        assert "pi: cpu " in st.stdout and "data disk " in st.stdout, st.stdout
+        assert "last unclean shutdown: none" in st.stdout, st.stdout
         ob = run(site, "outbox")
         assert ob.returncode == 0 and "device.registered" in ob.stdout and "pending" in ob.stdout, ob.stdout
 

@@ -7,13 +7,27 @@ from flask_socketio import SocketIO
 
 from gateway.access.ratelimit import RateLimiter, retry_after
 from gateway.config import Config, Secrets
-from web import access, auth, cloud, commands, device_api, errors, firmware, meta, pages, payments, wash
+from web import (
+    access,
+    auth,
+    cloud,
+    commands,
+    device_api,
+    errors,
+    firmware,
+    health,
+    meta,
+    metrics,
+    pages,
+    payments,
+    wash,
+)
 from web.context import WebContext, ctx
 from web.cors import OriginPolicy
 from web.errors import ApiError
 
 # Routes that answer while the schema is not current (health must always answer).
-UNGATED = ("/api/health", "/api/openapi.json", "/static/app.js", "/static/style.css")
+UNGATED = ("/api/health", "/api/openapi.json", "/metrics", "/static/app.js", "/static/style.css")
 SOCKETIO_PATH = "socket.io"
 RATE_LIMITED_BLUEPRINTS = ("device_api", "payments")  # what devices call; limited per client address
 
@@ -26,6 +40,8 @@ def create_app(config: Config, secrets: Secrets) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["carwash"] = WebContext(config, secrets)
     errors.install(app)
+    metrics.install(app)  # first: its timer starts before the other hooks run (web/metrics.py)
+    health.install(app)
     origins = OriginPolicy(config.web.cors_allowed_origins)
     origins.install(app)
 

@@ -39,6 +39,7 @@ from gateway.config import Config, Secrets
 from gateway.devices.badmessages import BadMessages
 from gateway.devices.validate import DEVICE_ID_RE, Invalid
 from gateway.droplog import Drops
+from gateway.metrics_hist import ACK_BUCKETS, Buckets
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.rpc import AfterReply, RpcError, RpcServer
 from gateway.mqtt.topics import COMMAND_EVENTS, DEVICE_ACK_FILTER, DEVICE_COMMAND
@@ -65,6 +66,7 @@ class CommandService:
         self.tracker = Tracker()
         self.drops = Drops(log)
         self.published = 0
+        self.ack_latency = Buckets(ACK_BUCKETS)  # seconds from publish to final ACK (metrics)
         self.last_publish_ms = 0.0
         self._db_thread = DbThread("commands-db", db)
         self._updates: list[Update] = []
@@ -84,7 +86,8 @@ class CommandService:
                 left = (rec.deadline_at - now_wall).total_seconds()
                 self.tracker.arm(t.command_id, now_mono + max(0.0, left))
             if rec.unsent:
-                log.info("command %s: will publish to %d devices after a restart", t.command_id, len(rec.unsent))
+                log.info("command %s: will publish to %d devices after a restart", t.command_id, len(rec.unsent),
+                         extra={"command_id": t.command_id})
                 self._recovered.append((t, rec.unsent))
             elif rec.deadline_at is None:  # nothing pending: finish what a crash interrupted
                 self._queue([self.tracker.time_out(t, now_ms)])
@@ -168,7 +171,8 @@ class CommandService:
         stored = await self._db_thread.run(self.store.create, t, source)
         self.tracker.add(t)
         await self._announce(stored)
-        log.info("command %s %s to %d device(s) from %s", t.command_id, t.command, len(device_ids), source)
+        log.info("command %s %s to %d device(s) from %s", t.command_id, t.command, len(device_ids), source,
+                 extra={"command_id": t.command_id})
         out: dict[str, Any] = {"command_id": t.command_id}
         if bulk:
             out["setup_id"] = t.setup_id
@@ -201,7 +205,8 @@ class CommandService:
                 await self.bus.publish(DEVICE_COMMAND.format(device_id=d), sign_mqtt(body, self.key), qos=1)
                 self.published += 1
             self.last_publish_ms = (time.monotonic() - started) * 1000
-            log.info("command %s published to %d devices in %.0f ms", t.command_id, len(devices), self.last_publish_ms)
+            log.info("command %s published to %d devices in %.0f ms", t.command_id, len(devices), self.last_publish_ms,
+                     extra={"command_id": t.command_id})
             if t.require_ack:
                 # Every device gets at least `timeout_sec` after its command went out.
                 if t.command_id in self.tracker.pending:
@@ -230,6 +235,10 @@ class CommandService:
             return
         update = self.tracker.ack(ack, epoch_ms())
         if update is not None:
+            t = update.tracked
+            if t.deadline is not None and ack.status != "PROGRESS":
+                # From the command's last publish (its deadline is that + timeout) to this ACK.
+                self.ack_latency.observe(max(0.0, time.monotonic() - (t.deadline - t.timeout_sec)))
             self._queue([update])
 
     async def _timer(self) -> None:

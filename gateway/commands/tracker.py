@@ -167,6 +167,7 @@ class Tracker:
         self._finished: OrderedDict[str, dict[str, str]] = OrderedDict()
         self.ignored: Counter[str] = Counter()
         self.accepted = 0
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (command, final device status) (metrics)
 
     def add(self, t: Tracked) -> None:
         self.pending[t.command_id] = t
@@ -191,6 +192,7 @@ class Tracker:
 
     def _outcome(self, t: Tracked, device_id: str) -> Update:
         r = t.results[device_id]
+        self.outcomes[(t.command, r.status)] += 1
         if r.status in ("SUCCESS", "SENT"):
             t.completed += 1
         elif r.status in FINAL_FAILURES:
@@ -249,6 +251,7 @@ class Tracker:
         for dev, r in t.results.items():
             if r.status == "PENDING":
                 r.status, r.at_ms = "SENT", now_ms
+                self.outcomes[(t.command, "SENT")] += 1
                 t.completed += 1
                 u.devices.append(dev)
                 u.events.append(t.device_event(dev))

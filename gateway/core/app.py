@@ -25,6 +25,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from peewee import SqliteDatabase
@@ -36,6 +37,7 @@ from gateway.clock import iso_z
 from gateway.commands.service import CommandService
 from gateway.config import Config, MqttConfig, Secrets
 from gateway.core.gpio import PAIRING_SEC, GpioService
+from gateway.core.health import PiMonitor
 from gateway.core.sdnotify import Notifier
 from gateway.core.supervisor import Service, Supervisor
 from gateway.devices.badmessages import BadMessages
@@ -89,10 +91,11 @@ class Health:
         self.plc: dict[str, bool] = {}
         self.cloud = False
         self.uplink: dict[str, Any] = {}
+        self.pi: dict[str, Any] = {"attention": False, "warnings": []}  # PiMonitor.summary()
 
     def snapshot(self) -> dict[str, Any]:
         return {"plc": dict(self.plc), "cloud": self.cloud, "cloud_configured": self.cloud_configured,
-                "uplink": dict(self.uplink), "at": iso_z()}
+                "uplink": dict(self.uplink), "pi": dict(self.pi), "at": iso_z()}
 
 
 # Descriptors besides MQTT connections: database, WAL, serial ports, PLC and cloud sockets, logs.
@@ -134,6 +137,7 @@ class CoreParts:
     drainer: OutboxDrainer
     payments: PaymentFollower
     gpio: GpioService
+    pi: PiMonitor
     bridge: CloudBridge | None
 
     def services(self) -> list[Service]:
@@ -143,6 +147,7 @@ class CoreParts:
         services = [Service("bus-dispatch", self.bus.dispatch_forever)]
         services += [Service(name, run) for name, run in parts]
         services.append(Service("uplink-drainer", self.drainer.run))
+        services.append(Service("pi-health", self.pi.run))
         if self.bridge is not None:
             services.append(Service("cloud-bridge", self.bridge.run))
         return services
@@ -151,9 +156,10 @@ class CoreParts:
 class HealthReporter:
     """Publishes `Health` retained on `gateway/health` when it changes."""
 
-    def __init__(self, bus: LocalBus, health: Health) -> None:
+    def __init__(self, bus: LocalBus, health: Health, loop: asyncio.AbstractEventLoop) -> None:
         self.bus = bus
         self.health = health
+        self._loop = loop
         self._tasks: set[asyncio.Task[None]] = set()
 
     def on_plc(self, plc: dict[str, bool]) -> None:
@@ -165,6 +171,20 @@ class HealthReporter:
         task = asyncio.get_running_loop().create_task(self.publish())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def on_pi_threadsafe(self, summary: dict[str, Any]) -> None:
+        """The Pi's warnings changed (PiMonitor calls this from its thread): published on the loop."""
+
+        def apply() -> None:
+            if summary != self.health.pi:
+                self.health.pi = summary
+                if self.bus.started:
+                    task = self._loop.create_task(self.publish())
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed while the reading ran
+            self._loop.call_soon_threadsafe(apply)
 
     async def publish(self) -> None:
         await self.bus.publish(HEALTH, json.dumps(self.health.snapshot()).encode(), retain=True)
@@ -184,6 +204,7 @@ class CoreApp:
         self.ready = asyncio.Event()
         self.bad_messages = BadMessages()  # malformed ACK/streaming per device (RPC devices.bad_messages)
         self._parts: CoreParts | None = None
+        self._orderly_stop = False
 
     @property
     def parts(self) -> CoreParts:
@@ -223,6 +244,7 @@ class CoreApp:
             failure = task.exception() if task in done else None
             if failure is not None:
                 raise failure
+            self._orderly_stop = True
         log.info("core stopped")
 
     async def _build(self, stack: contextlib.AsyncExitStack) -> CoreParts:
@@ -235,10 +257,18 @@ class CoreApp:
         applied = migrate(db)
         if applied:
             log.info("applied schema migrations %s", applied)
+        bus = LocalBus(broker_settings(cfg.mqtt, secrets.mqtt_internal_password))
+        health = HealthReporter(bus, self.health, asyncio.get_running_loop())
+        pi = PiMonitor(Path(cfg.health.sys_root), Path(cfg.paths.database).parent,
+                       check_sec=cfg.health.check_sec, disk_warn_percent=cfg.health.disk_warn_percent,
+                       temperature_warn_c=cfg.health.temperature_warn_c,
+                       on_change=lambda: health.on_pi_threadsafe(pi.summary()))
+        pi.marker.start()  # removed only by an orderly stop: its presence at start means a power cut or a crash
+        stack.callback(lambda: pi.marker.stop() if self._orderly_stop else None)
+        await asyncio.to_thread(pi.read)
+        self.health.pi = pi.summary()
         self.notifier.status("starting the MQTT broker")
         ensure_fd_limit(cfg.mqtt.max_connections + FD_RESERVE)
-        bus = LocalBus(broker_settings(cfg.mqtt, secrets.mqtt_internal_password))
-        health = HealthReporter(bus, self.health)
         stack.push_async_callback(self._stop_bus, bus, health)
         await bus.reload_accounts(mqtt_accounts.load(db))
         await bus.start()
@@ -274,9 +304,9 @@ class CoreApp:
         stack.callback(gpio.stop)
         bridge = make_bridge(self.config, self.secrets, bus, wash, commands, payments) \
             if cfg.cloud.bridge.enabled else None
-        self._register_rpc(rpc, db, bus, drainer)
+        self._register_rpc(rpc, db, bus, drainer, pi)
         return CoreParts(db=db, bus=bus, rpc=rpc, health=health, wash=wash, presence=presence, pairing=pairing,
-                         commands=commands, drainer=drainer, payments=payments, gpio=gpio, bridge=bridge)
+                         commands=commands, drainer=drainer, payments=payments, gpio=gpio, pi=pi, bridge=bridge)
 
     async def _stop_wash(self, wash: WashService) -> None:
         try:
@@ -295,7 +325,8 @@ class CoreApp:
         except TimeoutError:
             log.warning("broker shutdown took longer than %.0f s; leaving it", SHUTDOWN_BUDGET)
 
-    def _register_rpc(self, rpc: RpcServer, db: SqliteDatabase, bus: LocalBus, drainer: OutboxDrainer) -> None:
+    def _register_rpc(self, rpc: RpcServer, db: SqliteDatabase, bus: LocalBus, drainer: OutboxDrainer,
+                      pi: PiMonitor) -> None:
         async def ping(_params: dict[str, Any]) -> dict[str, Any]:
             return {"pong": True, "version": __version__, "uptime_sec": round(time.monotonic() - self.started_at, 3)}
 
@@ -322,7 +353,17 @@ class CoreApp:
                 raise RpcError("VALIDATION_FAILED", "device_id must be a string", 400)
             return self.bad_messages.get(device_id)
 
+        async def pi_health(_params: dict[str, Any]) -> dict[str, Any]:
+            return pi.snapshot()
+
+        async def metrics_scrape(_params: dict[str, Any]) -> dict[str, Any]:
+            from gateway.core.metrics import exposition
+
+            return {"text": exposition(self.parts)}
+
         rpc.register("ping", ping)
+        rpc.register("health.pi", pi_health)
+        rpc.register("metrics.scrape", metrics_scrape)
         rpc.register("broker.stats", broker_stats)
         rpc.register("devices.bad_messages", bad_messages)
         if os.environ.get(TEST_HOOKS_ENV) == "1":

@@ -1,8 +1,10 @@
 """The status LED and the service button on the Pi's GPIO (gpiozero), owned by the core.
 
 LED (`gpio.led_pin`): on = everything fine; slow blink (1 s on, 1 s off) = the cloud is
-unreachable; fast blink (0.15 s) = a PLC bus or bay is offline (it wins over the cloud); off = the
-core is not running (the LED is released at stop, and a dead process drives nothing).
+unreachable; "attention", a short flash every 2 s (0.1 s on, 1.9 s off) = the Pi itself needs a
+look: under-voltage now or since boot, or the data partition nearly full (`gateway/core/health.py`;
+it wins over the cloud); fast blink (0.15 s) = a PLC bus or bay is offline (it wins over all);
+off = the core is not running (the LED is released at stop, and a dead process drives nothing).
 Button (`gpio.button_pin`, to ground, internal pull-up): a short press opens the device pairing
 window for `PAIRING_SEC`; a press held `RECOVERY_HOLD_SEC` starts technician-access recovery (a
 one-time login code written to the journal, see `gateway/access/recovery.py`).
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PAIRING_SEC = 120
 RECOVERY_HOLD_SEC = 10.0
-SLOW, FAST = (1.0, 1.0), (0.15, 0.15)
+SLOW, FAST, ATTENTION = (1.0, 1.0), (0.15, 0.15), (0.1, 1.9)
 CHECK_SEC = 0.5
 MODEL_FILE = Path("/proc/device-tree/model")
 # Where Debian-style python3-* packages (Raspberry Pi OS's python3-lgpio) put modules.
@@ -155,9 +157,11 @@ def ensure_pin_factory() -> str:
 
 
 def led_pattern(health: dict[str, Any]) -> str:
-    """`on`, `slow` or `fast` for a health snapshot (`gateway/health`)."""
+    """`on`, `slow`, `attention` or `fast` for a health snapshot (`gateway/health`)."""
     if not all(health.get("plc", {}).values()):
         return "fast"
+    if (health.get("pi") or {}).get("attention"):
+        return "attention"
     if health.get("cloud_configured") and not health.get("cloud"):
         return "slow"
     return "on"
@@ -256,6 +260,8 @@ class GpioService:
             self.led.on()
         elif pattern == "slow":
             self.led.blink(*SLOW)
+        elif pattern == "attention":
+            self.led.blink(*ATTENTION)
         else:
             self.led.blink(*FAST)
 

@@ -220,7 +220,7 @@ class PresenceService:
             add_event("device.status", {"device_id": dev, "online": online, "rssi": s.rssi, "status": s.status,
                                         "uptime": s.uptime, "last_seen_at": iso_z(s.wall)},
                       site_id=self.config.site.id, partition=dev, coalesce_key=f"device.status:{dev}")
-        log.info("device %s %s", dev, "online" if online else "offline")
+        log.info("device %s %s", dev, "online" if online else "offline", extra={"device_id": dev})
 
     def _flush(self, batch: dict[str, _Seen], samples: dict[tuple[str, dt.datetime], _Sample]) -> None:
         if not batch and not samples:

@@ -43,7 +43,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -626,6 +626,7 @@ class LocalBus:
         self._presence_changed = asyncio.Condition()
         self.clients: set[str] = set()
         self.dropped_handler_errors = 0
+        self.received: Counter[str] = Counter()  # client publishes per role_of_client (metrics)
         self.guard = AbuseGuard(settings.limits)
         self.refusals = self.guard.refusals  # what the broker refused to whom, per reason (module doc)
         self.accounts = AccountBook()
@@ -723,7 +724,23 @@ class LocalBus:
                 await self._presence_changed.wait_for(lambda: predicate(self.clients))
 
     def _enqueue(self, topic: str, data: bytes, client_id: str | None) -> None:
+        self.received[self.role_of_client(client_id)] += 1
         self._queue.put_nowait((topic, data, client_id))
+
+    def role_of_client(self, client_id: str | None) -> str:
+        """A connection's role for metrics: "internal" (the gateway's own users), an account's role
+        ("wash-backend", "monitor"), "device" (anonymous), "unknown" (gone)."""
+        if client_id is None or self._broker is None:
+            return "unknown"
+        session, _ = self._broker._sessions.get(client_id, (None, None))
+        if session is None:
+            return "unknown"
+        if session.username is None:
+            return "device"
+        if session.username == self._settings.internal_username:
+            return "internal"
+        account = self.accounts.get(session.username)
+        return account.role if account is not None else "unknown"
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         """Receive client publishes matching `topic_filter` (handlers are called in order)."""

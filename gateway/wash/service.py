@@ -162,7 +162,7 @@ class WashService:
         decision, fx = bay.machine.command(action, course, request_id, time.time(), str(uuid.uuid4()), by)
         if decision.verdict is Verdict.ACCEPTED:
             log.info("%s: %s accepted (requestId %s%s)", bay_id, action, decision.request_id,
-                     f", by {by}" if action == "RESET" else "")
+                     f", by {by}" if action == "RESET" else "", extra={"bay_id": bay_id})
         await self._apply(bay, fx)
         return decision
 
@@ -224,7 +224,8 @@ class WashService:
             return
         d = await self.judge(topic_bay, action, course, request_id, self._mqtt_sender(client_id))
         if d.verdict is Verdict.REJECTED:
-            log.info("wash/%s/cmd %s from %r refused: %s %s", topic_bay, action, client_id, d.code, d.message)
+            log.info("wash/%s/cmd %s from %r refused: %s %s", topic_bay, action, client_id, d.code, d.message,
+                     extra={"bay_id": topic_bay})
         await self._publish_result(topic_bay, action, request_id, d)
 
     def _mqtt_sender(self, client_id: str | None) -> str:
@@ -314,7 +315,8 @@ class WashService:
                 bay.unsaved = view
             if fx.publish or fx.sessions:
                 if (view.state, view.error_code) != bay.logged:
-                    log.info("%s: %s%s", bay.id, view.state, f" ({view.error_code})" if view.error_code else "")
+                    log.info("%s: %s%s", bay.id, view.state, f" ({view.error_code})" if view.error_code else "",
+                             extra={"bay_id": bay.id})
                     bay.logged = (view.state, view.error_code)
                 await self._publish(bay.id, view)
                 self._report_health()
@@ -333,7 +335,7 @@ class WashService:
             await scheduler.write(bay.id, bay.profile.command_offset, regs)
         except PlcError as exc:
             # The machine's timers turn an unanswered START into START_TIMEOUT.
-            log.warning("%s: writing %s failed: %s", bay.id, w.action, exc)
+            log.warning("%s: writing %s failed: %s", bay.id, w.action, exc, extra={"bay_id": bay.id})
 
     def _next_session_id(self, bay: _Bay, at: float) -> str:
         local = dt.datetime.fromtimestamp(at, self.zone)

@@ -117,4 +117,4 @@ class WashStore:
                                          "doneAt": iso_z(naive_utc(r.at))},
                           site_id=self.site_id, partition=f"bay:{bay_id}")
         for r in resets:
-            log.info("%s: reset by %s (%s): %s", bay_id, r.by, r.error_code, r.outcome)
+            log.info("%s: reset by %s (%s): %s", bay_id, r.by, r.error_code, r.outcome, extra={"bay_id": bay_id})
