@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -27,6 +28,7 @@ from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError
+from amqtt.events import BrokerEvents
 from amqtt.session import Session
 
 from gateway.mqtt.acl import ACCOUNT, AccountBook, may_publish
@@ -76,6 +78,17 @@ PATCHES: tuple[Patch, ...] = (
           "a full gateway from a dead one."),
     Patch("connect_timeout", ("_initialize_client_session",), "0.12.1",
           "amqtt waits for CONNECT forever: silent sockets hold connection slots."),
+    Patch("direct_topic_filtering", ("_topic_filtering",), "0.12.1",
+          "amqtt runs every ACL check (each PUBLISH, and each delivery to each subscriber) as one task per "
+          "topic plugin gathered: two tasks per message for one plugin. Awaited in place here, same rule "
+          "(every plugin must answer True)."),
+    Patch("direct_local_hand_off", ("_handle_message_delivery",), "0.12.1",
+          "amqtt hands a permitted publish to the plugins' `on_broker_message_broadcast` as a task per "
+          "message; the core's LocalBus is called in place (`on_client_message`), in arrival order."),
+    Patch("batched_delivery", ("_client_message_loop", "_run_broadcast"), "0.12.1",
+          "amqtt waits on four futures (a new task for the next message) per received message, and starts "
+          "a task and a wait per broadcast: what is already queued is taken in one go here (at most "
+          "BATCH per turn, so one client's burst cannot hold the loop)."),
     Patch("login_decides_attributes", ("_authenticate",), "0.12.1",
           "a resumed persistent session keeps its attributes: a login must decide the account and the "
           "kicked mark anew."),
@@ -133,6 +146,8 @@ class GatewayBroker(Broker):
     """amqtt 0.12.1's Broker with the patches of `PATCHES` (each method names its patch). Build it
     with `make_broker()`."""
 
+    BATCH = 64  # queued messages handled per turn of the loop (patch batched_delivery)
+
     def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None,
                  accounts: AccountBook | None = None) -> None:
         super().__init__(config)
@@ -142,6 +157,8 @@ class GatewayBroker(Broker):
         self._subscriptions = self._subscriptions_table()
         self._wildcard_filters: set[str] = set()  # a superset: stale ones are dropped while routing
         self._session_filters: dict[str, set[str]] = {}  # client id -> the filters it holds
+        # Every permitted client publish, in arrival order (LocalBus sets it; patch direct_local_hand_off).
+        self.on_client_message: Callable[[str, bytes, str | None], None] | None = None
 
     def _subscriptions_table(self) -> dict[str, list[tuple[Session, int]]]:
         return _Subscriptions()
@@ -201,16 +218,95 @@ class GatewayBroker(Broker):
         await self._client_connected(listener_name, guarded, StreamWriterAdapter(writer))
 
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
-        """Patch `deliver_queued_on_disconnect`: amqtt 0.12.1 ends this loop at the client's
-        DISCONNECT (or lost connection) and dropped what it had queued but not yet broadcast:
-        messages it had already PUBACKed. Deliver them now, in order, as the loop would."""
-        await super()._client_message_loop(client_session, handler)
+        """amqtt 0.12.1's loop with two patches.
+
+        `batched_delivery`: after a received message is handled, up to BATCH more already queued
+        are handled in the same turn instead of one task and one four-future wait each.
+        `deliver_queued_on_disconnect`: amqtt ends this loop at the client's DISCONNECT (or lost
+        connection) and dropped what it had queued but not yet broadcast: messages it had already
+        PUBACKed. They are delivered now, in order, as the loop would."""
         queue = client_session.delivered_message_queue
-        while not queue.empty():
-            message = asyncio.get_running_loop().create_future()
-            message.set_result(queue.get_nowait())
-            if not await self._handle_message_delivery(client_session, handler, message):
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+        while connected:
+            try:
+                done, _ = await asyncio.wait([disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if disconnect_waiter in done:
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._deliver(client_session, wait_deliver.result()):
+                        break
+                    closed = False
+                    for _ in range(self.BATCH):
+                        if not connected or queue.empty():
+                            break
+                        if not await self._deliver(client_session, queue.get_nowait()):
+                            closed = True
+                            break
+                    if closed:
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+            except asyncio.CancelledError:
                 break
+        pending = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in pending:
+            waiter.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        while not queue.empty():  # deliver_queued_on_disconnect
+            if not await self._deliver(client_session, queue.get_nowait()):
+                break
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        """amqtt's entry point, kept for amqtt's own callers."""
+        return await self._deliver(client_session, wait_deliver.result())
+
+    async def _deliver(self, client_session: Session, app_message: Any) -> bool:
+        """amqtt 0.12.1's `_handle_message_delivery` (same checks, same order) with patch
+        `direct_local_hand_off`: the LocalBus gets a permitted publish in place, not via a task of
+        the plugin event. False: the connection must close (an invalid topic)."""
+        cid = client_session.client_id
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=cid, message=app_message)
+        if app_message is None:
+            return True
+        topic = app_message.topic
+        if not topic:
+            log.info("mqtt: [MQTT-4.7.3-1] client %r published an empty topic; connection closed", cid)
+            return False
+        if "#" in topic or "+" in topic:
+            log.info("mqtt: [MQTT-3.3.2-2] client %r published to a wildcard topic; connection closed", cid)
+            return False
+        if topic.startswith("$"):
+            log.info("mqtt: [MQTT-4.7.2-1] client %r published to a $ topic; connection closed", cid)
+            return False
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            return True
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_BROADCAST, client_id=cid, message=app_message)
+        if self.on_client_message is not None:
+            self.on_client_message(topic, bytes(app_message.data or b""), cid)
+        await self._broadcast_message(client_session, topic, app_message.data)
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """Patch `direct_topic_filtering`: amqtt 0.12.1's rule (every topic plugin must answer
+        truthy; no plugin: allowed), each plugin awaited in place instead of a task each, gathered."""
+        for plugin in self.plugins_manager._topic_plugins:
+            if not await plugin.topic_filtering(session=session, topic=topic, action=action):
+                return False
+        return True
 
     def _refuse_before_ack(self, session: Session, handler: Any) -> None:
         """Patch `acl_before_puback`: check a non-internal client's PUBLISH against the ACL before
@@ -290,9 +386,19 @@ class GatewayBroker(Broker):
         return out
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
-        """Patch `indexed_routing`: amqtt 0.12.1's `_run_broadcast` (same rules, same order of
-        checks) with indexed routing."""
-        broadcast = await self._broadcast_queue.get()
+        """Patches `indexed_routing` and `batched_delivery`: amqtt 0.12.1's `_run_broadcast` (same
+        rules, same order of checks) with indexed routing, and up to BATCH queued broadcasts taken
+        per call (amqtt's loop starts a task and waits on it for each)."""
+        queue = self._broadcast_queue
+        broadcast = await queue.get()
+        for _ in range(self.BATCH):
+            await self._route(broadcast, running_tasks)
+            if queue.empty():
+                return
+            broadcast = queue.get_nowait()
+        await self._route(broadcast, running_tasks)
+
+    async def _route(self, broadcast: dict[str, Any], running_tasks: deque[asyncio.Task[Any]]) -> None:
         topic = broadcast["topic"]
         for target_session, sub_qos in self._routes(topic):
             qos = broadcast.get("qos", sub_qos)

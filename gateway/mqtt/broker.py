@@ -28,7 +28,7 @@ from typing import Any
 
 from amqtt.contexts import BaseContext
 from amqtt.plugins.base import BasePlugin
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import Session
 
 from gateway.access.mqtt_accounts import Account
 from gateway.mqtt.acl import (
@@ -59,21 +59,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes, str | None], Awaitable[None] | None]
+ROUTE_CACHE = 4096  # topics whose handlers LocalBus remembers (a site has at most ~1,000 devices)
 
 
 class GatewayBusPlugin(BasePlugin[BaseContext]):
-    """Hands every permitted client publish to the LocalBus (set after the broker is built)."""
+    """Tells the LocalBus of connections and subscriptions (set after the broker is built). Client
+    publishes reach it in place (`GatewayBroker.on_client_message`), not through this plugin."""
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        self.sink: Callable[[str, bytes, str | None], None] | None = None
         self.presence: Callable[[str, bool], Awaitable[None]] | None = None
         self.subscribed: Callable[[], Awaitable[None]] | None = None
-
-    async def on_broker_message_broadcast(self, *, client_id: str, message: ApplicationMessage) -> None:
-        # Runs as its own task per message; put without awaiting so arrival order is kept.
-        if self.sink is not None and message is not None and message.topic:
-            self.sink(message.topic, bytes(message.data or b""), client_id)
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         if self.presence is not None:
@@ -140,6 +136,9 @@ class LocalBus:
         self._broker_class = broker_class  # tests revert one amqtt patch with a subclass
         self._broker: GatewayBroker | None = None
         self._handlers: list[tuple[str, Handler]] = []
+        # topic -> its handlers: the filters are matched once per topic, not once per message
+        # (bounded: device topics carry ids; cleared when full or on subscribe).
+        self._routes: dict[str, list[tuple[str, Handler]]] = {}
         self._queue: asyncio.Queue[tuple[str, bytes, str | None]] = asyncio.Queue()
         self._presence_changed = asyncio.Condition()
         self.clients: set[str] = set()
@@ -176,7 +175,7 @@ class LocalBus:
             plugin_.accounts = self.accounts
         plugin = broker.plugins_manager.get_plugin("GatewayBusPlugin")
         assert isinstance(plugin, GatewayBusPlugin)
-        plugin.sink = self._enqueue
+        broker.on_client_message = self._enqueue
         plugin.presence = self._on_presence
         plugin.subscribed = self._on_subscribed
         await broker.start()
@@ -248,6 +247,7 @@ class LocalBus:
         if not is_valid_filter(topic_filter):
             raise ValueError(f"invalid topic filter {topic_filter!r}")
         self._handlers.append((topic_filter, handler))
+        self._routes.clear()
 
     def on_publish(self, fn: Callable[[str, bytes], None]) -> None:
         """Also hand every message the core publishes to `fn(topic, payload)` (the cloud bridge
@@ -275,9 +275,12 @@ class LocalBus:
         """Run the handlers for each received message; one failing handler never stops the bus."""
         while True:
             topic, data, client_id = await self._queue.get()
-            for topic_filter, handler in self._handlers:
-                if not matches(topic_filter, topic):
-                    continue
+            routes = self._routes.get(topic)
+            if routes is None:
+                if len(self._routes) >= ROUTE_CACHE:
+                    self._routes.clear()
+                routes = self._routes[topic] = [(f, h) for f, h in self._handlers if matches(f, topic)]
+            for topic_filter, handler in routes:
                 try:
                     result = handler(topic, data, client_id)
                     if result is not None:
