@@ -54,7 +54,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("retained_to_own_subscriptions", ("_publish_retained_messages_for_subscription",), "0.12.1",
           "amqtt sends a (re)connecting client the retained messages of every filter any client holds, and "
           "sends retained messages for subscriptions the ACL refused: both bypass the topic ACL."),
-    Patch("quiet_subscriptions_repr", ("_Subscriptions",), "0.12.1",
+    Patch("quiet_subscriptions_repr", ("_subscriptions_table",), "0.12.1",
           "amqtt formats repr() of the whole subscription table for a DEBUG line after every SUBSCRIBE, even "
           "with DEBUG off: a connection storm of devices was quadratic in sessions."),
     Patch("indexed_routing", ("_routes", "_run_broadcast"), "0.12.1",
@@ -65,15 +65,15 @@ PATCHES: tuple[Patch, ...] = (
     Patch("deliver_queued_on_disconnect", ("_client_message_loop",), "0.12.1",
           "amqtt PUBACKs a QoS 1 message when it queues it, and dropped what was still queued when the "
           "client disconnected: a device that ACKs a RESTART and reboots lost its ACK."),
-    Patch("forget_refused_sessions", ("_handle_client_session",), "0.12.1",
+    Patch("forget_refused_sessions", ("_handle_client_session", "_forget_if_refused"), "0.12.1",
           "amqtt keeps a refused client's session for good: refused logins with ever new client ids "
           "grew the session table without bound."),
-    Patch("acl_before_puback", ("_handle_client_session",), "0.12.1",
+    Patch("acl_before_puback", ("_handle_client_session", "_refuse_before_ack"), "0.12.1",
           "amqtt acknowledges a PUBLISH on receipt and checks the ACL later: a refused publish must close "
           "the connection instead (MQTT 3.1.1 §3.3.5), or the sender takes it for accepted."),
-    Patch("packet_size_limit", ("stream_connected", "_handle_client_session"), "0.12.1",
+    Patch("packet_size_limit", ("stream_connected", "_reader", "_handle_client_session"), "0.12.1",
           "amqtt reads a packet of any announced size (up to 256 MiB) into memory."),
-    Patch("refuse_past_max_connections", ("stream_connected",), "0.12.1",
+    Patch("refuse_past_max_connections", ("stream_connected", "_full"), "0.12.1",
           "past max_connections amqtt parks a new client without CONNACK until a slot frees: it cannot tell "
           "a full gateway from a dead one."),
     Patch("connect_timeout", ("_initialize_client_session",), "0.12.1",
@@ -85,10 +85,10 @@ PATCHES: tuple[Patch, ...] = (
     Patch("direct_local_hand_off", ("_handle_message_delivery",), "0.12.1",
           "amqtt hands a permitted publish to the plugins' `on_broker_message_broadcast` as a task per "
           "message; the core's LocalBus is called in place (`on_client_message`), in arrival order."),
-    Patch("batched_delivery", ("_client_message_loop", "_run_broadcast"), "0.12.1",
-          "amqtt waits on four futures (a new task for the next message) per received message, and starts "
-          "a task and a wait per broadcast: what is already queued is taken in one go here (at most "
-          "BATCH per turn, so one client's burst cannot hold the loop)."),
+    Patch("batched_broadcast", ("_run_broadcast",), "0.12.1",
+          "amqtt's broadcast loop starts a task and waits on it (with the shutdown future) for each message: "
+          "what is already queued (the core's bursts: a status per bay) is routed in one go here, at most "
+          "BATCH per turn so a burst cannot hold the loop."),
     Patch("login_decides_attributes", ("_authenticate",), "0.12.1",
           "a resumed persistent session keeps its attributes: a login must decide the account and the "
           "kicked mark anew."),
@@ -146,7 +146,7 @@ class GatewayBroker(Broker):
     """amqtt 0.12.1's Broker with the patches of `PATCHES` (each method names its patch). Build it
     with `make_broker()`."""
 
-    BATCH = 64  # queued messages handled per turn of the loop (patch batched_delivery)
+    BATCH = 64  # queued broadcasts routed per turn of the loop (patch batched_broadcast)
 
     def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None,
                  accounts: AccountBook | None = None) -> None:
@@ -200,13 +200,8 @@ class GatewayBroker(Broker):
                                listener_name: str) -> None:
         """Patches `refuse_past_max_connections` and `packet_size_limit` (and the address cool-down
         of the abuse guard, before a byte is read)."""
-        server = self._servers.get(listener_name)
         peer = writer.get_extra_info("peername")
-        if server is not None and server.semaphore is not None and server.semaphore.locked():
-            # amqtt would park the client, without CONNACK, until a slot frees: it could not tell
-            # a full gateway from a dead one. Closed at once, it retries with its own backoff.
-            self.guard.refusals.drop("max_connections", "connect",
-                                     f"{server.max_connections} connections already; closed {peer}")
+        if self._full(listener_name, peer):
             writer.close()
             return
         if peer and self.guard.cooling_down(peer[0]):
@@ -214,56 +209,30 @@ class GatewayBroker(Broker):
             self.guard.refusals.drop("cooldown", "connect", f"{peer}: flooded a moment ago; closed")
             writer.close()
             return
-        guarded = _GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
-        await self._client_connected(listener_name, guarded, StreamWriterAdapter(writer))
+        await self._client_connected(listener_name, self._reader(reader, peer), StreamWriterAdapter(writer))
+
+    def _full(self, listener_name: str, peer: Any) -> bool:
+        """Patch `refuse_past_max_connections`: amqtt would park the client, without CONNACK, until
+        a slot frees: it could not tell a full gateway from a dead one. Closed at once, it retries
+        with its own backoff."""
+        server = self._servers.get(listener_name)
+        if server is None or server.semaphore is None or not server.semaphore.locked():
+            return False
+        self.guard.refusals.drop("max_connections", "connect", f"{server.max_connections} connections already; "
+                                 f"closed {peer}")
+        return True
+
+    def _reader(self, reader: asyncio.StreamReader, peer: Any) -> StreamReaderAdapter:
+        """Patch `packet_size_limit`: the connection's reader refuses packets above the limit."""
+        return _GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
 
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
-        """amqtt 0.12.1's loop with two patches.
-
-        `batched_delivery`: after a received message is handled, up to BATCH more already queued
-        are handled in the same turn instead of one task and one four-future wait each.
-        `deliver_queued_on_disconnect`: amqtt ends this loop at the client's DISCONNECT (or lost
-        connection) and dropped what it had queued but not yet broadcast: messages it had already
-        PUBACKed. They are delivered now, in order, as the loop would."""
+        """Patch `deliver_queued_on_disconnect`: amqtt 0.12.1 ends this loop at the client's
+        DISCONNECT (or lost connection) and dropped what it had queued but not yet broadcast:
+        messages it had already PUBACKed. Deliver them now, in order, as the loop would."""
+        await super()._client_message_loop(client_session, handler)
         queue = client_session.delivered_message_queue
-        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-        connected = True
-        while connected:
-            try:
-                done, _ = await asyncio.wait([disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if disconnect_waiter in done:
-                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
-                    connected = False
-                if subscribe_waiter in done:
-                    await self._handle_subscription(client_session, handler, subscribe_waiter)
-                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-                if unsubscribe_waiter in done:
-                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
-                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-                if wait_deliver in done:
-                    if not await self._deliver(client_session, wait_deliver.result()):
-                        break
-                    closed = False
-                    for _ in range(self.BATCH):
-                        if not connected or queue.empty():
-                            break
-                        if not await self._deliver(client_session, queue.get_nowait()):
-                            closed = True
-                            break
-                    if closed:
-                        break
-                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-            except asyncio.CancelledError:
-                break
-        pending = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
-        for waiter in pending:
-            waiter.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        while not queue.empty():  # deliver_queued_on_disconnect
+        while not queue.empty():
             if not await self._deliver(client_session, queue.get_nowait()):
                 break
 
@@ -357,12 +326,15 @@ class GatewayBroker(Broker):
         try:
             await super()._handle_client_session(reader, writer, client_session, *args)
         finally:
-            # amqtt 0.12.1 keeps a refused client's session in its table for good: refused logins
-            # with ever new client ids would grow it without bound.
-            if not client_session.attributes.get(AUTHENTICATED):
-                held, _ = self._sessions.get(client_session.client_id, (None, None))
-                if held is client_session:
-                    del self._sessions[client_session.client_id]
+            self._forget_if_refused(client_session)
+
+    def _forget_if_refused(self, client_session: Session) -> None:
+        """Patch `forget_refused_sessions`: amqtt 0.12.1 keeps a refused client's session in its
+        table for good: refused logins with ever new client ids would grow it without bound."""
+        if not client_session.attributes.get(AUTHENTICATED):
+            held, _ = self._sessions.get(client_session.client_id, (None, None))
+            if held is client_session:
+                del self._sessions[client_session.client_id]
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         """Patch `login_decides_attributes`: a resumed (persistent) session keeps its attributes in
@@ -386,7 +358,7 @@ class GatewayBroker(Broker):
         return out
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
-        """Patches `indexed_routing` and `batched_delivery`: amqtt 0.12.1's `_run_broadcast` (same
+        """Patches `indexed_routing` and `batched_broadcast`: amqtt 0.12.1's `_run_broadcast` (same
         rules, same order of checks) with indexed routing, and up to BATCH queued broadcasts taken
         per call (amqtt's loop starts a task and waits on it for each)."""
         queue = self._broadcast_queue
