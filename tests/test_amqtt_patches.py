@@ -98,6 +98,11 @@ class _BroadcastOneByOne(GatewayBroker):
         await self._route(await self._broadcast_queue.get(), running_tasks)
 
 
+class _ReaderTasks(GatewayBroker):
+    def _install_handler(self, handler: Any) -> None:
+        return None
+
+
 class _AttributesKept(GatewayBroker):
     async def _authenticate(self, session: Any, listener: Any) -> bool:
         ok: bool = await Broker._authenticate(self, session, listener)
@@ -119,6 +124,7 @@ REVERTED: dict[str, type[GatewayBroker]] = {
     "direct_topic_filtering": _PluginTasks,
     "direct_local_hand_off": _HandOffByPluginEvent,
     "batched_broadcast": _BroadcastOneByOne,
+    "reader_without_tasks": _ReaderTasks,
     "login_decides_attributes": _AttributesKept,
 }
 
@@ -153,8 +159,8 @@ class Raw:
         return cls(*await asyncio.open_connection("127.0.0.1", bus._settings.port))
 
     async def connect(self, client_id: str, username: str | None = None, password: str | None = None, *,
-                      clean: bool = True) -> int:
-        packet = mqtt_raw.connect(client_id, username, password)
+                      clean: bool = True, keepalive: int = 30) -> int:
+        packet = mqtt_raw.connect(client_id, username, password, keepalive=keepalive)
         if not clean:  # the flags byte follows the protocol name and level
             at = packet.index(b"MQTT\x04") + 5
             packet = packet[:at] + bytes([packet[at] & ~0x02]) + packet[at + 1:]
@@ -426,6 +432,49 @@ async def test_batched_broadcast() -> None:
             got = [(await asyncio.to_thread(web.expect, None)).payload for _ in range(n)]
         assert got == [b"%d" % i for i in range(n)]
         assert turns <= 2, turns
+
+
+async def test_reader_without_tasks() -> None:
+    """amqtt 0.12.1's reader starts two tasks per PUBLISH (the read's timeout, the handling); here
+    none, the order kept, the keep-alive still bounding each read."""
+    n = 30
+    async with running_bus("reader_without_tasks", client_rate_per_sec=0) as bus:
+        seen: list[bytes] = []
+        bus.subscribe("server/+/streaming", lambda topic, data, cid: seen.append(data))
+        loop = asyncio.get_running_loop()
+        started: list[str] = []
+        factory = loop.get_task_factory()
+
+        def counting(loop_: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            started.append(getattr(coro, "__qualname__", ""))
+            return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
+
+        c = await Raw.open(bus)
+        try:
+            assert await c.connect("dev-1") == 0
+            loop.set_task_factory(counting)
+            try:
+                c.writer.write(b"".join(mqtt_raw.publish("server/dev-1/streaming", b"%d" % i) for i in range(n)))
+                await _until(lambda: len(seen) == n, timeout=3)
+            finally:
+                loop.set_task_factory(factory)
+        finally:
+            c.close()
+        assert seen == [b"%d" % i for i in range(n)]
+        per_packet = [q for q in started if q.endswith(("handle_publish", "from_stream"))]
+        assert per_packet == [], per_packet[:3]
+        # The read's time limit is the keep-alive, handled as amqtt does (0.12.1: nothing happens).
+        quiet = await Raw.open(bus)
+        try:
+            assert await quiet.connect("dev-quiet", keepalive=1) == 0
+            handler = bus.broker._sessions["dev-quiet"][1]
+            timed_out = asyncio.Event()
+            handler.handle_read_timeout = timed_out.set
+            await asyncio.wait_for(timed_out.wait(), 4)
+            quiet.writer.write(mqtt_raw.publish("server/dev-quiet/streaming", b"still here"))
+            await _until(lambda: seen[-1] == b"still here", timeout=3)
+        finally:
+            quiet.close()
 
 
 async def test_login_decides_attributes() -> None:

@@ -27,8 +27,32 @@ from typing import Any
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError
-from amqtt.events import BrokerEvents
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from gateway.mqtt.acl import ACCOUNT, AccountBook, may_publish
@@ -89,6 +113,10 @@ PATCHES: tuple[Patch, ...] = (
           "amqtt's broadcast loop starts a task and waits on it (with the shutdown future) for each message: "
           "what is already queued (the core's bursts: a status per bay) is routed in one go here, at most "
           "BATCH per turn so a burst cannot hold the loop."),
+    Patch("reader_without_tasks", ("_initialize_client_session", "_install_handler"), "0.12.1",
+          "amqtt's reader starts a task per packet for the keep-alive timeout of its read (`wait_for`) and "
+          "another to handle each PUBLISH; a QoS 0/1 PUBLISH never waits on a later packet, so it is "
+          "handled in place, in order, and the read is bounded by `asyncio.timeout` (`_GatewayHandler`)."),
     Patch("login_decides_attributes", ("_authenticate",), "0.12.1",
           "a resumed persistent session keeps its attributes: a login must decide the account and the "
           "kicked mark anew."),
@@ -131,6 +159,79 @@ class _GuardedReader(StreamReaderAdapter):
             raise PacketTooLarge(f"packet above {self.max_bytes} bytes")
         data: bytes = await super().read(n)
         return data
+
+
+_IN_TASK = {  # amqtt 0.12.1 handles these packets in a task each, as here
+    CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp", PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp",
+    DISCONNECT: "handle_disconnect",
+}
+
+
+class _GatewayHandler(BrokerProtocolHandler):
+    """Patch `reader_without_tasks`: amqtt 0.12.1's `BrokerProtocolHandler`, its reader loop without
+    a task per packet. Installed on each connection's handler by `GatewayBroker`."""
+
+    async def _reader_loop(self) -> None:
+        """amqtt 0.12.1's `ProtocolHandler._reader_loop`, same checks and order, two changes: the
+        fixed header is read under `asyncio.timeout` (amqtt: `wait_for`, a task per packet), and a
+        QoS 0/1 PUBLISH is handled in place (amqtt: a task each). QoS 2 keeps its task: it waits
+        for a PUBREL that this loop must read."""
+        if self.session is None or self._reader_ready is None:
+            raise AMQTTError("Session is not initialized.")
+        running: deque[asyncio.Task[None]] = deque()
+        keepalive: int | None = self.session.keep_alive
+        if keepalive is not None and keepalive <= 0:
+            keepalive = None
+        while True:
+            try:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                if self.reader is None:
+                    break
+                async with asyncio.timeout(keepalive):
+                    fixed_header = await MQTTFixedHeader.from_stream(self.reader)
+                if not fixed_header:
+                    break  # EOF
+                if fixed_header.packet_type in (RESERVED_0, RESERVED_15):
+                    await self.handle_connection_closed()
+                    continue
+                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
+                if kind == PUBLISH and isinstance(packet, PublishPacket) and packet.qos in (QOS_0, QOS_1):
+                    try:
+                        await self.handle_publish(packet)
+                    except (asyncio.CancelledError, TimeoutError):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - amqtt's task would have swallowed it too
+                        log.warning("mqtt: client %r: a PUBLISH failed: %r", self.session.client_id, exc)
+                elif kind == PUBLISH:
+                    running.append(asyncio.create_task(self.handle_publish(packet)))
+                elif kind == CONNECT and isinstance(packet, ConnectPacket):
+                    await self.handle_connect(packet)
+                elif kind in _IN_TASK:
+                    running.append(asyncio.create_task(getattr(self, _IN_TASK[kind])(packet)))
+                else:
+                    log.warning("mqtt: client %r sent an unhandled packet type %s", self.session.client_id, kind)
+            except MQTTError:
+                pass  # amqtt: "Message discarded"
+            except asyncio.CancelledError:
+                break
+            except TimeoutError:
+                self.handle_read_timeout()
+            except NoDataError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - as amqtt: the connection ends, the broker does not
+                log.warning("mqtt: unhandled exception in the reader of %r: %r", self.session.client_id, exc)
+                break
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
 
 
 class _Subscriptions(dict[str, list[tuple[Session, int]]]):
@@ -301,10 +402,14 @@ class GatewayBroker(Broker):
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> Any:
         """Patch `connect_timeout`: amqtt's, bounded: a connection that sends no complete CONNECT
-        in time is closed (else a silent socket holds a connection slot forever)."""
+        in time is closed (else a silent socket holds a connection slot forever). Also installs
+        patch `reader_without_tasks`."""
         try:
             async with asyncio.timeout(self.guard.limits.connect_timeout_sec):
-                return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+                handler, session = await super()._initialize_client_session(reader, writer, remote_address,
+                                                                             remote_port)
+            self._install_handler(handler)
+            return handler, session
         except TimeoutError as exc:
             self.guard.refusals.drop("connect_timeout", "connect", f"{remote_address}:{remote_port}: no CONNECT "
                                      f"within {self.guard.limits.connect_timeout_sec:g} s; connection closed")
@@ -313,6 +418,12 @@ class GatewayBroker(Broker):
         except PacketTooLarge as exc:  # counted by the reader
             await writer.close()
             raise AMQTTError(str(exc)) from exc
+
+    def _install_handler(self, handler: Any) -> None:
+        """Patch `reader_without_tasks`: the connection's handler (built by amqtt's classmethod,
+        before its reader starts) becomes a `_GatewayHandler`, same state, one method differing."""
+        if type(handler) is BrokerProtocolHandler:
+            handler.__class__ = _GatewayHandler
 
     async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session, *args: Any) -> None:
         """Patches `packet_size_limit` (the internal users' larger limit), `acl_before_puback`
