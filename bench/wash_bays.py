@@ -44,12 +44,14 @@ BAYS = 16
 P = builtin_profiles()["washbay-v1"]
 
 
-def _dirty_expire() -> float:
-    """Seconds after which the kernel writes a dirty page back (vm.dirty_expire_centisecs)."""
+def _write_back_delay() -> float:
+    """Seconds until the kernel has written a dirty page back: its age limit
+    (vm.dirty_expire_centisecs) plus the flusher's period (vm.dirty_writeback_centisecs)."""
     try:
-        return int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100
+        return sum(int(Path(f"/proc/sys/vm/{k}").read_text()) / 100
+                   for k in ("dirty_expire_centisecs", "dirty_writeback_centisecs"))
     except (OSError, ValueError):
-        return 30.0
+        return 35.0
 
 
 def _bays() -> list[tuple[str, int, int]]:
@@ -190,8 +192,9 @@ async def _through_core(tmp: Path, quick: bool) -> list[Result]:
             await asyncio.to_thread(sub.wait, f"bay{i}", lambda s: s["state"] == "IDLE")
         # Steady state, no washes: CPU and disk writes of the core. The start-up's writes settle
         # first: its status save (status_save_sec after the first polls) and the kernel's write-back
-        # of the -shm pages that commit dirtied (vm.dirty_expire_centisecs later; no syscall of the core).
-        settle = 2.0 + _dirty_expire() + 3.0
+        # of the -shm pages that commit dirtied (up to expire + flusher period later; no syscall of
+        # the core: the -shm file is mapped).
+        settle = 2.0 + _write_back_delay() + 3.0
         await asyncio.sleep(settle)
         startup_io = core.io_counters().write_bytes
         window = 10.0 if quick else 30.0
