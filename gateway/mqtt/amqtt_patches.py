@@ -9,9 +9,11 @@ patch, each showing the behaviour the patch fixes both ways: with the patch, and
 fixed the issue upstream and the patch can go.
 
 Upgrading amqtt: compare every overridden method below with the new release's version of it
-(`git diff v0.12.1 vNEW -- amqtt/broker.py amqtt/adapters.py`), adapt, set `AUDITED_AMQTT`, run
-tests/test_amqtt_patches.py and tests/test_broker.py. Until then the core logs a critical line at
-every start (`check_amqtt_version`) and tests/test_amqtt_patches.py fails.
+(`git diff v0.12.1 vNEW -- amqtt/broker.py amqtt/adapters.py amqtt/mqtt/protocol/handler.py
+amqtt/plugins/manager.py`), adapt, set `AUDITED_AMQTT`, run tests/test_amqtt_patches.py (also
+once per patch with CARWASH_REVERT_PATCH=name, see there) and tests/test_broker.py. Until then
+the core logs a critical line at every start (`check_amqtt_version`) and
+tests/test_amqtt_patches.py fails.
 """
 
 from __future__ import annotations
