@@ -52,10 +52,18 @@ class Target:
     port: int
     username: str
     password: str
+    pid: int  # the broker's process: its CPU time per message is reported
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
-def run_mosquitto(d: Path) -> Iterator[int]:
+def run_mosquitto(d: Path) -> Iterator[tuple[int, int]]:
+    """mosquitto on a free port: yields (port, pid)."""
     port = free_port()
     conf = d / "mosquitto.conf"
     # max_queued_messages 0: no limit, as amqtt. mosquitto's default (1000 QoS 1 messages queued
@@ -72,7 +80,7 @@ def run_mosquitto(d: Path) -> Iterator[int]:
             wait_port("127.0.0.1", port, 10.0)
         except TimeoutError as exc:
             raise RuntimeError(f"mosquitto (exit code {proc.poll()}): {exc}\n{tail(logfile)}") from None
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         try:
@@ -116,6 +124,7 @@ def one_run(t: Target, qos: int, count: int, d: Path) -> dict[str, Any]:
         line = readline(sub, 15.0)
         if line.strip() != "READY":
             raise RuntimeError(f"subscriber did not start ({line!r}, exit {sub.poll()})\n{tail(errlog)}")
+        cpu0 = _cpu_seconds(t.pid)
         pub = _client("pub", t, qos, count, timeout, errlog, anonymous=True)
         procs.append(pub)
         try:
@@ -130,6 +139,7 @@ def one_run(t: Target, qos: int, count: int, d: Path) -> dict[str, Any]:
             sub_out = readline(sub, timeout + 15)
         except TimeoutError:
             raise RuntimeError(f"subscriber stuck\n{tail(errlog)}") from None
+        cpu = _cpu_seconds(t.pid) - cpu0  # the publisher's run and the subscriber's catching up
         _tell(pub, "EXIT")
         for proc, role in ((sub, "subscriber"), (pub, "publisher")):
             try:
@@ -144,6 +154,7 @@ def one_run(t: Target, qos: int, count: int, d: Path) -> dict[str, Any]:
             raise RuntimeError(f"subscriber received {s['received']} messages: no rate\n{tail(errlog)}")
         s["pub_rate"] = count / (p["t_done"] - p["t_start"])
         s["end_to_end_s"] = s["t_last"] - p["t_start"]
+        s["broker_cpu_us_per_msg"] = cpu / count * 1e6
         return s
     finally:
         for proc in procs:
@@ -166,16 +177,19 @@ def run(quick: bool) -> list[Result]:
         core = stack.enter_context(run_core(d, config=config, mqtt_port=port))
         cfg = load_config(core.config)
         secrets = load_secrets(cfg)
-        amqtt = Target("amqtt (core)", core.mqtt_port, cfg.mqtt.internal_username, secrets.mqtt_internal_password)
+        amqtt = Target("amqtt (core)", core.mqtt_port, cfg.mqtt.internal_username, secrets.mqtt_internal_password,
+                       core.proc.pid)
         mosq_dir = d / "mosquitto"
         mosq_dir.mkdir()
-        mosq = Target("mosquitto", stack.enter_context(run_mosquitto(mosq_dir)), amqtt.username, amqtt.password)
+        mosq_port, mosq_pid = stack.enter_context(run_mosquitto(mosq_dir))
+        mosq = Target("mosquitto", mosq_port, amqtt.username, amqtt.password, mosq_pid)
         for rep in range(reps):
             for qos in (0, 1):
                 for t in (amqtt, mosq):
                     r = one_run(t, qos, counts[qos], d)
                     runs.setdefault((t.name, qos), []).append(r)
                     log(f"{NAME}: rep {rep + 1}/{reps} {t.name} QoS{qos}: {r['rate']:,.0f} msg/s, "
+                        f"{r['broker_cpu_us_per_msg']:.0f} us CPU/msg in the broker, "
                         f"lost {r['lost']}/{counts[qos]}, dup {r['duplicates']}, "
                         f"publisher {r['pub_rate']:,.0f} msg/s")
         if core.proc.poll() is not None:
@@ -199,6 +213,10 @@ def run(quick: bool) -> list[Result]:
                          extra={"runs": rs, "count": n, "size": SIZE})
             medians[t.name] = res.median
             results.append(res)
+            results.append(Result(NAME, f"{t.name} QoS{qos} CPU per message", "us",
+                                  [r["broker_cpu_us_per_msg"] for r in rs],
+                                  "CPU time (user+system) of the broker process per message, publisher start "
+                                  "to the subscriber's last message; Pi 4 ≈ 3x (bench/README.md)"))
             results.append(Result(NAME, f"{t.name} QoS{qos} lost", "msgs", lost,
                                   f"per repetition of {n:,}; publisher side ran at "
                                   f"{pub[len(pub) // 2]:,.0f} msg/s (median)"))

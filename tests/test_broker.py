@@ -581,3 +581,16 @@ async def test_account_removed_or_changed_is_cut_off_at_once() -> None:
             assert await asyncio.to_thread(backend.disconnected.wait, 5)
         with Probe(port_of(bus), username="backend", password="backend-password-123") as p:
             assert (await asyncio.to_thread(p.connect)).is_failure
+
+
+def test_anonymous_publish_acl_is_the_filters_of_anon_publish() -> None:
+    """`acl._anonymous_may_publish` (no split per filter) answers as matching ANON_PUBLISH would."""
+    from gateway.mqtt.acl import ANON_PUBLISH, _anonymous_may_publish
+    from gateway.mqtt.topics import matches
+
+    topics = ["server/d1/ack", "server/d1/streaming", "server//ack", "server/d1/ack/x", "server/ack",
+              "server/d1/streamingx", "server/d1/", "server", "server/", "xserver/d1/ack", "Server/d1/ack",
+              "device/d1/command", "server/+/ack", "server/d1/d2/streaming", "$SYS/server/d1/ack", "",
+              "/server/d1/ack", "server/d1/Ack"]
+    for t in topics:
+        assert _anonymous_may_publish(t) == any(matches(f, t) for f in ANON_PUBLISH), t

@@ -82,13 +82,13 @@ async def test_led_follows_health_and_the_button_acts(tmp_path, mock_pins, caplo
         app.health.cloud_configured = False
         await _until(lambda: gpio.pattern == "on")
         # The supply sags (recorded get_throttled of a Pi): "attention" until the flags clear.
-        assert app.pi is not None
+        pi = app.parts.pi
         set_throttled(root, THROTTLED_UNDER_VOLTAGE)
-        await asyncio.to_thread(app.pi.read)
+        await asyncio.to_thread(pi.read)
         await _until(lambda: gpio.pattern == "attention")
         assert gpio.led._blink_thread is not None
         set_throttled(root, THROTTLED_OK)
-        await asyncio.to_thread(app.pi.read)
+        await asyncio.to_thread(pi.read)
         await _until(lambda: gpio.pattern == "on")
 
         # Short press: the pairing window opens.

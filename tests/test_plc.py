@@ -226,3 +226,73 @@ async def test_serial_link_reports_a_vanished_adapter_as_link_down(tmp_path: Pat
     finally:
         link.close()
         pair.stop()
+
+
+class _InstantPlc:
+    """A `plc.link.Link` in memory that answers every read at once, on a clock the test moves:
+    the silence the transactor keeps is read off that clock, not off a real line."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.sent_at: list[float] = []
+        self.replied_at: list[float] = []
+        self._reply = b""
+
+    def send(self, data: bytes) -> None:
+        from plc.frames import crc16
+
+        self.sent_at.append(self.clock[0])
+        body = bytes((data[0], 3, 2, 0, 7))  # unit, read holding registers, 2 bytes: the value 7
+        self._reply = body + crc16(body).to_bytes(2, "little")
+
+    async def receive(self, timeout: float) -> bytes:
+        reply, self._reply = self._reply, b""
+        self.replied_at.append(self.clock[0])
+        return reply
+
+    def discard(self) -> int:
+        return 0
+
+
+async def test_inter_frame_silence_runs_from_the_end_of_the_last_frame() -> None:
+    """The silence before a request is counted from the previous reply's last byte, so the time
+    the gateway spends on the reply is part of it (the line is silent meanwhile): with 1 ms of
+    handling, 0.75 ms of the 1.75 ms silence are left to wait, not 1.75 ms."""
+    from plc.frames import Request
+    from plc.transact import Transactor
+
+    clock = [100.0]
+    link = _InstantPlc(clock)
+    gap = 0.00175
+    tx = Transactor(link, "rtu", timeout=0.1, gap=gap, guard=0.02, clock=lambda: clock[0])  # type: ignore[arg-type]
+    waited: list[float] = []
+
+    async def keep(self: Transactor) -> None:  # what the transactor would wait, on the test's clock
+        remaining = max(0.0, self._quiet_until - self.clock())
+        waited.append(remaining)
+        clock[0] += remaining
+
+    tx._keep_silence = keep.__get__(tx)  # type: ignore[method-assign]
+    for _ in range(3):
+        reply = await tx.execute(Request.read(1, 10, 1))
+        assert list(reply.registers) == [7]
+        clock[0] += 0.001  # the gateway decodes the reply and picks the next request
+    assert waited[1:] == [pytest.approx(gap - 0.001)] * 2
+    # On the wire: each request starts a full silence after the previous reply's last byte.
+    for replied, sent in pairwise(zip(link.replied_at, link.sent_at, strict=True)):
+        assert sent[1] - replied[0] >= gap - 1e-12
+
+
+async def test_inter_frame_silence_is_kept_on_the_real_clock() -> None:
+    """`Transactor._keep_silence` on the real clock: never less than what remains (the whole
+    milliseconds on the loop, the rest in place)."""
+    import time
+
+    from plc.transact import Transactor
+
+    link = _InstantPlc([0.0])
+    tx = Transactor(link, "rtu", timeout=0.1, gap=0.00175, guard=0.02)  # type: ignore[arg-type]
+    for remaining in (0.0, 0.0004, 0.00175, 0.0031):
+        tx._quiet_until = time.monotonic() + remaining
+        await tx._keep_silence()
+        assert time.monotonic() >= tx._quiet_until

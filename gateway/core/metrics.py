@@ -153,8 +153,6 @@ class CoreCollector(Collector):
     @staticmethod
     def _mqtt(app: CoreParts) -> Iterator[Metric]:
         bus = app.bus
-        if bus is None:
-            return
         by_role: dict[str, int] = {}
         for cid in list(bus.clients):
             role = bus.role_of_client(cid)
@@ -187,8 +185,6 @@ class CoreCollector(Collector):
     @staticmethod
     def _commands(app: CoreParts) -> Iterator[Metric]:
         c = app.commands
-        if c is None:
-            return
         yield _counter("carwash_command_results", "Final per-device outcomes of device commands",
                        ["command", "status"], [(list(k), n) for k, n in sorted(c.tracker.outcomes.items())])
         yield _counter("carwash_command_acks_ignored", "ACKs that matched no pending command, by reason",

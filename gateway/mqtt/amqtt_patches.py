@@ -1,0 +1,529 @@
+"""Every change the gateway makes to amqtt's own code, in one audited file.
+
+amqtt is embedded, not forked: `GatewayBroker` subclasses amqtt's `Broker` and overrides some of
+its internals. Each override is a *patch*, listed in `PATCHES` with the amqtt version it was
+written against (`AUDITED_AMQTT`) and why it exists; `make_broker()` is the one function that puts
+them in place (and checks the installed amqtt first). tests/test_amqtt_patches.py has one test per
+patch, each showing the behaviour the patch fixes both ways: with the patch, and with it reverted
+(a subclass restoring amqtt's method), so a test that stops failing without its patch says that amqtt
+fixed the issue upstream and the patch can go.
+
+Upgrading amqtt: compare every overridden method below with the new release's version of it
+(`git diff v0.12.1 vNEW -- amqtt/broker.py amqtt/adapters.py amqtt/mqtt/protocol/handler.py
+amqtt/plugins/manager.py`), adapt, set `AUDITED_AMQTT`, run tests/test_amqtt_patches.py (also
+once per patch with CARWASH_REVERT_PATCH=name, see there) and tests/test_broker.py. Until then
+the core logs a critical line at every start (`check_amqtt_version`) and
+tests/test_amqtt_patches.py fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import Session
+
+from gateway.mqtt.acl import ACCOUNT, AccountBook, may_publish
+from gateway.mqtt.guard import AUTHENTICATED, KICKED, AbuseGuard, BrokerLimits
+
+log = logging.getLogger("gateway.mqtt.broker")  # the name operators grep the journal for
+
+AUDITED_AMQTT = "0.12.1"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One change to amqtt: what it overrides (`Broker` methods, or the class installed), the amqtt
+    version it was checked against, and why it exists."""
+
+    name: str
+    methods: tuple[str, ...]
+    amqtt: str
+    why: str
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("retained_to_own_subscriptions", ("_publish_retained_messages_for_subscription",), "0.12.1",
+          "amqtt sends a (re)connecting client the retained messages of every filter any client holds, and "
+          "sends retained messages for subscriptions the ACL refused: both bypass the topic ACL."),
+    Patch("quiet_subscriptions_repr", ("_subscriptions_table",), "0.12.1",
+          "amqtt formats repr() of the whole subscription table for a DEBUG line after every SUBSCRIBE, even "
+          "with DEBUG off: a connection storm of devices was quadratic in sessions."),
+    Patch("indexed_routing", ("_routes", "_run_broadcast"), "0.12.1",
+          "amqtt matches every message against every subscription filter (formatting a debug string per "
+          "miss): a bulk command to 1,000 devices cost a million matches. Exact filters are a dict hit here."),
+    Patch("own_filters_on_disconnect", ("_del_all_subscriptions",), "0.12.1",
+          "amqtt scans every filter of every session at each disconnect; here only the session's own."),
+    Patch("deliver_queued_on_disconnect", ("_client_message_loop",), "0.12.1",
+          "amqtt PUBACKs a QoS 1 message when it queues it, and dropped what was still queued when the "
+          "client disconnected: a device that ACKs a RESTART and reboots lost its ACK."),
+    Patch("forget_refused_sessions", ("_handle_client_session", "_forget_if_refused"), "0.12.1",
+          "amqtt keeps a refused client's session for good: refused logins with ever new client ids "
+          "grew the session table without bound."),
+    Patch("acl_before_puback", ("_handle_client_session", "_refuse_before_ack"), "0.12.1",
+          "amqtt acknowledges a PUBLISH on receipt and checks the ACL later: a refused publish must close "
+          "the connection instead (MQTT 3.1.1 §3.3.5), or the sender takes it for accepted."),
+    Patch("packet_size_limit", ("stream_connected", "_reader", "_handle_client_session"), "0.12.1",
+          "amqtt reads a packet of any announced size (up to 256 MiB) into memory."),
+    Patch("refuse_past_max_connections", ("stream_connected", "_full"), "0.12.1",
+          "past max_connections amqtt parks a new client without CONNACK until a slot frees: it cannot tell "
+          "a full gateway from a dead one."),
+    Patch("connect_timeout", ("_initialize_client_session",), "0.12.1",
+          "amqtt waits for CONNECT forever: silent sockets hold connection slots."),
+    Patch("direct_topic_filtering", ("_topic_filtering",), "0.12.1",
+          "amqtt runs every ACL check (each PUBLISH, and each delivery to each subscriber) as one task per "
+          "topic plugin gathered: two tasks per message for one plugin. Awaited in place here, same rule "
+          "(every plugin must answer True)."),
+    Patch("direct_local_hand_off", ("_handle_message_delivery",), "0.12.1",
+          "amqtt hands a permitted publish to the plugins' `on_broker_message_broadcast` as a task per "
+          "message; the core's LocalBus is called in place (`on_client_message`), in arrival order."),
+    Patch("batched_broadcast", ("_run_broadcast",), "0.12.1",
+          "amqtt's broadcast loop starts a task and waits on it (with the shutdown future) for each message: "
+          "what is already queued (the core's bursts: a status per bay) is routed in one go here, at most "
+          "BATCH per turn so a burst cannot hold the loop."),
+    Patch("reader_without_tasks", ("_initialize_client_session", "_install_handler"), "0.12.1",
+          "amqtt's reader starts a task per packet for the keep-alive timeout of its read (`wait_for`) and "
+          "another to handle each PUBLISH; a QoS 0/1 PUBLISH never waits on a later packet, so it is "
+          "handled in place, in order, and the read is bounded by `asyncio.timeout` (`_GatewayHandler`)."),
+    Patch("login_decides_attributes", ("_authenticate",), "0.12.1",
+          "a resumed persistent session keeps its attributes: a login must decide the account and the "
+          "kicked mark anew."),
+)
+
+
+def check_amqtt_version() -> bool:
+    """True when the installed amqtt is the audited one; loud (CRITICAL, at every start) when not."""
+    installed = version("amqtt")
+    if installed == AUDITED_AMQTT:
+        return True
+    log.critical("amqtt %s is installed but gateway/mqtt/amqtt_patches.py was audited against amqtt %s: "
+                 "the broker's ACL, limits and retained-message fixes may not hold; review every patch "
+                 "(module doc) before running this in production", installed, AUDITED_AMQTT)
+    return False
+
+
+class PacketTooLarge(Exception):
+    """A client announced a packet above its limit. Not an MQTTError on purpose: amqtt's reader
+    loop skips those and reads on (out of step with the stream); anything else closes the connection."""
+
+
+class _GuardedReader(StreamReaderAdapter):
+    """Patch `packet_size_limit`: amqtt 0.12.1 reads a packet's body with one `read(n)` once the
+    fixed header announced it: refusing a large `n` refuses the packet before a byte of it is buffered."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, guard: AbuseGuard, peer: Any) -> None:
+        super().__init__(reader)
+        self.max_bytes = max_bytes
+        self._guard = guard
+        self._peer = peer
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > self.max_bytes:
+            self._guard.refusals.drop("packet_size", "connection",
+                                      f"{self._peer}: a packet of more than {n} bytes, above the limit of "
+                                      f"{self.max_bytes}; connection closed, the address cools down")
+            # No device sends such packets: whoever does would otherwise reconnect and try again at once.
+            self._guard.cool_down(self._peer[0] if self._peer else None)
+            raise PacketTooLarge(f"packet above {self.max_bytes} bytes")
+        data: bytes = await super().read(n)
+        return data
+
+
+_IN_TASK = {  # amqtt 0.12.1 handles these packets in a task each, as here
+    CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp", PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp",
+    DISCONNECT: "handle_disconnect",
+}
+
+
+class _GatewayHandler(BrokerProtocolHandler):
+    """Patch `reader_without_tasks`: amqtt 0.12.1's `BrokerProtocolHandler`, its reader loop without
+    a task per packet. Installed on each connection's handler by `GatewayBroker`."""
+
+    async def _reader_loop(self) -> None:
+        """amqtt 0.12.1's `ProtocolHandler._reader_loop`, same checks and order, two changes: the
+        fixed header is read under `asyncio.timeout` (amqtt: `wait_for`, a task per packet), and a
+        QoS 0/1 PUBLISH is handled in place (amqtt: a task each). QoS 2 keeps its task: it waits
+        for a PUBREL that this loop must read."""
+        if self.session is None or self._reader_ready is None:
+            raise AMQTTError("Session is not initialized.")
+        running: deque[asyncio.Task[None]] = deque()
+        keepalive: int | None = self.session.keep_alive
+        if keepalive is not None and keepalive <= 0:
+            keepalive = None
+        while True:
+            try:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                if self.reader is None:
+                    break
+                async with asyncio.timeout(keepalive):
+                    fixed_header = await MQTTFixedHeader.from_stream(self.reader)
+                if not fixed_header:
+                    break  # EOF
+                if fixed_header.packet_type in (RESERVED_0, RESERVED_15):
+                    await self.handle_connection_closed()
+                    continue
+                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
+                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
+                if kind == PUBLISH and isinstance(packet, PublishPacket) and packet.qos in (QOS_0, QOS_1):
+                    try:
+                        await self.handle_publish(packet)
+                    except (asyncio.CancelledError, TimeoutError):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - amqtt's task would have swallowed it too
+                        log.warning("mqtt: client %r: a PUBLISH failed: %r", self.session.client_id, exc)
+                elif kind == PUBLISH:
+                    running.append(asyncio.create_task(self.handle_publish(packet)))
+                elif kind == CONNECT and isinstance(packet, ConnectPacket):
+                    await self.handle_connect(packet)
+                elif kind in _IN_TASK:
+                    running.append(asyncio.create_task(getattr(self, _IN_TASK[kind])(packet)))
+                else:
+                    log.warning("mqtt: client %r sent an unhandled packet type %s", self.session.client_id, kind)
+            except MQTTError:
+                pass  # amqtt: "Message discarded"
+            except asyncio.CancelledError:
+                break
+            except TimeoutError:
+                self.handle_read_timeout()
+            except NoDataError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - as amqtt: the connection ends, the broker does not
+                log.warning("mqtt: unhandled exception in the reader of %r: %r", self.session.client_id, exc)
+                break
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """Patch `quiet_subscriptions_repr`: amqtt 0.12.1 builds `repr(self._subscriptions)` for a DEBUG
+    line after every SUBSCRIBE (even with DEBUG off): with one filter per device, a connection
+    storm was quadratic in sessions."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} subscription filters>"
+
+
+class GatewayBroker(Broker):
+    """amqtt 0.12.1's Broker with the patches of `PATCHES` (each method names its patch). Build it
+    with `make_broker()`."""
+
+    BATCH = 64  # queued broadcasts routed per turn of the loop (patch batched_broadcast)
+
+    def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None,
+                 accounts: AccountBook | None = None) -> None:
+        super().__init__(config)
+        self.guard = guard or AbuseGuard(BrokerLimits())
+        self.accounts = accounts if accounts is not None else AccountBook()
+        self.guard.kick = self._kick
+        self._subscriptions = self._subscriptions_table()
+        self._wildcard_filters: set[str] = set()  # a superset: stale ones are dropped while routing
+        self._session_filters: dict[str, set[str]] = {}  # client id -> the filters it holds
+        # Every permitted client publish, in arrival order (LocalBus sets it; patch direct_local_hand_off).
+        self.on_client_message: Callable[[str, bytes, str | None], None] | None = None
+
+    def _subscriptions_table(self) -> dict[str, list[tuple[Session, int]]]:
+        return _Subscriptions()
+
+    # --- bookkeeping the patches rely on (not patches: they only add to amqtt's behaviour) --------
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        code: int = await super().add_subscription(subscription, session)
+        if any(s.client_id == session.client_id for s, _ in self._subscriptions.get(subscription[0], ())):
+            self._session_filters.setdefault(session.client_id, set()).add(subscription[0])
+            if "+" in subscription[0] or "#" in subscription[0]:
+                self._wildcard_filters.add(subscription[0])
+        return code
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        held = self._session_filters.get(session.client_id)
+        if held is not None:
+            held.discard(a_filter)
+        code: int = super()._del_subscription(a_filter, session)
+        return code
+
+    async def _kick(self, session: Session) -> None:
+        """Close a client's connection (amqtt then cleans its session up as for any lost client)."""
+        _, handler = self._sessions.get(session.client_id, (None, None))
+        if handler is not None and handler.writer is not None:
+            await handler.writer.close()
+
+    # --- patches ---------------------------------------------------------------------------------
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """Patch `own_filters_on_disconnect`: amqtt's version scans every filter of every session at
+        each disconnect; this one only the session's own (same effect: its subscriptions gone,
+        emptied filters removed)."""
+        for topic_filter in list(self._session_filters.pop(session.client_id, ())):
+            if super()._del_subscription(topic_filter, session) and not self._subscriptions.get(topic_filter):
+                self._subscriptions.pop(topic_filter, None)
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        """Patches `refuse_past_max_connections` and `packet_size_limit` (and the address cool-down
+        of the abuse guard, before a byte is read)."""
+        peer = writer.get_extra_info("peername")
+        if self._full(listener_name, peer):
+            writer.close()
+            return
+        if peer and self.guard.cooling_down(peer[0]):
+            # Before a byte is read: a flooder's reconnects cost an accept() and a close().
+            self.guard.refusals.drop("cooldown", "connect", f"{peer}: flooded a moment ago; closed")
+            writer.close()
+            return
+        await self._client_connected(listener_name, self._reader(reader, peer), StreamWriterAdapter(writer))
+
+    def _full(self, listener_name: str, peer: Any) -> bool:
+        """Patch `refuse_past_max_connections`: amqtt would park the client, without CONNACK, until
+        a slot frees: it could not tell a full gateway from a dead one. Closed at once, it retries
+        with its own backoff."""
+        server = self._servers.get(listener_name)
+        if server is None or server.semaphore is None or not server.semaphore.locked():
+            return False
+        self.guard.refusals.drop("max_connections", "connect", f"{server.max_connections} connections already; "
+                                 f"closed {peer}")
+        return True
+
+    def _reader(self, reader: asyncio.StreamReader, peer: Any) -> StreamReaderAdapter:
+        """Patch `packet_size_limit`: the connection's reader refuses packets above the limit."""
+        return _GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        """Patch `deliver_queued_on_disconnect`: amqtt 0.12.1 ends this loop at the client's
+        DISCONNECT (or lost connection) and dropped what it had queued but not yet broadcast:
+        messages it had already PUBACKed. Deliver them now, in order, as the loop would."""
+        await super()._client_message_loop(client_session, handler)
+        queue = client_session.delivered_message_queue
+        while not queue.empty():
+            if not await self._deliver(client_session, queue.get_nowait()):
+                break
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        """amqtt's entry point, kept for amqtt's own callers."""
+        return await self._deliver(client_session, wait_deliver.result())
+
+    async def _deliver(self, client_session: Session, app_message: Any) -> bool:
+        """amqtt 0.12.1's `_handle_message_delivery` (same checks, same order) with patch
+        `direct_local_hand_off`: the LocalBus gets a permitted publish in place, not via a task of
+        the plugin event. False: the connection must close (an invalid topic)."""
+        cid = client_session.client_id
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_RECEIVED, client_id=cid, message=app_message)
+        if app_message is None:
+            return True
+        topic = app_message.topic
+        if not topic:
+            log.info("mqtt: [MQTT-4.7.3-1] client %r published an empty topic; connection closed", cid)
+            return False
+        if "#" in topic or "+" in topic:
+            log.info("mqtt: [MQTT-3.3.2-2] client %r published to a wildcard topic; connection closed", cid)
+            return False
+        if topic.startswith("$"):
+            log.info("mqtt: [MQTT-4.7.2-1] client %r published to a $ topic; connection closed", cid)
+            return False
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            return True
+        await self.plugins_manager.fire_event(BrokerEvents.MESSAGE_BROADCAST, client_id=cid, message=app_message)
+        if self.on_client_message is not None:
+            self.on_client_message(topic, bytes(app_message.data or b""), cid)
+        await self._broadcast_message(client_session, topic, app_message.data)
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """Patch `direct_topic_filtering`: amqtt 0.12.1's rule (every topic plugin must answer
+        truthy; no plugin: allowed), each plugin awaited in place instead of a task each, gathered."""
+        for plugin in self.plugins_manager._topic_plugins:
+            if not await plugin.topic_filtering(session=session, topic=topic, action=action):
+                return False
+        return True
+
+    def _refuse_before_ack(self, session: Session, handler: Any) -> None:
+        """Patch `acl_before_puback`: check a non-internal client's PUBLISH against the ACL before
+        amqtt acknowledges it (amqtt 0.12.1 PUBACKs on receipt and filters later): a refused one
+        closes the connection instead (MQTT 3.1.1 §3.3.5), so the sender does not take it for accepted."""
+        accept = handler.handle_publish
+
+        async def handle_publish(packet: Any) -> None:
+            topic = packet.topic_name
+            if session.attributes.get(KICKED):
+                return  # read after the cut: neither acknowledged nor delivered
+            if topic and not may_publish(session, topic, self.accounts):
+                session.attributes[KICKED] = True
+                who = session.attributes.get(ACCOUNT, ("anonymous",))[0]
+                self.guard.refusals.drop("acl_publish", topic[:128], f"client {session.client_id!r} ({who}) may not "
+                                         f"publish {topic[:128]!r}: not acknowledged, connection closed")
+                await self._kick(session)
+                return
+            await accept(packet)
+
+        handler.handle_publish = handle_publish
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> Any:
+        """Patch `connect_timeout`: amqtt's, bounded: a connection that sends no complete CONNECT
+        in time is closed (else a silent socket holds a connection slot forever). Also installs
+        patch `reader_without_tasks`."""
+        try:
+            async with asyncio.timeout(self.guard.limits.connect_timeout_sec):
+                handler, session = await super()._initialize_client_session(reader, writer, remote_address,
+                                                                             remote_port)
+            self._install_handler(handler)
+            return handler, session
+        except TimeoutError as exc:
+            self.guard.refusals.drop("connect_timeout", "connect", f"{remote_address}:{remote_port}: no CONNECT "
+                                     f"within {self.guard.limits.connect_timeout_sec:g} s; connection closed")
+            await writer.close()
+            raise AMQTTError("connect timeout") from exc
+        except PacketTooLarge as exc:  # counted by the reader
+            await writer.close()
+            raise AMQTTError(str(exc)) from exc
+
+    def _install_handler(self, handler: Any) -> None:
+        """Patch `reader_without_tasks`: the connection's handler (built by amqtt's classmethod,
+        before its reader starts) becomes a `_GatewayHandler`, same state, one method differing."""
+        if type(handler) is BrokerProtocolHandler:
+            handler.__class__ = _GatewayHandler
+
+    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session, *args: Any) -> None:
+        """Patches `packet_size_limit` (the internal users' larger limit), `acl_before_puback`
+        (installed on the session's handler) and `forget_refused_sessions`."""
+        # The internal users' RPCs carry request bodies (up to the web's body limit). Raised before
+        # the password is checked, which is harmless: a refused login is closed right after CONNACK.
+        if isinstance(reader, _GuardedReader) and client_session.username == self.guard.limits.internal_username:
+            reader.max_bytes = self.guard.limits.internal_max_packet_bytes
+        elif args:
+            self._refuse_before_ack(client_session, args[0])
+        try:
+            await super()._handle_client_session(reader, writer, client_session, *args)
+        finally:
+            self._forget_if_refused(client_session)
+
+    def _forget_if_refused(self, client_session: Session) -> None:
+        """Patch `forget_refused_sessions`: amqtt 0.12.1 keeps a refused client's session in its
+        table for good: refused logins with ever new client ids would grow it without bound."""
+        if not client_session.attributes.get(AUTHENTICATED):
+            held, _ = self._sessions.get(client_session.client_id, (None, None))
+            if held is client_session:
+                del self._sessions[client_session.client_id]
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        """Patch `login_decides_attributes`: a resumed (persistent) session keeps its attributes in
+        amqtt 0.12.1; each login decides them anew."""
+        session.attributes.pop(KICKED, None)
+        session.attributes.pop(ACCOUNT, None)
+        ok: bool = await super()._authenticate(session, listener)
+        session.attributes[AUTHENTICATED] = ok
+        return ok
+
+    def _routes(self, topic: str) -> list[tuple[Session, int]]:
+        """Patch `indexed_routing`: the subscriptions `topic` goes to: a dict lookup for the exact
+        filters plus a scan of the wildcard filters only."""
+        out = list(self._subscriptions.get(topic, ()))
+        for f in list(self._wildcard_filters):
+            subs = self._subscriptions.get(f)
+            if subs is None:
+                self._wildcard_filters.discard(f)
+            elif self._matches(topic, f):
+                out.extend(subs)
+        return out
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
+        """Patches `indexed_routing` and `batched_broadcast`: amqtt 0.12.1's `_run_broadcast` (same
+        rules, same order of checks) with indexed routing, and up to BATCH queued broadcasts taken
+        per call (amqtt's loop starts a task and waits on it for each)."""
+        queue = self._broadcast_queue
+        broadcast = await queue.get()
+        for _ in range(self.BATCH):
+            await self._route(broadcast, running_tasks)
+            if queue.empty():
+                return
+            broadcast = queue.get_nowait()
+        await self._route(broadcast, running_tasks)
+
+    async def _route(self, broadcast: dict[str, Any], running_tasks: deque[asyncio.Task[Any]]) -> None:
+        topic = broadcast["topic"]
+        for target_session, sub_qos in self._routes(topic):
+            qos = broadcast.get("qos", sub_qos)
+            if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                continue
+            # Kept for an offline persistent session (MQTT 3.1.2.4), as amqtt does.
+            if (target_session.transitions.state != "connected" and not target_session.clean_session
+                    and qos in (1, 2) and not target_session.is_anonymous):
+                await self._retain_broadcast_message(broadcast, qos, target_session)
+                continue
+            if target_session.transitions.state != "connected":
+                continue
+            handler = self._get_handler(target_session)
+            if handler:
+                running_tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Patch `retained_to_own_subscriptions`: amqtt 0.12.1 publishes, to every client that
+        connects, the retained messages of every filter *any* client subscribed to, and sends
+        retained messages for subscriptions the ACL refused. Only filters the session holds here,
+        at the QoS granted."""
+        topic_filter = subscription[0]
+        # amqtt calls this for every filter of the broker when a session resumes: a set lookup first.
+        if topic_filter not in self._session_filters.get(session.client_id, ()):
+            return
+        granted = next(
+            (qos for s, qos in self._subscriptions.get(topic_filter, ()) if s.client_id == session.client_id), None
+        )
+        if granted is None:
+            return
+        await super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
+
+
+def make_broker(config: dict[str, Any], guard: AbuseGuard, accounts: AccountBook, *,
+                broker_class: type[GatewayBroker] = GatewayBroker) -> GatewayBroker:
+    """The one place the patches are applied: check the installed amqtt against the audited
+    version (loud when it differs), then build the patched broker. Tests pass a `broker_class`
+    with one patch reverted to show what it fixes."""
+    check_amqtt_version()
+    return broker_class(config, guard, accounts)
