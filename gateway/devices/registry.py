@@ -99,7 +99,8 @@ class Uploaded:
 
 
 _KNOWN = ('SELECT "dedup_key" FROM "event_log_item" WHERE "device_id" = ? '
-          'AND "timestamp_ms" IN (SELECT "value" FROM json_each(?)) AND "dedup_key" IN (SELECT "value" FROM json_each(?))')
+          'AND "timestamp_ms" IN (SELECT "value" FROM json_each(?)) '
+          'AND "dedup_key" IN (SELECT "value" FROM json_each(?))')
 _INSERT_ITEM = ('INSERT INTO "event_log_item" ("device_id", "dedup_key", "type", "status", "timestamp_ms", '
                 '"total_amount", "qr_charge_id", "qr_net_amount", "bank", "coin", "amount_mismatch", "received_at") '
                 'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
