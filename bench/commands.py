@@ -87,7 +87,8 @@ def _operation(base: str, auth: dict[str, str], fleet: Fleet) -> dict[str, float
         raise RuntimeError(f"no device received {cid}")
     # Counted, not raised: amqtt drops a QoS 1 delivery that is not acknowledged within 5 s (no
     # redelivery), which a fleet of a thousand sessions in one loaded process can miss.
-    return {"lost": len(ids) - len(received), "t0": t0, "reply": t_reply - t0, "last_received": max(received), "last_ack": max(acked) if acked else 0.0,
+    return {"lost": len(ids) - len(received),
+            "t0": t0, "reply": t_reply - t0, "last_received": max(received), "last_ack": max(acked) if acked else 0.0,
             "complete": seen["complete"], "acks": len(acked)}
 
 
