@@ -135,6 +135,16 @@ def prepare_upload(dev_id: str, items: list[LogItem], *, site_id: str) -> Prepar
     rows: list[tuple[Any, ...]] = []
     stored: list[dict[str, Any]] = []
     dumps = json.dumps
+    # A buffer repeats a few note and coin counts over and over: each is serialised once per upload.
+    counts: dict[tuple[tuple[str, int], ...], str | None] = {(): None}
+
+    def counted(value: dict[str, int]) -> str | None:
+        k = tuple(value.items())
+        text = counts.get(k, "")
+        if text == "":
+            text = counts[k] = dumps(value)
+        return text
+
     for it in items:
         key = it.dedup_key(dev_id)
         if key in seen:
@@ -143,8 +153,7 @@ def prepare_upload(dev_id: str, items: list[LogItem], *, site_id: str) -> Prepar
         mismatch = it.mismatch
         keys.append(key)
         rows.append((dev_id, key, it.type, it.status, it.timestamp_ms, it.total_amount, it.qr_charge_id,
-                     it.qr_net_amount, dumps(it.bank) if it.bank else None, dumps(it.coin) if it.coin else None,
-                     mismatch, received))
+                     it.qr_net_amount, counted(it.bank), counted(it.coin), mismatch, received))
         stored.append({"type": it.type, "status": it.status, "timestamp": it.timestamp_ms,
                        "total_amount": it.total_amount, "qr": {"chargeId": it.qr_charge_id,
                                                                "net_amount": it.qr_net_amount},
