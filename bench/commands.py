@@ -186,7 +186,8 @@ def run(quick: bool) -> list[Result]:
         Result(NAME, "bulk APPLY_CONFIG: HTTP reply (INITIATED)", "ms", replies, notes=n),
         Result(NAME, "bulk APPLY_CONFIG: core, RPC in to answer", "ms", answered,
                notes=f"{n}; of it: checks (devices, schema) median {median(checked):.0f} ms, "
-                     f"storing the command and {count} PENDING rows (one FULL commit) {median(stored):.0f} ms"),
+                     f"storing the command and {count} PENDING rows (one FULL commit) {median(stored):.0f} ms"
+               if answered else "not in this core's log"),
         Result(NAME, "bulk APPLY_CONFIG: the core's publish loop", "ms", core_publish,
                notes=f"{n}; handing every command to the broker, before delivery"),
         Result(NAME, "bulk APPLY_CONFIG: last ACK to SSE complete", "ms", to_complete, notes=f"{n}; goal <= 1000"),
