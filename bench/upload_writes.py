@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 from bench.common import Result, log, temp_dir
@@ -97,11 +98,13 @@ def _one_size(tmp: Path, page_size: int, warmup: int, n: int) -> list[Result]:
         db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")  # measured uploads start on an empty WAL
         wal = WalWatch(path, new_page_lookup=0)
         per_upload: list[float] = []
+        cpu_us: list[float] = []
         stored = 0
         for _ in range(n):
             dev, items = fleet.next_upload()
-            w0 = write_bytes()
+            w0, c0 = write_bytes(), time.process_time()
             r = upload_logs(db, dev, items, site_id="bench-site")
+            cpu_us.append((time.process_time() - c0) * 1e6)
             per_upload.append((write_bytes() - w0) / 1024)
             stored += r.stored
             wal.poll()  # reads dbstat: outside the measured window (a reader writes to -shm)
@@ -128,6 +131,8 @@ def _one_size(tmp: Path, page_size: int, warmup: int, n: int) -> list[Result]:
                       "commits": commits, "db_kib_at_end": db_kib}),
         Result(NAME, f"WAL frames per upload, {label}", "frames", [total_frames / n],
                notes=", ".join(f"{k} {v}" for k, v in list(by_tree.items())[:6])),
+        Result(NAME, f"CPU per upload (store, commit), {label}", "us", cpu_us,
+               notes=f"{ITEMS} items: keys, rows, outbox event, the transaction and its fsync'd commit"),
     ]
 
 

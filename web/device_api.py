@@ -15,7 +15,16 @@ from flask import Blueprint, jsonify, request
 from gateway.access.signing import Verdict, verify_http
 from gateway.clock import iso_z, utc_now
 from gateway.devices import validate
-from gateway.devices.registry import ClaimRefused, DeviceNotFound, claim, register, reject, report_configs, upload_logs
+from gateway.devices.registry import (
+    ClaimRefused,
+    DeviceNotFound,
+    claim,
+    prepare_upload,
+    register,
+    reject,
+    report_configs,
+    store_upload,
+)
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
 from web.auth import require_technician
 from web.body import raw_body, read_json
@@ -173,9 +182,12 @@ def logs_upload() -> Any:
         dev, items = validate.log_upload(body)
     except validate.Invalid as exc:
         raise _invalid(exc) from None
+    # Keys, rows and the outbox event are worked out here, in the request's thread: the writer
+    # thread, which every write of the web waits for, only runs the statements.
+    prepared = prepare_upload(dev, items, site_id=ctx().config.site.id)
     try:
-        db, site_id = require_db(), ctx().config.site.id
-        r = _write(lambda: upload_logs(db, dev, items, site_id=site_id))
+        db = require_db()
+        r = _write(lambda: store_upload(db, prepared))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {dev!r}; register it first") from None
     resp = jsonify({"success": True, "data": {"length": r.length}, "message": "Logs uploaded successfully"})

@@ -19,10 +19,15 @@ from peewee import SQL, SqliteDatabase, fn
 from gateway.clock import iso_z, utc_now
 from gateway.commands.tracker import FINAL, DeviceResult, Tracked, Update
 from gateway.store import write_tx
-from gateway.store.models import BulkOperation, Command, CommandResult, Device, OperationEvent
+from gateway.store.models import BulkOperation, Command, CommandResult, OperationEvent
 from gateway.store.outbox import add_events
 
-CHUNK = 400  # ids per IN (...) / rows per multi-row insert (SQLite allows 32766 variables)
+_INSERT_RESULT = ('INSERT INTO "command_result" ("command_id", "device_id", "status", "updated_at") '
+                  "VALUES (?, ?, 'PENDING', ?)")
+_MARK_PUBLISHED = ('UPDATE "command_result" SET "deadline_at" = ? WHERE "command_id" = ? AND "deadline_at" IS NULL '
+                   'AND "device_id" IN (SELECT "value" FROM json_each(?))')
+_DEVICE_TYPES = ('SELECT "device_id", "device_type", "rejected" FROM "device" '
+                 'WHERE "device_id" IN (SELECT "value" FROM json_each(?))')
 
 
 @dataclass(frozen=True)
@@ -83,22 +88,16 @@ class CommandStore:
             Command.create(command_id=t.command_id, command=t.command, payload=_dumps(t.payload),
                            require_ack=t.require_ack, timeout_sec=t.timeout_sec, bulk=t.setup_id, created_at=now,
                            source=source)
-            devices = list(t.results)
-            for i in range(0, len(devices), CHUNK):
-                CommandResult.insert_many(
-                    [(t.command_id, d, "PENDING", now) for d in devices[i:i + CHUNK]],
-                    fields=[CommandResult.command, CommandResult.device, CommandResult.status,
-                            CommandResult.updated_at]).execute()
+            # One prepared statement for every row (Peewee built the SQL of each 400-row chunk anew).
+            updated = str(now)
+            self.db.cursor().executemany(_INSERT_RESULT, [(t.command_id, d, updated) for d in t.results])
             stored = self._insert_events([(t.command_id, *t.progress_event())])
         self._commit_ids(stored)
         return stored
 
     def mark_published(self, command_id: str, devices: list[str], deadline_at: dt.datetime) -> None:
         with write_tx(self.db):
-            for i in range(0, len(devices), CHUNK):
-                CommandResult.update(deadline_at=deadline_at).where(
-                    (CommandResult.command == command_id) & CommandResult.device.in_(devices[i:i + CHUNK])
-                    & CommandResult.deadline_at.is_null()).execute()
+            self.db.cursor().execute(_MARK_PUBLISHED, (str(deadline_at), command_id, _dumps(devices)))
 
     def apply(self, updates: list[Update]) -> list[StoredEvent]:
         """Store outcomes, their events, outbox `command.result` events and side effects, atomically.
@@ -176,11 +175,7 @@ class CommandStore:
         return out
 
     def device_types(self, device_ids: list[str]) -> dict[str, tuple[str, bool]]:
-        """`{device_id: (device_type, rejected)}` of the known ones among `device_ids`."""
-        found: dict[str, tuple[str, bool]] = {}
-        for i in range(0, len(device_ids), CHUNK):
-            q = Device.select(Device.device_id, Device.device_type, Device.rejected).where(
-                Device.device_id.in_(device_ids[i:i + CHUNK]))
-            for d in q:
-                found[d.device_id] = (d.device_type, d.rejected)
-        return found
+        """`{device_id: (device_type, rejected)}` of the known ones among `device_ids` (one
+        statement: the ids go in as one JSON array, looked up on the primary key)."""
+        cur = self.db.cursor().execute(_DEVICE_TYPES, (_dumps(device_ids),))
+        return {dev: (kind, bool(rejected)) for dev, kind, rejected in cur}

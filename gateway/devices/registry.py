@@ -18,8 +18,8 @@ from peewee import SqliteDatabase
 from gateway.clock import iso_z, utc_now
 from gateway.devices.validate import Lifecycle, LogItem, Registration, device_id_for, device_type
 from gateway.store import write_tx
-from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent, EventLogItem, tuple_rows
-from gateway.store.outbox import add_event
+from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
+from gateway.store.outbox import PreparedEvent, add_event, insert_prepared
 
 # How stale a device's stored last_seen_at may be before an upload rewrites it (presence writes it
 # every minute for devices that stream).
@@ -98,49 +98,103 @@ class Uploaded:
     mismatches: int
 
 
+_KNOWN = ('SELECT "dedup_key" FROM "event_log_item" WHERE "device_id" = ? '
+          'AND "timestamp_ms" IN (SELECT "value" FROM json_each(?)) '
+          'AND "dedup_key" IN (SELECT "value" FROM json_each(?))')
+_INSERT_ITEM = ('INSERT INTO "event_log_item" ("device_id", "dedup_key", "type", "status", "timestamp_ms", '
+                '"total_amount", "qr_charge_id", "qr_net_amount", "bank", "coin", "amount_mismatch", "received_at") '
+                'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
+_TOUCH = ('UPDATE "device" SET "last_seen_at" = ? WHERE "device_id" = ? '
+          'AND ("last_seen_at" IS NULL OR "last_seen_at" < ?)')
+_EXISTS = 'SELECT 1 FROM "device" WHERE "device_id" = ?'
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    """An upload worked out before its transaction (keys, rows, the outbox event as if every item
+    were new), so the writer thread only runs a handful of prepared statements."""
+
+    dev_id: str
+    length: int
+    site_id: str
+    now: dt.datetime
+    keys: list[str]  # of the rows, in order
+    rows: list[tuple[Any, ...]]  # event_log_item rows, one per distinct item
+    stored: list[dict[str, Any]]  # the outbox event's item of each row
+    timestamps_json: str  # the distinct timestamps, for the known-items query
+    keys_json: str
+    event: PreparedEvent  # `device.event_logs` with every row
+
+
+def prepare_upload(dev_id: str, items: list[LogItem], *, site_id: str) -> PreparedUpload:
+    """Pure: no I/O. Run it in the request's thread, then `store_upload` in the transaction."""
+    now = utc_now()
+    received = str(now)  # the form Peewee's DateTimeField stores
+    seen: set[str] = set()
+    keys: list[str] = []
+    rows: list[tuple[Any, ...]] = []
+    stored: list[dict[str, Any]] = []
+    dumps = json.dumps
+    # A buffer repeats a few note and coin counts over and over: each is serialised once per upload.
+    counts: dict[tuple[tuple[str, int], ...], str | None] = {(): None}
+
+    def counted(value: dict[str, int]) -> str | None:
+        k = tuple(value.items())
+        text = counts.get(k, "")
+        if text == "":
+            text = counts[k] = dumps(value)
+        return text
+
+    for it in items:
+        key = it.dedup_key(dev_id)
+        if key in seen:
+            continue  # the same item twice in one upload counts once too
+        seen.add(key)
+        mismatch = it.mismatch
+        keys.append(key)
+        rows.append((dev_id, key, it.type, it.status, it.timestamp_ms, it.total_amount, it.qr_charge_id,
+                     it.qr_net_amount, counted(it.bank), counted(it.coin), mismatch, received))
+        stored.append({"type": it.type, "status": it.status, "timestamp": it.timestamp_ms,
+                       "total_amount": it.total_amount, "qr": {"chargeId": it.qr_charge_id,
+                                                               "net_amount": it.qr_net_amount},
+                       "bank": it.bank, "coin": it.coin, "amount_mismatch": mismatch, "dedup_key": key})
+    return PreparedUpload(dev_id, len(items), site_id, now, keys, rows, stored,
+                          dumps(sorted({it.timestamp_ms for it in items})), dumps(keys),
+                          _logs_event(dev_id, stored, now, site_id))
+
+
+def _logs_event(dev_id: str, stored: list[dict[str, Any]], now: dt.datetime, site_id: str) -> PreparedEvent:
+    return PreparedEvent("device.event_logs", {"device_id": dev_id, "items": stored, "received_at": iso_z(now)},
+                         site_id=site_id, partition=dev_id)
+
+
+def store_upload(db: SqliteDatabase, p: PreparedUpload) -> Uploaded:
+    """Store every new item of a prepared upload (inside the caller's IMMEDIATE transaction);
+    a re-uploaded item stores nothing but counts. Five statements whatever the size."""
+    cur = db.cursor()
+    if cur.execute(_EXISTS, (p.dev_id,)).fetchone() is None:
+        raise DeviceNotFound(p.dev_id)
+    # Which items are known already, through the unique index on device, time and key.
+    known = {k for (k,) in cur.execute(_KNOWN, (p.dev_id, p.timestamps_json, p.keys_json))}
+    rows, stored, event = p.rows, p.stored, p.event
+    if known:  # a re-upload: store the rest, and tell the cloud only about them
+        fresh = [i for i, k in enumerate(p.keys) if k not in known]
+        rows, stored = [rows[i] for i in fresh], [stored[i] for i in fresh]
+        event = _logs_event(p.dev_id, stored, p.now, p.site_id)
+    if rows:
+        cur.executemany(_INSERT_ITEM, rows)
+        insert_prepared(db, event)
+    # Presence keeps last_seen_at for streaming devices; an upload rewrites it only when it is
+    # older than LAST_SEEN_PRECISION, so most uploads leave the device's page untouched.
+    cur.execute(_TOUCH, (str(p.now), p.dev_id, str(p.now - LAST_SEEN_PRECISION)))
+    return Uploaded(p.length, len(rows), sum(1 for r in rows if r[10]))
+
+
 def upload_logs(db: SqliteDatabase, dev_id: str, items: list[LogItem], *, site_id: str) -> Uploaded:
     """Store every new item in one transaction; a re-uploaded item stores nothing but counts."""
-    now = utc_now()
-    stored: list[dict[str, Any]] = []
-    mismatches = 0
-    keyed = [(it.dedup_key(dev_id), it) for it in items]
+    prepared = prepare_upload(dev_id, items, site_id=site_id)
     with write_tx(db):
-        if not Device.select().where(Device.device_id == dev_id).exists():
-            raise DeviceNotFound(dev_id)
-        # Two statements for the whole upload: which items are known already (through the unique
-        # index on device, time and key), then the new rows.
-        known = {k for (k,) in tuple_rows(EventLogItem.select(EventLogItem.dedup_key)
-                 .where((EventLogItem.device == dev_id)
-                        & EventLogItem.timestamp_ms.in_(sorted({it.timestamp_ms for _, it in keyed}))
-                        & EventLogItem.dedup_key.in_([k for k, _ in keyed])))}
-        rows = []
-        for key, it in keyed:
-            if key in known:
-                continue
-            known.add(key)  # the same item twice in one upload counts once too
-            mismatch = it.mismatch
-            mismatches += mismatch
-            rows.append({"device": dev_id, "dedup_key": key, "type": it.type, "status": it.status,
-                         "timestamp_ms": it.timestamp_ms, "total_amount": it.total_amount,
-                         "qr_charge_id": it.qr_charge_id, "qr_net_amount": it.qr_net_amount,
-                         "bank": json.dumps(it.bank) if it.bank else None,
-                         "coin": json.dumps(it.coin) if it.coin else None,
-                         "amount_mismatch": mismatch, "received_at": now})
-            stored.append({"type": it.type, "status": it.status, "timestamp": it.timestamp_ms,
-                           "total_amount": it.total_amount, "qr": {"chargeId": it.qr_charge_id,
-                                                                   "net_amount": it.qr_net_amount},
-                           "bank": it.bank, "coin": it.coin, "amount_mismatch": mismatch, "dedup_key": key})
-        if rows:
-            EventLogItem.insert_many(rows).execute()
-            add_event("device.event_logs", {"device_id": dev_id, "items": stored, "received_at": iso_z(now)},
-                      site_id=site_id, partition=dev_id)
-        # Presence keeps last_seen_at for streaming devices; an upload rewrites it only when it is
-        # older than LAST_SEEN_PRECISION, so most uploads leave the device's page untouched.
-        (Device.update(last_seen_at=now)
-         .where((Device.device_id == dev_id)
-                & (Device.last_seen_at.is_null() | (Device.last_seen_at < now - LAST_SEEN_PRECISION)))
-         .execute())
-    return Uploaded(len(items), len(stored), mismatches)
+        return store_upload(db, prepared)
 
 
 class ClaimRefused(Exception):

@@ -106,3 +106,29 @@ def stored_events(*where: Expression) -> list[tuple[OutboxEvent, dict[str, Any]]
         query = query.where(condition)
     return [(row, json.loads(payload_bytes(row.outboxpayload.payload)))  # type: ignore[attr-defined]  # the join's
             for row in query.order_by(OutboxEvent.seq)]
+
+
+class PreparedEvent:
+    """An event serialised (and compressed) ahead of its transaction, so the work is done outside
+    the single writer thread; `insert_prepared` stores it with two prepared statements."""
+
+    __slots__ = ("event_id", "event_type", "partition", "occurred_at", "size", "stored")
+
+    def __init__(self, event_type: str, payload: dict[str, Any], *, site_id: str,
+                 partition: str | None = None) -> None:
+        self.event_id = new_event_id()
+        self.event_type = event_type
+        self.partition = partition
+        self.occurred_at = iso_z()
+        body = {"id": self.event_id, "type": event_type, "occurred_at": self.occurred_at, "site_id": site_id,
+                "payload": payload}
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        self.size = len(data)
+        self.stored = _stored_form(data)
+
+
+def insert_prepared(db: SqliteDatabase, event: PreparedEvent) -> None:
+    """Insert a non-coalescing prepared event (inside the caller's IMMEDIATE transaction)."""
+    cur = db.cursor()
+    cur.execute(_INSERT, (event.event_id, event.event_type, event.partition, event.occurred_at, event.size))
+    cur.execute(_INSERT_PAYLOAD, (cur.lastrowid, event.stored))
