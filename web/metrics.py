@@ -177,7 +177,8 @@ def _core_families() -> list[Metric]:
 
 @bp.get(PATH)
 @doc("Prometheus metrics of the site (core and web), text format; from metrics.allow or with the metrics token",
-     tags=("gateway",), errors=(403, 404), content_type="text/plain")
+     tags=("gateway",), errors=(403, 404), content_type="text/plain",
+     response={"type": "string", "description": "the Prometheus text format 0.0.4"})
 def metrics() -> Response:
     c = ctx()
     if not c.config.metrics.enabled:
