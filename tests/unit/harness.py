@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -122,10 +123,19 @@ async def rig(site: Site) -> AsyncIterator[Rig]:
         try:
             await r.close()
         finally:
-            dispatcher.cancel()
-            await asyncio.gather(dispatcher, return_exceptions=True)
-            await bus.stop()
-            db.close()
+            try:
+                # The test's clients are closed by now; the broker must have finished with their
+                # connections before it shuts down, or it leaves their transports open (a
+                # ResourceWarning at some later garbage collection, in whichever test runs then).
+                await bus.wait_clients(lambda clients: not clients, WAIT)
+            finally:
+                dispatcher.cancel()
+                await asyncio.gather(dispatcher, return_exceptions=True)
+                await bus.stop()
+                db.close()
+                # Whatever the broker left open is reported now, against this test, not at some
+                # later collection in another one.
+                gc.collect()
 
 
 async def expect(probe: Probe, topic: str, timeout: float = WAIT) -> Msg:
