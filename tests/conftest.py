@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -127,8 +129,32 @@ class Site:
         return f"http://127.0.0.1:{self.web_port}"
 
 
+# Listening ports for sites are drawn below the kernel's ephemeral range: a port from bind(0) is
+# one that any outgoing connection (a paho client, an HTTP request, another engineer's suite on the
+# same machine) may be given before the core or gunicorn binds it ("address already in use").
+LISTEN_PORTS = range(20000, 32768)
+
+
+def listen_port() -> int:
+    """A free port for a server the test starts later, outside the ephemeral range when possible."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = LISTEN_PORTS.stop
+    candidates = range(LISTEN_PORTS.start, min(LISTEN_PORTS.stop, low))
+    for _ in range(50):
+        port = random.choice(candidates) if candidates else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    return free_port()
+
+
 def make_site(tmp: Path, extra_toml: str = "") -> Site:
-    web_port, mqtt_port = free_port(), free_port()
+    web_port, mqtt_port = listen_port(), listen_port()
     cfg = write_demo_site(tmp, web_port=web_port, mqtt_port=mqtt_port, extra_toml=extra_toml)
     return Site(tmp, cfg, web_port, mqtt_port)
 
