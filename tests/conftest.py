@@ -3,6 +3,8 @@
 - Every test fails if it leaves threads, child processes or asyncio tasks behind.
 - `async def` tests run in a fresh event loop (no plugin needed); tasks still pending when the
   test coroutine returns are a failure.
+- Tiers: tests/unit runs in-process (fakes at existing seams); every other test is marked `slow`
+  here (real processes); the longest files are collected first (see LONGEST_FIRST).
 - `site` writes a config + secrets in a temporary directory with free ports; `core` and `web`
   start the real processes and wait for their READY=1 on a NOTIFY_SOCKET.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +31,39 @@ from sim.procs import NotifySocket, child_env, gateway_command, stop_process
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SPEC = REPO.parent / "shared" / "spec"
 LEAK_GRACE_SEC = 5.0
+
+
+# --- tiers and order -------------------------------------------------------------------------
+
+UNIT_DIR = REPO / "tests" / "unit"
+# The files that took longest in a whole run (--durations, 2 workers, 2026-12-07), longest first.
+# `./dev test` hands whole files to the two workers in collection order (--no-loadscope-reorder;
+# xdist's default starts with the files of most tests, which left a 10-minute one-test file for
+# the end, on one worker while the other idled). A file missing here just runs after these.
+LONGEST_FIRST = ("test_package.py", "test_wash_e2e.py", "test_device_api.py", "test_powercut.py",
+                 "test_uplink_e2e.py", "test_technician_page.py", "test_fuzz_api.py", "test_ops_cli.py",
+                 "test_processes.py", "test_mqtt_accounts_e2e.py", "test_site_access.py", "test_fieldbus_e2e.py",
+                 "test_commands_e2e.py", "test_pages.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test outside tests/unit is `slow` (the tier of real processes, ptys and outside
+    brokers: `-m "not slow"` is the unit tier). Order: the longest files first, then the other
+    slow ones, then tests/unit, whose short files fill in at the end. The sort is stable: tests
+    keep their order within a file."""
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = Path(str(item.path))
+        if UNIT_DIR in path.parents:
+            return (2, 0)
+        if path.name in LONGEST_FIRST:
+            return (0, LONGEST_FIRST.index(path.name))
+        return (1, 0)
+
+    for item in items:
+        if UNIT_DIR not in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=rank)
 
 
 # --- leak checks ----------------------------------------------------------------------------
@@ -92,8 +129,32 @@ class Site:
         return f"http://127.0.0.1:{self.web_port}"
 
 
+# Listening ports for sites are drawn below the kernel's ephemeral range: a port from bind(0) is
+# one that any outgoing connection (a paho client, an HTTP request, another engineer's suite on the
+# same machine) may be given before the core or gunicorn binds it ("address already in use").
+LISTEN_PORTS = range(20000, 32768)
+
+
+def listen_port() -> int:
+    """A free port for a server the test starts later, outside the ephemeral range when possible."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = LISTEN_PORTS.stop
+    candidates = range(LISTEN_PORTS.start, min(LISTEN_PORTS.stop, low))
+    for _ in range(50):
+        port = random.choice(candidates) if candidates else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    return free_port()
+
+
 def make_site(tmp: Path, extra_toml: str = "") -> Site:
-    web_port, mqtt_port = free_port(), free_port()
+    web_port, mqtt_port = listen_port(), listen_port()
     cfg = write_demo_site(tmp, web_port=web_port, mqtt_port=mqtt_port, extra_toml=extra_toml)
     return Site(tmp, cfg, web_port, mqtt_port)
 

@@ -16,6 +16,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.devices.validate import Invalid
 from gateway.payments.promptpay import build_promptpay, check_emv
 from plc.profile import DecodeError, builtin_profiles, decode_status
+from tests.conftest import REPO
 
 KEY = "modernchabackdoor"
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=20),
@@ -99,7 +100,7 @@ def test_ack_parser_takes_any_object(msg: dict) -> None:
 
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "gateway" / "data" / "gateway.example.toml"
+EXAMPLE = REPO / "gateway" / "data" / "gateway.example.toml"
 
 
 def _example_keys() -> list[tuple[str, str]]:
