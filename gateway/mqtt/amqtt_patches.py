@@ -3,17 +3,17 @@
 amqtt is embedded, not forked: `GatewayBroker` subclasses amqtt's `Broker` and overrides some of
 its internals. Each override is a *patch*, listed in `PATCHES` with the amqtt version it was
 written against (`AUDITED_AMQTT`) and why it exists; `make_broker()` is the one function that puts
-them in place (and checks the installed amqtt first). tests/test_amqtt_patches.py has one test per
+them in place (and checks the installed amqtt first). tests/unit/test_amqtt_patches.py has one test per
 patch, each showing the behaviour the patch fixes both ways: with the patch, and with it reverted
 (a subclass restoring amqtt's method), so a test that stops failing without its patch says that amqtt
 fixed the issue upstream and the patch can go.
 
 Upgrading amqtt: compare every overridden method below with the new release's version of it
 (`git diff v0.12.1 vNEW -- amqtt/broker.py amqtt/adapters.py amqtt/mqtt/protocol/handler.py
-amqtt/plugins/manager.py`), adapt, set `AUDITED_AMQTT`, run tests/test_amqtt_patches.py (also
+amqtt/plugins/manager.py`), adapt, set `AUDITED_AMQTT`, run tests/unit/test_amqtt_patches.py (also
 once per patch with CARWASH_REVERT_PATCH=name, see there) and tests/test_broker.py. Until then
 the core logs a critical line at every start (`check_amqtt_version`) and
-tests/test_amqtt_patches.py fails.
+tests/unit/test_amqtt_patches.py fails.
 """
 
 from __future__ import annotations

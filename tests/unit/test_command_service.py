@@ -21,7 +21,7 @@ from gateway.clock import utc_now
 from gateway.commands import service as command_service
 from gateway.commands.service import CommandService
 from gateway.devices.badmessages import BadMessages
-from gateway.store.models import Command, CommandResult, Device
+from gateway.store.models import Command, CommandResult, Device, OperationEvent
 from tests.conftest import make_site
 from tests.mqtt_probe import Probe
 from tests.unit.harness import WAIT, FakeClock, Rig, expect, publish, rig
@@ -62,13 +62,19 @@ class Commands:
                       sign_mqtt(body, key or self.rig.secrets.device_signing_key))
 
     async def events(self, command_id: str, until: str) -> list[tuple[str, dict[str, Any]]]:
-        """Events announced for a command (stream), message by message until one names `until`."""
+        """A command's stored events (as the web's SSE replays them), read at each announcement
+        on `gateway/commands/{id}/events` until one names `until`."""
         out: list[tuple[str, dict[str, Any]]] = []
+        last = 0
         while until not in (name for name, _ in out):
             msg = await expect(self.observer, f"gateway/commands/{command_id}/events")
-            body = json.loads(msg.payload)
-            assert body["command_id"] == command_id
-            out += [(e["event"], e["data"]) for e in body["events"]]
+            assert json.loads(msg.payload) == {"command_id": command_id}
+            rows = list(OperationEvent.select().where((OperationEvent.stream == command_id) & (OperationEvent.id > last))
+                        .order_by(OperationEvent.id))
+            if rows:
+                last = rows[-1].id
+            # The web sends the stored text as it is: the SSE data line.
+            out += [(r.event, json.loads(r.data) if isinstance(r.data, str) else r.data) for r in rows]
         return out
 
 

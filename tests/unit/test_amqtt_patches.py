@@ -4,7 +4,7 @@ version it patches.
 Each test shows what its patch fixes, on the real broker over TCP. To see a test fail without its
 patch (done for every one when it was written; do it again for each patch on an amqtt upgrade):
 
-    CARWASH_REVERT_PATCH=indexed_routing .venv/bin/python -m pytest tests/test_amqtt_patches.py
+    CARWASH_REVERT_PATCH=indexed_routing .venv/bin/python -m pytest tests/unit/test_amqtt_patches.py
 
 runs that patch's test against `GatewayBroker` with the patch reverted to amqtt's own code
 (`REVERTED` below). A test that passes reverted means amqtt fixed the issue: drop the patch.
