@@ -69,8 +69,8 @@ class Commands:
         while until not in (name for name, _ in out):
             msg = await expect(self.observer, f"gateway/commands/{command_id}/events")
             assert json.loads(msg.payload) == {"command_id": command_id}
-            rows = list(OperationEvent.select().where((OperationEvent.stream == command_id) & (OperationEvent.id > last))
-                        .order_by(OperationEvent.id))
+            mine = (OperationEvent.stream == command_id) & (OperationEvent.id > last)
+            rows = list(OperationEvent.select().where(mine).order_by(OperationEvent.id))
             if rows:
                 last = rows[-1].id
             # The web sends the stored text as it is: the SSE data line.
