@@ -1,10 +1,10 @@
-"""One test per amqtt patch (gateway/mqtt/amqtt_patches.py, `PATCHES`), each naming the amqtt
+"""One test per amqtt patch (gateway/mqtt/amqtt_patches/, `PATCHES`), each naming the amqtt
 version it patches.
 
 Each test shows what its patch fixes, on the real broker over TCP. To see a test fail without its
 patch (done for every one when it was written; do it again for each patch on an amqtt upgrade):
 
-    CARWASH_REVERT_PATCH=indexed_routing .venv/bin/python -m pytest tests/unit/test_amqtt_patches.py
+    CARWASH_REVERT_PATCH=indexed_routing .venv/bin/python -m pytest tests/unit/test_amqtt_patches/
 
 runs that patch's test against `GatewayBroker` with the patch reverted to amqtt's own code
 (`REVERTED` below). A test that passes reverted means amqtt fixed the issue: drop the patch.
