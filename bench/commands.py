@@ -12,7 +12,6 @@ process. One bulk APPLY_CONFIG to every device, read through the bulk SSE stream
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import tempfile
@@ -20,24 +19,13 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from bench.common import Result, median, start_notified
-from sim.demo import ensure_demo_user, free_port, write_demo_site
+from bench.common import Result, http_json, median, start_site
 from sim.fleet import CAR_WASH_CONFIGS, Fleet, FleetThread
-from sim.procs import gateway_command, stop_process
 
 NAME = "commands"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _http(url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
 
 
 class PeakRss:
@@ -76,7 +64,7 @@ def _sse_until_results(url: str, headers: dict[str, str]) -> dict[str, float]:
 def _operation(base: str, auth: dict[str, str], fleet: Fleet) -> dict[str, float]:
     ids = [d.device_id for d in fleet.devices]
     t0 = time.monotonic()
-    answer = _http(base + "/api/v1/devices/apply-config", {"device_ids": ids, "configs": CAR_WASH_CONFIGS}, auth)
+    answer = http_json(base + "/api/v1/devices/apply-config", {"device_ids": ids, "configs": CAR_WASH_CONFIGS}, auth)
     t_reply = time.monotonic()
     data = answer["data"]
     seen = _sse_until_results(base + f"/api/v1/devices/bulk-events/{data['setup_id']}", auth)
@@ -118,17 +106,9 @@ def run(quick: bool) -> list[Result]:
     count, timeout, rounds = (300, 3.0, 2) if quick else (1000, 10.0, 3)
     with tempfile.TemporaryDirectory(prefix="bench-commands-") as d:
         tmp = Path(d)
-        web_port, mqtt_port = free_port(), free_port()
-        cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port,
-                              extra_toml=f"[devices]\ncommand_timeout_sec = {timeout}\nstreaming_interval_sec = 600\n")
-        key = json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text())["secret_key"]
-        core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "core")
-        web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
-        base = f"http://127.0.0.1:{web_port}"
-        ensure_demo_user(cfg)
-        auth = {"Authorization": "Bearer " + _http(base + "/api/v1/auth/login",
-                                                   {"username": "demo", "password": "demo"})["data"]["token"]}
-        fleet = Fleet(base_url=base, mqtt_host="127.0.0.1", mqtt_port=mqtt_port, key=key, count=count,
+        site = start_site(tmp, extra_toml=f"[devices]\ncommand_timeout_sec = {timeout}\nstreaming_interval_sec = 600\n")
+        core, web, base, auth = site.core, site.web, site.base, site.auth
+        fleet = Fleet(base_url=base, mqtt_host="127.0.0.1", mqtt_port=site.mqtt_port, key=site.key, count=count,
                       interval=600.0, helmet_share=0.0)
         ft = FleetThread(fleet)
         publish, to_complete, replies, offsets, from_request = [], [], [], [], []
@@ -173,10 +153,7 @@ def run(quick: bool) -> list[Result]:
             answered = [float(m.group(3)) for m in parts if m]
         finally:
             ft.stop()
-            stop_process(web)  # type: ignore[arg-type]
-            stop_process(core)  # type: ignore[arg-type]
-            wn.close()
-            cn.close()
+            site.stop()
     n = f"{count} devices, {rounds} rounds"
     online = (f"; measured once the core had stored every device's first streaming message "
               f"({online_wait:.1f} s after the fleet connected: RPCs wait behind that backlog)")

@@ -221,3 +221,62 @@ def readline(proc: Any, timeout: float) -> str:
         if not sel.select(timeout):
             raise TimeoutError(f"no output within {timeout:g} s")
     return proc.stdout.readline().decode()  # type: ignore[no-any-return]
+
+
+def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 60) -> Any:
+    """POST `body` as JSON (GET without one) and return the JSON answer; HTTP errors raise."""
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@dataclass
+class DemoSite:
+    """A demo-like site's core and web, started in `tmp` (see `start_site`); `stop()` ends both."""
+
+    tmp: Path
+    config: Path
+    web_port: int
+    mqtt_port: int
+    key: str  # the spec's device signing key (the demo signs with it)
+    core: Any
+    web: Any
+    core_notify: Any
+    web_notify: Any
+    auth: dict[str, str]  # the demo technician's Bearer header
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def database(self) -> Path:
+        return self.tmp / "site" / "gateway.db"
+
+    def stop(self) -> None:
+        from sim.procs import stop_process
+
+        stop_process(self.web)
+        stop_process(self.core)
+        self.web_notify.close()
+        self.core_notify.close()
+
+
+def start_site(tmp: Path, extra_toml: str = "") -> DemoSite:
+    """Write a demo site under `tmp/site`, start its core and web (each ready, the web on the
+    broker) and log the demo technician in."""
+    from sim.demo import ensure_demo_user, free_port, write_demo_site
+    from sim.procs import gateway_command
+
+    web_port, mqtt_port = free_port(), free_port()
+    cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port, extra_toml=extra_toml)
+    key = json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text())["secret_key"]
+    core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "core")
+    web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
+    ensure_demo_user(cfg)
+    token = http_json(f"http://127.0.0.1:{web_port}/api/v1/auth/login",
+                      {"username": "demo", "password": "demo"})["data"]["token"]
+    return DemoSite(tmp, cfg, web_port, mqtt_port, key, core, web, cn, wn, {"Authorization": "Bearer " + token})

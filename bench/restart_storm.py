@@ -20,22 +20,18 @@ import sqlite3
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.common import Result, start_notified
+from bench.common import Result, http_json, start_site
 from gateway.devices.validate import log_upload
 from gateway.store import migrate, open_database
-from sim.demo import ensure_demo_user, free_port, write_demo_site
 from sim.fleet import Fleet, FleetThread, SimDevice
-from sim.procs import gateway_command, stop_process
 
 NAME = "restart_storm"
-ROOT = Path(__file__).resolve().parent.parent
 ITEMS = 1000  # buffered items per device: one upload of the API's largest size
 CLIENTS = 50  # concurrent HTTP requests of the fleet (its devices take turns on them)
 
@@ -74,13 +70,6 @@ def _items(n: int, base_ms: int) -> list[dict[str, Any]]:
         out.append({"type": "PAYMENT", "status": "SUCCEEDED", "timestamp": base_ms + k * 1000, "total_amount": total,
                     "bank": notes, "coin": coins, "qr": {"chargeId": None, "net_amount": 0}})
     return out
-
-
-def _http(url: str, body: Any, headers: dict[str, str] | None = None) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
 
 
 def _ceiling(tmp: Path, buffers: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
@@ -126,17 +115,9 @@ def run(quick: bool) -> list[Result]:
     count = 50 if quick else 200
     with tempfile.TemporaryDirectory(prefix="bench-storm-") as d:
         tmp = Path(d)
-        web_port, mqtt_port = free_port(), free_port()
-        cfg = write_demo_site(tmp / "site", web_port=web_port, mqtt_port=mqtt_port,
-                              extra_toml="[devices]\ncommand_timeout_sec = 60\nstreaming_interval_sec = 600\n")
-        key = json.loads((ROOT / "gateway" / "data" / "spec-vectors.json").read_text())["secret_key"]
-        core, cn = start_notified(gateway_command("core", "--config", str(cfg)), tmp, "core")
-        web, wn = start_notified(gateway_command("web", "--config", str(cfg)), tmp, "web", wait_connected=True)
-        base = f"http://127.0.0.1:{web_port}"
-        ensure_demo_user(cfg)
-        auth = {"Authorization": "Bearer " + _http(base + "/api/v1/auth/login",
-                                                   {"username": "demo", "password": "demo"})["data"]["token"]}
-        fleet = StormFleet(base_url=base, mqtt_host="127.0.0.1", mqtt_port=mqtt_port, key=key, count=count,
+        site = start_site(tmp, extra_toml="[devices]\ncommand_timeout_sec = 60\nstreaming_interval_sec = 600\n")
+        core, web, base, auth = site.core, site.web, site.base, site.auth
+        fleet = StormFleet(base_url=base, mqtt_host="127.0.0.1", mqtt_port=site.mqtt_port, key=site.key, count=count,
                            interval=600.0, helmet_share=0.0, reboots=True)
         ft = FleetThread(fleet)
         try:
@@ -149,7 +130,7 @@ def run(quick: bool) -> list[Result]:
             core_ps = psutil.Process(core.pid)
             w0, c0 = _cpu(worker), _cpu(core_ps)
             t0 = time.monotonic()
-            answer = _http(base + "/api/v1/devices/bulk-restart",
+            answer = http_json(base + "/api/v1/devices/bulk-restart",
                            {"device_ids": [dev.device_id for dev in fleet.devices], "delay_seconds": 0}, auth)
             if answer["data"]["status"] != "INITIATED":
                 raise RuntimeError(f"bulk restart refused: {answer}")
@@ -166,10 +147,7 @@ def run(quick: bool) -> list[Result]:
             last = max(t for t, _, _ in fleet.done)
         finally:
             ft.stop()
-            stop_process(web)  # type: ignore[arg-type]
-            stop_process(core)  # type: ignore[arg-type]
-            wn.close()
-            cn.close()
+            site.stop()
         db = sqlite3.connect(tmp / "site" / "gateway.db")
         try:
             stored = db.execute("SELECT COUNT(*) FROM event_log_item").fetchone()[0]
