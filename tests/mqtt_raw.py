@@ -3,6 +3,8 @@ the wire (a length announced but not sent, a thousand publishes in one write): p
 
 from __future__ import annotations
 
+import asyncio
+
 
 def remaining_length(n: int) -> bytes:
     """The fixed header's variable-length integer."""
@@ -36,3 +38,46 @@ def publish(topic: str, payload: bytes, *, packet_id: int | None = None) -> byte
 DISCONNECT = b"\xe0\x00"
 CONNACK_PREFIX = b"\x20\x02"
 PUBACK_PREFIX = b"\x40\x02"
+
+
+class RawConnection:
+    """A raw MQTT 3.1.1 connection over asyncio streams, for tests that control every byte."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, source: str = "127.0.0.1") -> RawConnection:
+        """A TCP connection to 127.0.0.1:`port` from `source` (any 127.x address is this machine:
+        another LAN host to the broker)."""
+        return cls(*await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)))
+
+    async def connect(self, client_id: str, username: str | None = None, password: str | None = None, *,
+                      clean: bool = True, keepalive: int = 30) -> int:
+        """CONNECT; returns the CONNACK return code."""
+        packet = connect(client_id, username, password, keepalive=keepalive)
+        if not clean:  # the flags byte follows the protocol name and level
+            at = packet.index(b"MQTT\x04") + 5
+            packet = packet[:at] + bytes([packet[at] & ~0x02]) + packet[at + 1:]
+        self.writer.write(packet)
+        connack = await asyncio.wait_for(self.reader.readexactly(4), 5)
+        assert connack[:2] == CONNACK_PREFIX, connack
+        return connack[3]
+
+    async def closed_by_broker(self, timeout: float = 5.0, *, drain: bool = False) -> bool:
+        """True when the broker closes the connection within `timeout` (EOF or reset). Without
+        `drain` nothing may come first (the next read is the EOF); with it, what the broker still
+        sends is read and dropped until the EOF. False when it stays open that long."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    if not drain:
+                        return False
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.writer.close()

@@ -306,31 +306,9 @@ async def _settled(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyp
 # --- limits against LAN abuse (raw MQTT 3.1.1 packets: exact control of what is sent) -------------
 
 
-class RawClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, bus: LocalBus, source: str = "127.0.0.1") -> RawClient:
-        """A TCP connection from `source` (any 127.x address is this machine: another LAN host)."""
-        return cls(*await asyncio.open_connection("127.0.0.1", port_of(bus), local_addr=(source, 0)))
-
-    async def connect(self, client_id: str, username: str | None = None, password: str | None = None) -> int:
-        """CONNECT; returns the CONNACK return code."""
-        self.writer.write(mqtt_raw.connect(client_id, username, password))
-        connack = await asyncio.wait_for(self.reader.readexactly(4), 5)
-        assert connack[:2] == mqtt_raw.CONNACK_PREFIX, connack
-        return connack[3]
-
-    async def closed_by_broker(self, timeout: float = 5.0) -> bool:
-        """True when the broker closes the connection within `timeout` (EOF or reset)."""
-        try:
-            return await asyncio.wait_for(self.reader.read(65536), timeout) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.writer.close()
+async def raw_client(bus: LocalBus, source: str = "127.0.0.1") -> mqtt_raw.RawConnection:
+    """A raw connection to the bus's broker from `source` (any 127.x address: another LAN host)."""
+    return await mqtt_raw.RawConnection.open(port_of(bus), source)
 
 
 async def _wait(predicate: Any, timeout: float = 5.0) -> None:
@@ -343,7 +321,7 @@ async def test_oversized_packet_closes_that_connection_only() -> None:
     async with running_bus(max_packet_bytes=2048, internal_max_packet_bytes=300_000) as bus:
         seen: list[tuple[str, int]] = []
         bus.subscribe("#", lambda topic, data, cid: seen.append((topic, len(data))))
-        big, small, web = await RawClient.open(bus), await RawClient.open(bus), await RawClient.open(bus)
+        big, small, web = await raw_client(bus), await raw_client(bus), await raw_client(bus)
         try:
             assert await big.connect("dev-big") == 0
             assert await small.connect("dev-small") == 0
@@ -362,14 +340,14 @@ async def test_oversized_packet_closes_that_connection_only() -> None:
             for c in (big, small, web):
                 c.close()
         # From a LAN address (127.0.0.1 is exempt as the gateway's own), the address then cools down.
-        lan = await RawClient.open(bus, source="127.0.0.5")
+        lan = await raw_client(bus, source="127.0.0.5")
         try:
             assert await lan.connect("dev-lan") == 0
             lan.writer.write(header)
             assert await lan.closed_by_broker()
         finally:
             lan.close()
-        again = await RawClient.open(bus, source="127.0.0.5")
+        again = await raw_client(bus, source="127.0.0.5")
         try:
             assert await again.closed_by_broker()
             assert bus.refusals.counts["cooldown"] == 1
@@ -379,12 +357,12 @@ async def test_oversized_packet_closes_that_connection_only() -> None:
 
 async def test_silent_connections_are_closed_and_free_their_slot() -> None:
     async with running_bus(max_connections=2, connect_timeout_sec=0.5) as bus:
-        silent = [await RawClient.open(bus) for _ in range(2)]
+        silent = [await raw_client(bus) for _ in range(2)]
         try:
             for c in silent:
                 assert await c.closed_by_broker()
             assert bus.refusals.counts["connect_timeout"] == 2
-            late = await RawClient.open(bus)
+            late = await raw_client(bus)
             try:
                 assert await late.connect("dev-late") == 0  # both slots were given back
             finally:
@@ -396,17 +374,17 @@ async def test_silent_connections_are_closed_and_free_their_slot() -> None:
 
 async def test_connection_beyond_the_maximum_is_closed_at_once_not_parked() -> None:
     async with running_bus(max_connections=2, connect_timeout_sec=60) as bus:
-        a, b = await RawClient.open(bus), await RawClient.open(bus)
+        a, b = await raw_client(bus), await raw_client(bus)
         try:
             assert await a.connect("dev-a") == 0 and await b.connect("dev-b") == 0
-            third = await RawClient.open(bus)
+            third = await raw_client(bus)
             # Closed well before the 60 s connect timeout could have done it.
             assert await third.closed_by_broker(timeout=5.0)
             third.close()
             assert bus.refusals.counts["max_connections"] == 1
             a.close()
             await bus.wait_clients(lambda ids: "dev-a" not in ids, 5)
-            again = await RawClient.open(bus)
+            again = await raw_client(bus)
             try:
                 assert await again.connect("dev-again") == 0
             finally:
@@ -420,7 +398,7 @@ async def test_publish_flood_of_one_client_is_cut_to_its_rate() -> None:
     async with running_bus(client_rate_per_sec=1.0, client_rate_burst=5, flood_cooldown_sec=0) as bus:
         seen: list[str | None] = []
         bus.subscribe("server/+/streaming", lambda topic, data, cid: seen.append(cid))
-        flood, calm = await RawClient.open(bus), await RawClient.open(bus)
+        flood, calm = await raw_client(bus), await raw_client(bus)
         try:
             assert await flood.connect("dev-flood") == 0 and await calm.connect("dev-calm") == 0
             flood.writer.write(b"".join(mqtt_raw.publish("server/dev-flood/streaming", b"{}") for _ in range(50)))
@@ -436,7 +414,7 @@ async def test_publish_flood_of_one_client_is_cut_to_its_rate() -> None:
 
 async def test_a_flooder_is_cut_off_and_its_address_cools_down() -> None:
     async with running_bus(client_rate_per_sec=1.0, client_rate_burst=5, flood_cooldown_sec=30) as bus:
-        flood = await RawClient.open(bus, source="127.0.0.2")
+        flood = await raw_client(bus, source="127.0.0.2")
         try:
             assert await flood.connect("dev-flood") == 0
             flood.writer.write(b"".join(mqtt_raw.publish("server/dev-flood/streaming", b"{}") for _ in range(50)))
@@ -444,7 +422,7 @@ async def test_a_flooder_is_cut_off_and_its_address_cools_down() -> None:
         finally:
             flood.close()
         assert bus.refusals.counts["flood"] == 1
-        again = await RawClient.open(bus, source="127.0.0.2")
+        again = await raw_client(bus, source="127.0.0.2")
         try:
             assert await again.closed_by_broker()  # closed before CONNECT: no CONNACK at all
         finally:
@@ -452,14 +430,14 @@ async def test_a_flooder_is_cut_off_and_its_address_cools_down() -> None:
         assert bus.refusals.counts["cooldown"] == 1
         # Other addresses are not affected; exempt ones (the gateway's own) are cut off but never wait.
         for source in ("127.0.0.3", "127.0.0.1"):
-            c = await RawClient.open(bus, source=source)
+            c = await raw_client(bus, source=source)
             try:
                 assert await c.connect(f"dev-{source}") == 0
                 c.writer.write(b"".join(mqtt_raw.publish(f"server/dev-{source}/streaming", b"{}") for _ in range(50)))
                 assert await c.closed_by_broker()
             finally:
                 c.close()
-        back = await RawClient.open(bus, source="127.0.0.1")
+        back = await raw_client(bus, source="127.0.0.1")
         try:
             assert await back.connect("dev-back") == 0
         finally:
@@ -471,13 +449,13 @@ async def test_anonymous_client_ids_reserved_or_malformed_are_refused() -> None:
     async with running_bus() as bus:
         for client_id, accepted in [("device-a1b2c3", True), ("carwash-web-0123456789ab", False),
                                     ("d" * 129, False), ("dev\x01ice", False)]:
-            c = await RawClient.open(bus)
+            c = await raw_client(bus)
             try:
                 assert (await c.connect(client_id) == 0) == accepted, client_id
             finally:
                 c.close()
         assert bus.refusals.counts["client_id"] == 3
-        web = await RawClient.open(bus)  # the gateway's own clients keep their prefix
+        web = await raw_client(bus)  # the gateway's own clients keep their prefix
         try:
             assert await web.connect("carwash-web-0123456789ab", USER, PASSWORD) == 0
         finally:
@@ -493,7 +471,7 @@ async def test_what_was_acknowledged_before_a_disconnect_is_delivered() -> None:
         bus.subscribe("server/+/ack", lambda topic, data, cid: seen.append(data))
         for how in ("DISCONNECT", "connection lost"):
             seen.clear()
-            c = await RawClient.open(bus)
+            c = await raw_client(bus)
             try:
                 assert await c.connect("dev-burst") == 0
                 c.writer.write(b"".join(mqtt_raw.publish("server/dev-burst/ack", b"%d" % i, packet_id=i + 1)
@@ -513,7 +491,7 @@ async def test_refused_logins_leave_no_session_behind() -> None:
     async with running_bus() as bus:
         before = len(bus.broker._sessions)
         for i in range(30):
-            c = await RawClient.open(bus)
+            c = await raw_client(bus)
             try:
                 assert await c.connect(f"guess-{i}", USER, f"wrong-{i}") != 0
                 assert await c.closed_by_broker()

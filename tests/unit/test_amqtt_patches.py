@@ -148,40 +148,8 @@ async def running_bus(patch: str, *, max_connections: int = 100, **limits: Any) 
         await bus.stop()
 
 
-class Raw:
-    """A raw MQTT 3.1.1 connection (exact control of the bytes)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, bus: LocalBus) -> Raw:
-        return cls(*await asyncio.open_connection("127.0.0.1", bus._settings.port))
-
-    async def connect(self, client_id: str, username: str | None = None, password: str | None = None, *,
-                      clean: bool = True, keepalive: int = 30) -> int:
-        packet = mqtt_raw.connect(client_id, username, password, keepalive=keepalive)
-        if not clean:  # the flags byte follows the protocol name and level
-            at = packet.index(b"MQTT\x04") + 5
-            packet = packet[:at] + bytes([packet[at] & ~0x02]) + packet[at + 1:]
-        self.writer.write(packet)
-        connack = await asyncio.wait_for(self.reader.readexactly(4), 5)
-        return connack[3]
-
-    async def closed_by_broker(self, timeout: float = 3.0) -> bool:
-        """True when the broker closes the connection within `timeout`; False when it stays open."""
-        try:
-            async with asyncio.timeout(timeout):
-                while await self.reader.read(65536):
-                    pass
-                return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-
-    def close(self) -> None:
-        self.writer.close()
+async def raw_open(bus: LocalBus) -> mqtt_raw.RawConnection:
+    return await mqtt_raw.RawConnection.open(bus._settings.port)
 
 
 async def _until(predicate: Any, timeout: float = 5.0) -> None:
@@ -285,7 +253,7 @@ async def test_deliver_queued_on_disconnect() -> None:
             return await deliver(session, message)
 
         bus.broker._deliver = busy  # type: ignore[method-assign]
-        c = await Raw.open(bus)
+        c = await raw_open(bus)
         try:
             assert await c.connect("dev-burst") == 0
             c.writer.write(b"".join(mqtt_raw.publish("server/dev-burst/ack", b"%d" % i, packet_id=i + 1)
@@ -303,10 +271,10 @@ async def test_forget_refused_sessions() -> None:
     """amqtt 0.12.1 keeps the session of every refused login."""
     async with running_bus("forget_refused_sessions") as bus:
         for i in range(5):
-            c = await Raw.open(bus)
+            c = await raw_open(bus)
             try:
                 assert await c.connect(f"guess-{i}", USER, f"wrong-{i}") != 0
-                assert await c.closed_by_broker()
+                assert await c.closed_by_broker(3.0, drain=True)
             finally:
                 c.close()
         assert not [cid for cid in bus.broker._sessions if cid.startswith("guess-")]
@@ -315,7 +283,7 @@ async def test_forget_refused_sessions() -> None:
 async def test_acl_before_puback() -> None:
     """amqtt 0.12.1 acknowledges a PUBLISH before its ACL check: a refused one must not be PUBACKed."""
     async with running_bus("acl_before_puback") as bus:
-        c = await Raw.open(bus)
+        c = await raw_open(bus)
         try:
             assert await c.connect("dev-sneaky") == 0
             c.writer.write(mqtt_raw.publish("gateway/rpc/wash.command", b"{}", packet_id=7))
@@ -328,11 +296,11 @@ async def test_acl_before_puback() -> None:
 async def test_packet_size_limit() -> None:
     """amqtt 0.12.1 reads a packet of any announced size; here the announcement closes the connection."""
     async with running_bus("packet_size_limit", max_packet_bytes=2048) as bus:
-        c = await Raw.open(bus)
+        c = await raw_open(bus)
         try:
             assert await c.connect("dev-big") == 0
             c.writer.write(mqtt_raw.publish("server/dev-big/streaming", b"x" * 4000)[:40])
-            assert await c.closed_by_broker()
+            assert await c.closed_by_broker(3.0, drain=True)
         finally:
             c.close()
         assert bus.refusals.counts["packet_size"] == 1
@@ -341,12 +309,12 @@ async def test_packet_size_limit() -> None:
 async def test_refuse_past_max_connections() -> None:
     """amqtt 0.12.1 parks a connection past `max_connections` without CONNACK."""
     async with running_bus("refuse_past_max_connections", max_connections=1, connect_timeout_sec=60) as bus:
-        first = await Raw.open(bus)
+        first = await raw_open(bus)
         try:
             assert await first.connect("dev-a") == 0
-            second = await Raw.open(bus)
+            second = await raw_open(bus)
             try:
-                assert await second.closed_by_broker(timeout=3)
+                assert await second.closed_by_broker(3, drain=True)
             finally:
                 second.close()
         finally:
@@ -356,9 +324,9 @@ async def test_refuse_past_max_connections() -> None:
 async def test_connect_timeout() -> None:
     """amqtt 0.12.1 waits for CONNECT forever."""
     async with running_bus("connect_timeout", connect_timeout_sec=0.3) as bus:
-        silent = await Raw.open(bus)
+        silent = await raw_open(bus)
         try:
-            assert await silent.closed_by_broker(timeout=3)
+            assert await silent.closed_by_broker(3, drain=True)
         finally:
             silent.close()
         assert bus.refusals.counts["connect_timeout"] == 1
@@ -378,13 +346,13 @@ async def test_direct_topic_filtering() -> None:
         manager.map_plugin_topic = counted  # type: ignore[method-assign]
         got: asyncio.Queue[str] = asyncio.Queue()
         bus.subscribe("server/+/streaming", lambda topic, data, cid: got.put_nowait(topic))
-        c = await Raw.open(bus)
+        c = await raw_open(bus)
         try:
             assert await c.connect("dev-1") == 0
             c.writer.write(mqtt_raw.publish("server/dev-1/streaming", b"{}"))
             assert await asyncio.wait_for(got.get(), 5) == "server/dev-1/streaming"
             c.writer.write(mqtt_raw.publish("gateway/status", b"{}", packet_id=1))  # still refused
-            assert await c.closed_by_broker()
+            assert await c.closed_by_broker(3.0, drain=True)
         finally:
             c.close()
         assert scheduled == []
@@ -397,7 +365,7 @@ async def test_direct_local_hand_off() -> None:
     async with running_bus("direct_local_hand_off", client_rate_per_sec=0) as bus:
         seen: list[bytes] = []
         bus.subscribe("server/+/streaming", lambda topic, data, cid: seen.append(data))
-        c = await Raw.open(bus)
+        c = await raw_open(bus)
         try:
             assert await c.connect("dev-1") == 0
             c.writer.write(b"".join(mqtt_raw.publish("server/dev-1/streaming", b"%d" % i) for i in range(n)))
@@ -449,7 +417,7 @@ async def test_reader_without_tasks() -> None:
             started.append(getattr(coro, "__qualname__", ""))
             return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
 
-        c = await Raw.open(bus)
+        c = await raw_open(bus)
         try:
             assert await c.connect("dev-1") == 0
             loop.set_task_factory(counting)
@@ -464,7 +432,7 @@ async def test_reader_without_tasks() -> None:
         per_packet = [q for q in started if q.endswith(("handle_publish", "from_stream"))]
         assert per_packet == [], per_packet[:3]
         # The read's time limit is the keep-alive, handled as amqtt does (0.12.1: nothing happens).
-        quiet = await Raw.open(bus)
+        quiet = await raw_open(bus)
         try:
             assert await quiet.connect("dev-quiet", keepalive=1) == 0
             handler = bus.broker._sessions["dev-quiet"][1]
@@ -489,7 +457,7 @@ async def test_login_decides_attributes() -> None:
         await bus.reload_accounts({"backend": account})
         got: asyncio.Queue[bytes] = asyncio.Queue()
         bus.subscribe("wash/+/cmd", lambda topic, data, cid: got.put_nowait(data))
-        first = await Raw.open(bus)
+        first = await raw_open(bus)
         try:
             assert await first.connect("backend-1", "backend", "backend-password-123", clean=False) == 0
             session, _ = bus.broker._sessions["backend-1"]
@@ -498,7 +466,7 @@ async def test_login_decides_attributes() -> None:
         finally:
             first.close()
         await bus.wait_clients(lambda ids: "backend-1" not in ids, 5)
-        again = await Raw.open(bus)
+        again = await raw_open(bus)
         try:
             assert await again.connect("backend-1", "backend", "backend-password-123", clean=False) == 0
             again.writer.write(mqtt_raw.publish("wash/bay1/cmd", b"after login", packet_id=1))
