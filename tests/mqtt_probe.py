@@ -6,15 +6,21 @@ Blocking calls wait on events set by paho's network thread; async tests call the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.mqtt.amqtt_patches import GatewayBroker
+from gateway.mqtt.broker import BrokerSettings, LocalBus
 
 
 @dataclass
@@ -156,3 +162,22 @@ class Probe:
             if m.topic == topic:
                 return seen
             seen.append(m)
+
+
+@contextlib.asynccontextmanager
+async def running_bus(user: str, password: str, *, allow_anonymous: bool = True, max_connections: int = 100,
+                      broker_class: type[GatewayBroker] = GatewayBroker, **limits: Any) -> AsyncIterator[LocalBus]:
+    """The core's embedded broker (`LocalBus`) on 127.0.0.1 at a free port, dispatching, for the
+    test's duration; `broker_class` reverts an amqtt patch (tests/unit/test_amqtt_patches.py)."""
+    from sim.demo import free_port
+
+    bus = LocalBus(BrokerSettings("127.0.0.1", free_port(), user, password, allow_anonymous, max_connections,
+                                  **limits), broker_class=broker_class)
+    await bus.start()
+    dispatcher = asyncio.create_task(bus.dispatch_forever())
+    try:
+        yield bus
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+        await bus.stop()

@@ -11,34 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from gateway.mqtt.broker import BrokerSettings, LocalBus
+from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.client import BusClient, BusUnavailable, RpcTimeout
 from gateway.mqtt.rpc import RpcError, RpcServer
-from sim.demo import free_port
-from tests import mqtt_raw
+from tests import mqtt_probe, mqtt_raw
 from tests.mqtt_probe import Probe
 
 USER, PASSWORD = "carwash-gateway", "internal-password-0123456789"
 
 
-@contextlib.asynccontextmanager
-async def running_bus(*, allow_anonymous: bool = True, max_connections: int = 100,
-                      **limits: Any) -> AsyncIterator[LocalBus]:
-    bus = LocalBus(BrokerSettings("127.0.0.1", free_port(), USER, PASSWORD, allow_anonymous, max_connections,
-                                  **limits))
-    await bus.start()
-    dispatcher = asyncio.create_task(bus.dispatch_forever())
-    try:
-        yield bus
-    finally:
-        dispatcher.cancel()
-        await asyncio.gather(dispatcher, return_exceptions=True)
-        await bus.stop()
+def running_bus(**options: Any) -> contextlib.AbstractAsyncContextManager[LocalBus]:
+    return mqtt_probe.running_bus(USER, PASSWORD, **options)
 
 
 def port_of(bus: LocalBus) -> int:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,10 +24,9 @@ from amqtt.broker import Broker
 from gateway.mqtt import amqtt_patches
 from gateway.mqtt.acl import ACCOUNT
 from gateway.mqtt.amqtt_patches import AUDITED_AMQTT, PATCHES, GatewayBroker
-from gateway.mqtt.broker import BrokerSettings, LocalBus
+from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.guard import AUTHENTICATED, KICKED
-from sim.demo import free_port
-from tests import mqtt_raw
+from tests import mqtt_probe, mqtt_raw
 from tests.mqtt_probe import Probe
 
 USER, PASSWORD = "carwash-gateway", "internal-password-0123456789"
@@ -134,18 +132,8 @@ def broker_for(patch: str) -> type[GatewayBroker]:
     return REVERTED[patch] if os.environ.get("CARWASH_REVERT_PATCH") == patch else GatewayBroker
 
 
-@contextlib.asynccontextmanager
-async def running_bus(patch: str, *, max_connections: int = 100, **limits: Any) -> AsyncIterator[LocalBus]:
-    bus = LocalBus(BrokerSettings("127.0.0.1", free_port(), USER, PASSWORD, True, max_connections, **limits),
-                   broker_class=broker_for(patch))
-    await bus.start()
-    dispatcher = asyncio.create_task(bus.dispatch_forever())
-    try:
-        yield bus
-    finally:
-        dispatcher.cancel()
-        await asyncio.gather(dispatcher, return_exceptions=True)
-        await bus.stop()
+def running_bus(patch: str, **options: Any) -> contextlib.AbstractAsyncContextManager[LocalBus]:
+    return mqtt_probe.running_bus(USER, PASSWORD, broker_class=broker_for(patch), **options)
 
 
 async def raw_open(bus: LocalBus) -> mqtt_raw.RawConnection:
