@@ -61,12 +61,12 @@ BENCHMARKS: dict[str, Callable[[bool], list[Result]]] = {
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and messages (~1 min)")
-    ap.add_argument("--only", choices=sorted(BENCHMARKS), metavar="NAME",
-                    help=f"run one benchmark: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--only", choices=sorted(BENCHMARKS), metavar="NAME", action="append",
+                    help=f"run this benchmark (repeat for several): {', '.join(BENCHMARKS)}")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
 
-    names = [args.only] if args.only else list(BENCHMARKS)
+    names = [n for n in BENCHMARKS if n in args.only] if args.only else list(BENCHMARKS)
     env = environment()
     results: list[Result] = []
     errors: dict[str, str] = {}
