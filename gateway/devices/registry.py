@@ -8,7 +8,9 @@ and return only after the commit: a 2xx is sent for data that is on disk.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import json.encoder
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from peewee import SqliteDatabase
 
 from gateway.clock import iso_z, utc_now
-from gateway.devices.validate import Lifecycle, LogItem, Registration, device_id_for, device_type
+from gateway.devices.validate import DEDUP_KEY_LEN, Lifecycle, LogItem, Registration, device_id_for, device_type
 from gateway.store import write_tx
 from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
 from gateway.store.outbox import PreparedEvent, add_event, insert_prepared
@@ -120,52 +122,78 @@ class PreparedUpload:
     now: dt.datetime
     keys: list[str]  # of the rows, in order
     rows: list[tuple[Any, ...]]  # event_log_item rows, one per distinct item
-    stored: list[dict[str, Any]]  # the outbox event's item of each row
+    pieces: list[str]  # the JSON of the outbox event's item of each row
     timestamps_json: str  # the distinct timestamps, for the known-items query
     keys_json: str
     event: PreparedEvent  # `device.event_logs` with every row
 
 
+# The JSON of a str as json.dumps writes it: ASCII-escaped (its default, the dedup key's identity),
+# or not (ensure_ascii=False, the outbox event's).
+_ascii = json.encoder.encode_basestring_ascii
+_text = json.encoder.encode_basestring
+
+
+def _map_forms(value: dict[str, int]) -> tuple[str | None, str, str, int]:
+    """A note or coin map's forms: its row column (None when empty), its JSON in the outbox event,
+    its part of the dedup key's identity, and the money it counts."""
+    return (json.dumps(value) if value else None, json.dumps(value, separators=(",", ":"), ensure_ascii=False),
+            json.dumps(sorted(value.items()), separators=(",", ":")), sum(int(k) * n for k, n in value.items()))
+
+
 def prepare_upload(dev_id: str, items: list[LogItem], *, site_id: str) -> PreparedUpload:
-    """Pure: no I/O. Run it in the request's thread, then `store_upload` in the transaction."""
+    """Pure: no I/O. Run it in the request's thread, then `store_upload` in the transaction.
+
+    `items` as `validate.log_upload` returns them (exact ints). Each item's key, row and event JSON
+    are built from pieces serialised once per upload (a device's items repeat a few types and note
+    and coin counts): the bytes `LogItem.dedup_key` and json.dumps of the event's dicts would give
+    (tests/unit/test_log_items.py holds the item-by-item construction they replace)."""
     now = utc_now()
     received = str(now)  # the form Peewee's DateTimeField stores
     seen: set[str] = set()
     keys: list[str] = []
     rows: list[tuple[Any, ...]] = []
-    stored: list[dict[str, Any]] = []
-    dumps = json.dumps
-    # A buffer repeats a few note and coin counts over and over: each is serialised once per upload.
-    counts: dict[tuple[tuple[str, int], ...], str | None] = {(): None}
-
-    def counted(value: dict[str, int]) -> str | None:
-        k = tuple(value.items())
-        text = counts.get(k, "")
-        if text == "":
-            text = counts[k] = dumps(value)
-        return text
-
-    for it in items:
-        key = it.dedup_key(dev_id)
+    pieces: list[str] = []
+    dev_ascii = _ascii(dev_id)
+    maps: dict[tuple[tuple[str, int], ...], tuple[str | None, str, str, int]] = {}
+    words: dict[str, tuple[str, str]] = {}  # type or status: (ASCII JSON, JSON)
+    sha256 = hashlib.sha256
+    for typ, status, ts, total, charge, net, bank, coin in items:
+        b = maps.get(bk := tuple(bank.items()))
+        if b is None:
+            b = maps[bk] = _map_forms(bank)
+        c = maps.get(ck := tuple(coin.items()))
+        if c is None:
+            c = maps[ck] = _map_forms(coin)
+        t = words.get(typ)
+        if t is None:
+            t = words[typ] = (_ascii(typ), _text(typ))
+        s = words.get(status)
+        if s is None:
+            s = words[status] = (_ascii(status), _text(status))
+        charge_a, charge_t = ("null", "null") if charge is None else (_ascii(charge), _text(charge))
+        net_j = "null" if net is None else str(net)
+        # json.dumps([dev, ts, type, status, total, charge, net, sorted(bank), sorted(coin)]), compact
+        ident = f"[{dev_ascii},{ts},{t[0]},{s[0]},{total},{charge_a},{net_j},{b[2]},{c[2]}]"
+        key = sha256(ident.encode()).hexdigest()[:DEDUP_KEY_LEN]
         if key in seen:
             continue  # the same item twice in one upload counts once too
         seen.add(key)
-        mismatch = it.mismatch
+        mismatch = b[3] + c[3] + (net or 0) != total
         keys.append(key)
-        rows.append((dev_id, key, it.type, it.status, it.timestamp_ms, it.total_amount, it.qr_charge_id,
-                     it.qr_net_amount, counted(it.bank), counted(it.coin), mismatch, received))
-        stored.append({"type": it.type, "status": it.status, "timestamp": it.timestamp_ms,
-                       "total_amount": it.total_amount, "qr": {"chargeId": it.qr_charge_id,
-                                                               "net_amount": it.qr_net_amount},
-                       "bank": it.bank, "coin": it.coin, "amount_mismatch": mismatch, "dedup_key": key})
-    return PreparedUpload(dev_id, len(items), site_id, now, keys, rows, stored,
-                          dumps(sorted({it.timestamp_ms for it in items})), dumps(keys),
-                          _logs_event(dev_id, stored, now, site_id))
+        rows.append((dev_id, key, typ, status, ts, total, charge, net, b[0], c[0], mismatch, received))
+        pieces.append(f'{{"type":{t[1]},"status":{s[1]},"timestamp":{ts},"total_amount":{total},'
+                      f'"qr":{{"chargeId":{charge_t},"net_amount":{net_j}}},"bank":{b[1]},"coin":{c[1]},'
+                      f'"amount_mismatch":{"true" if mismatch else "false"},"dedup_key":"{key}"}}')
+    return PreparedUpload(dev_id, len(items), site_id, now, keys, rows, pieces,
+                          json.dumps(sorted({it.timestamp_ms for it in items})), json.dumps(keys),
+                          _logs_event(dev_id, pieces, now, site_id))
 
 
-def _logs_event(dev_id: str, stored: list[dict[str, Any]], now: dt.datetime, site_id: str) -> PreparedEvent:
-    return PreparedEvent("device.event_logs", {"device_id": dev_id, "items": stored, "received_at": iso_z(now)},
-                         site_id=site_id, partition=dev_id)
+def _logs_event(dev_id: str, pieces: list[str], now: dt.datetime, site_id: str) -> PreparedEvent:
+    """`device.event_logs`: {"device_id", "items", "received_at"}, its items' JSON given."""
+    payload = f'{{"device_id":{_text(dev_id)},"items":[{",".join(pieces)}],"received_at":{_text(iso_z(now))}}}'
+    return PreparedEvent("device.event_logs", payload, site_id=site_id, partition=dev_id)
 
 
 def store_upload(db: SqliteDatabase, p: PreparedUpload) -> Uploaded:
@@ -176,11 +204,11 @@ def store_upload(db: SqliteDatabase, p: PreparedUpload) -> Uploaded:
         raise DeviceNotFound(p.dev_id)
     # Which items are known already, through the unique index on device, time and key.
     known = {k for (k,) in cur.execute(_KNOWN, (p.dev_id, p.timestamps_json, p.keys_json))}
-    rows, stored, event = p.rows, p.stored, p.event
+    rows, event = p.rows, p.event
     if known:  # a re-upload: store the rest, and tell the cloud only about them
         fresh = [i for i, k in enumerate(p.keys) if k not in known]
-        rows, stored = [rows[i] for i in fresh], [stored[i] for i in fresh]
-        event = _logs_event(p.dev_id, stored, p.now, p.site_id)
+        rows = [rows[i] for i in fresh]
+        event = _logs_event(p.dev_id, [p.pieces[i] for i in fresh], p.now, p.site_id)
     if rows:
         cur.executemany(_INSERT_ITEM, rows)
         insert_prepared(db, event)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # \Z, not $: Python's `$` also matches before a trailing newline ("24AB3C91\n" was a chip id).
 CHIP_RE = re.compile(r"^[0-9A-Fa-f]{6,16}\Z")
@@ -123,8 +123,10 @@ def _count_map(value: Any, field: str, keys: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-@dataclass(frozen=True)
-class LogItem:
+class LogItem(NamedTuple):
+    """One event-log item as validated: a tuple (an upload makes a thousand of them), whose maps
+    hold exact ints under their denominations as sent."""
+
     type: str
     status: str
     timestamp_ms: int
@@ -142,7 +144,9 @@ class LogItem:
     def dedup_key(self, device: str) -> str:
         """Same device, timestamp, type and amounts: the same item (re-uploads store nothing new).
 
-        16 hex digits: the first 64 bits of a SHA-256 (migration 4 cut stored keys to them)."""
+        16 hex digits: the first 64 bits of a SHA-256 (migration 4 cut stored keys to them). This is
+        the definition of the key; `gateway.devices.registry.prepare_upload` builds the same bytes
+        without a list per item (tests/unit/test_log_items.py compares them)."""
         ident = json.dumps([device, self.timestamp_ms, self.type, self.status, self.total_amount,
                             self.qr_charge_id, self.qr_net_amount, sorted(self.bank.items()),
                             sorted(self.coin.items())], separators=(",", ":"))
@@ -155,33 +159,77 @@ def _amount(v: Any, field: str) -> int:
     return v
 
 
+def _log_item(it: Any, f: str) -> LogItem:
+    """One item, checked field by field: the first problem is raised, named."""
+    if not isinstance(it, dict):
+        raise Invalid(f, "an object")
+    typ = it.get("type")
+    if not isinstance(typ, str) or not UPPER_WORD_RE.match(typ):
+        raise Invalid(f"{f}.type", "PAYMENT or another upper-case word")
+    status = it.get("status")
+    if status not in PAYMENT_STATUSES:
+        raise Invalid(f"{f}.status", "one of " + ", ".join(PAYMENT_STATUSES))
+    ts = _amount(it.get("timestamp"), f"{f}.timestamp")
+    total = _amount(it.get("total_amount"), f"{f}.total_amount")
+    qr = it.get("qr")
+    charge, net = None, None
+    if qr is not None:
+        if not isinstance(qr, dict):
+            raise Invalid(f"{f}.qr", "an object")
+        charge = qr.get("chargeId")
+        if charge is not None and (not isinstance(charge, str) or len(charge) > 128):
+            raise Invalid(f"{f}.qr.chargeId", "a string")
+        net = _amount(qr.get("net_amount", 0), f"{f}.qr.net_amount")
+    return LogItem(typ, status, ts, total, charge, net, _count_map(it.get("bank"), f"{f}.bank", BANKNOTES),
+                   _count_map(it.get("coin"), f"{f}.coin", COINS))
+
+
+_STATUS_SET = frozenset(PAYMENT_STATUSES)
+_BANKNOTE_SET = frozenset(BANKNOTES)
+_COIN_SET = frozenset(COINS)
+
+
+def _counts_ok(value: dict[str, int], keys: frozenset[str]) -> bool:
+    """True when `_count_map` would accept `value` as it is (exact ints: no bool, no subclass)."""
+    for k, v in value.items():
+        if k not in keys or type(v) is not int or not 0 <= v <= 1_000_000:
+            return False
+    return True
+
+
 def log_upload(body: dict[str, Any]) -> tuple[str, list[LogItem]]:
+    """The device and its items, or `Invalid` naming the first problem (`items[3].bank.20`).
+
+    Most items are well formed: each is checked in one pass of exact type tests, and an item that
+    fails any of them goes through `_log_item`, field by field in the order of the API, which
+    names the problem (or accepts it: the quick pass is stricter, never looser)."""
     dev = device_id(body.get("device_id"))
     items = body.get("items")
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
         raise Invalid("items", f"a list of 1 to {MAX_ITEMS} items")
     out = []
+    types: set[str] = set()  # the upper-case words matched already in this upload
+    new = tuple.__new__
+    match_type = UPPER_WORD_RE.match
     for i, it in enumerate(items):
-        f = f"items[{i}]"
-        if not isinstance(it, dict):
-            raise Invalid(f, "an object")
-        typ = it.get("type")
-        if not isinstance(typ, str) or not UPPER_WORD_RE.match(typ):
-            raise Invalid(f"{f}.type", "PAYMENT or another upper-case word")
-        status = it.get("status")
-        if status not in PAYMENT_STATUSES:
-            raise Invalid(f"{f}.status", "one of " + ", ".join(PAYMENT_STATUSES))
-        ts = _amount(it.get("timestamp"), f"{f}.timestamp")
-        total = _amount(it.get("total_amount"), f"{f}.total_amount")
-        qr = it.get("qr")
-        charge, net = None, None
-        if qr is not None:
-            if not isinstance(qr, dict):
-                raise Invalid(f"{f}.qr", "an object")
-            charge = qr.get("chargeId")
-            if charge is not None and (not isinstance(charge, str) or len(charge) > 128):
-                raise Invalid(f"{f}.qr.chargeId", "a string")
-            net = _amount(qr.get("net_amount", 0), f"{f}.qr.net_amount")
-        out.append(LogItem(typ, status, ts, total, charge, net, _count_map(it.get("bank"), f"{f}.bank", BANKNOTES),
-                           _count_map(it.get("coin"), f"{f}.coin", COINS)))
+        if type(it) is dict:
+            get = it.get
+            typ, status, ts, total = get("type"), get("status"), get("timestamp"), get("total_amount")
+            qr, bank, coin = get("qr"), get("bank"), get("coin")
+            charge = net = None
+            if type(typ) is str and typ not in types and match_type(typ):
+                types.add(typ)
+            if (type(typ) is str and typ in types and type(status) is str and status in _STATUS_SET
+                    and type(ts) is int and 0 <= ts <= MAX_INT and type(total) is int and 0 <= total <= MAX_INT
+                    and (qr is None or (type(qr) is dict
+                                        and ((charge := qr.get("chargeId")) is None
+                                             or (type(charge) is str and len(charge) <= 128))
+                                        and type(net := qr.get("net_amount", 0)) is int and 0 <= net <= MAX_INT))
+                    and (bank is None or (type(bank) is dict and _counts_ok(bank, _BANKNOTE_SET)))
+                    and (coin is None or (type(coin) is dict and _counts_ok(coin, _COIN_SET)))):
+                # The maps as sent (same keys, order and ints): `_count_map` would copy them.
+                out.append(new(LogItem, (typ, status, ts, total, charge, net,
+                                         {} if bank is None else bank, {} if coin is None else coin)))
+                continue
+        out.append(_log_item(it, f"items[{i}]"))
     return dev, out
