@@ -20,8 +20,8 @@ from peewee import SqliteDatabase
 from gateway.clock import iso_z, utc_now
 from gateway.devices.validate import DEDUP_KEY_LEN, Lifecycle, LogItem, Registration, device_id_for, device_type
 from gateway.store import write_tx
-from gateway.store.models import Device, DeviceConfig, DeviceLifecycleEvent
-from gateway.store.outbox import PreparedEvent, add_event, insert_prepared
+from gateway.store.models import Device, DeviceLifecycleEvent
+from gateway.store.outbox import PreparedEvent, add_event, add_events, insert_prepared
 
 # How stale a device's stored last_seen_at may be before an upload rewrites it (presence writes it
 # every minute for devices that stream).
@@ -66,31 +66,45 @@ def register(db: SqliteDatabase, reg: Registration, *, pin_ttl_sec: int, site_id
     return Registered(dev_id, pin, new)
 
 
+_INSERT_CONFIG = 'INSERT INTO "device_config" ("device_id", "configs", "source", "reported_at") VALUES (?, ?, ?, ?)'
+_INSERT_LIFECYCLE = 'INSERT INTO "device_lifecycle_event" ("device_id", "kind", "at", "detail") VALUES (?, ?, ?, ?)'
+_SEEN = 'UPDATE "device" SET "last_seen_at" = ? WHERE "device_id" = ?'
+_SEEN_ONLINE = 'UPDATE "device" SET "last_seen_at" = ?, "online" = ? WHERE "device_id" = ?'
+_SEEN_ONLINE_STATUS = 'UPDATE "device" SET "last_seen_at" = ?, "online" = ?, "status" = ? WHERE "device_id" = ?'
+
+
 def report_configs(db: SqliteDatabase, dev_id: str, configs: dict[str, Any], *, site_id: str,
                    lifecycle: Lifecycle | None = None) -> None:
-    """Store configs as reported (bare sync, or the startup/shutdown document)."""
+    """Store configs as reported (bare sync, or the startup/shutdown document).
+
+    Prepared statements, not Peewee queries: it runs in the web's one writer thread, and a
+    restart storm brings every device's startup document at once."""
     now = utc_now()
+    at = str(now)  # the form Peewee's DateTimeField stores
     source = lifecycle.topic if lifecycle else "sync"
+    events: list[tuple[str, dict[str, Any], str | None]] = []
     with write_tx(db):
-        if not Device.select().where(Device.device_id == dev_id).exists():
+        cur = db.cursor()
+        if cur.execute(_EXISTS, (dev_id,)).fetchone() is None:
             raise DeviceNotFound(dev_id)
-        DeviceConfig.create(device=dev_id, configs=json.dumps(configs, ensure_ascii=False), source=source,
-                            reported_at=now)
-        changes: dict[str, Any] = {"last_seen_at": now}
-        if lifecycle is not None:
+        cur.execute(_INSERT_CONFIG, (dev_id, json.dumps(configs, ensure_ascii=False), source, at))
+        if lifecycle is None:
+            cur.execute(_SEEN, (at, dev_id))
+        else:
+            online = lifecycle.topic == "startup"
+            cur.execute(_INSERT_LIFECYCLE, (dev_id, lifecycle.topic, at,
+                                            json.dumps({"device_status": lifecycle.device_status,
+                                                        "timestamp": lifecycle.timestamp})))
             if lifecycle.device_status:
-                changes["status"] = lifecycle.device_status
-            changes["online"] = lifecycle.topic == "startup"
-            DeviceLifecycleEvent.create(device=dev_id, kind=lifecycle.topic, at=now,
-                                        detail=json.dumps({"device_status": lifecycle.device_status,
-                                                           "timestamp": lifecycle.timestamp}))
-            add_event("device.lifecycle", {"device_id": dev_id, "event": lifecycle.topic,
-                                           "device_status": lifecycle.device_status,
-                                           "device_timestamp": lifecycle.timestamp, "at": iso_z(now)},
-                      site_id=site_id, partition=dev_id)
-        Device.update(**changes).where(Device.device_id == dev_id).execute()
-        add_event("device.configs_reported", {"device_id": dev_id, "source": source, "configs": configs,
-                                              "at": iso_z(now)}, site_id=site_id, partition=dev_id)
+                cur.execute(_SEEN_ONLINE_STATUS, (at, online, lifecycle.device_status, dev_id))
+            else:
+                cur.execute(_SEEN_ONLINE, (at, online, dev_id))
+            events.append(("device.lifecycle", {"device_id": dev_id, "event": lifecycle.topic,
+                                                "device_status": lifecycle.device_status,
+                                                "device_timestamp": lifecycle.timestamp, "at": iso_z(now)}, dev_id))
+        events.append(("device.configs_reported", {"device_id": dev_id, "source": source, "configs": configs,
+                                                   "at": iso_z(now)}, dev_id))
+        add_events(db, events, site_id=site_id)
 
 
 @dataclass(frozen=True)
