@@ -37,6 +37,7 @@ from amqtt.mqtt.packet import (
     UNSUBSCRIBE,
     MQTTFixedHeader,
     MQTTPacket,
+    PacketIdVariableHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -298,6 +299,10 @@ class GatewayHandler(BrokerProtocolHandler):
             if packet is not None:
                 return packet
         header = MQTTFixedHeader(kind, first & 0x0F, length)
+        if kind == PUBACK and length == 2:  # what amqtt's decoder makes of it, without the stream adapter
+            puback = PubackPacket(header, PacketIdVariableHeader((body[0] << 8) | body[1]))
+            puback.protocol_ts = datetime.now(UTC)
+            return puback
         return await packet_class(header).from_stream(BufferReader(body), fixed_header=header)
 
     async def _amqtt_next_packet(self, keepalive: float | None) -> object:
@@ -352,8 +357,10 @@ class GatewayHandler(BrokerProtocolHandler):
         message = OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False)
         session.inflight_out[packet_id] = message
         writer.write(encode_publish(topic, data, QOS_1, packet_id))
-        # What amqtt keeps of a sent PUBLISH: a redelivery (`_retry_deliveries`) sets DUP from it.
-        message.publish_packet = PublishPacket.build(topic, bytes(data), packet_id, False, QOS_1, False)
+        # What amqtt keeps of a sent PUBLISH (`PublishPacket.build`'s result, built directly): a
+        # redelivery (`_retry_deliveries`) sets DUP from it.
+        message.publish_packet = PublishPacket(MQTTFixedHeader(PUBLISH, QOS_1 << 1),
+                                               PublishVariableHeader(topic, packet_id), PublishPayload(bytes(data)))
         waiter: asyncio.Future[PubackPacket] = self._loop.create_future()
         self._puback_waiters[packet_id] = waiter
         waiter.add_done_callback(partial(self._puback_done, message))
