@@ -242,3 +242,26 @@ async def test_puback_in_place() -> None:
             c.close()
         assert pubacks == b"".join(mqtt_raw.PUBACK_PREFIX + (i + 1).to_bytes(2, "big") for i in range(n))
         assert sent == []
+
+
+async def test_whole_packet_reads_decodes_every_length_as_amqtt() -> None:
+    """The fixed header read in one go (buffered) or piece by piece (arriving) gives amqtt's
+    remaining length at each boundary of the variable-length integer; 5 length bytes are amqtt's
+    MQTTError."""
+    from amqtt.errors import MQTTError
+    from amqtt.mqtt.packet import MQTTFixedHeader
+
+    for n in (0, 1, 127, 128, 200, 16383, 16384, 2097151, 2097152, 268435455):
+        encoded = MQTTFixedHeader(3, 2, n).to_bytes()
+        for buffered in (True, False):
+            stream = asyncio.StreamReader()
+            stream.feed_data(encoded + b"next")
+            size = handler_module._header_size(stream._buffer) if buffered else 2  # type: ignore[attr-defined]
+            assert size == (len(encoded) if buffered else 2)
+            assert await handler_module._read_header(stream, size) == (encoded[0], n)
+            assert await stream.readexactly(4) == b"next"
+    stream = asyncio.StreamReader()
+    stream.feed_data(b"\x30\xff\xff\xff\xff\x01")
+    assert handler_module._header_size(stream._buffer) == 0  # type: ignore[attr-defined]
+    with pytest.raises(MQTTError):
+        await handler_module._read_header(stream, 2)

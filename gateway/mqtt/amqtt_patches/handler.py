@@ -126,28 +126,31 @@ def has_room(writer: Any) -> bool:
     return not transport.is_closing() and transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]
 
 
-def _header_buffered(buf: bytearray) -> bool:
-    """True when `buf` starts with a whole fixed header (type byte, 1-4 length bytes)."""
+def _header_size(buf: bytearray) -> int:
+    """The size of the fixed header `buf` starts with (type byte, 1-4 length bytes); 0 when it
+    is not wholly buffered yet."""
     for i in range(1, min(len(buf), 5)):
         if buf[i] < 0x80:
-            return True
-    return False
+            return i + 1
+    return 0
 
 
-async def _read_header(stream: asyncio.StreamReader) -> tuple[int, int]:
-    """The fixed header: (first byte, remaining length). MQTTError on a length of over 4 bytes,
-    as amqtt 0.12.1."""
-    head = await stream.readexactly(2)
-    byte = head[1]
-    length, multiplier, count = byte & 0x7F, 128, 1
-    while byte & 0x80:
-        if count == 4:
-            raise MQTTError(f"Invalid remaining length bytes, packet_type={head[0] >> 4}")
-        byte = (await stream.readexactly(1))[0]
+async def _read_header(stream: asyncio.StreamReader, size: int) -> tuple[int, int]:
+    """The fixed header, in one read when its `size` is known (else byte by byte past the
+    first two): (first byte, remaining length). MQTTError on a length of over 4 bytes, as amqtt 0.12.1."""
+    head = await stream.readexactly(size)
+    length, multiplier, i = 0, 1, 1
+    while True:
+        if i == len(head):
+            head += await stream.readexactly(1)
+        byte = head[i]
         length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return head[0], length
+        if i == 4:
+            raise MQTTError(f"Invalid remaining length bytes, packet_type={head[0] >> 4}")
         multiplier *= 128
-        count += 1
-    return head[0], length
+        i += 1
 
 
 def decode_publish(flags: int, length: int, body: bytes) -> PublishPacket | None:
@@ -269,19 +272,21 @@ class GatewayHandler(BrokerProtocolHandler):
     async def _next_packet(self, keepalive: float | None) -> object:
         """Patch `whole_packet_reads`: the next packet, None at EOF, `_RESERVED` for a reserved type.
         amqtt 0.12.1 reads a packet in ~11 `readexactly` calls (the type byte, each length byte,
-        then the body field by field); here the fixed header is one read (one more per extra
-        length byte), the body one more, and a PUBLISH is decoded from it in one pass (other
-        packets by amqtt's decoders, from the body in memory). The keep-alive bounds the wait for
-        the fixed header as in amqtt; a header already buffered needs no timer."""
+        then the body field by field); here the fixed header is one read (when it has to be
+        waited for: two, then one per further length byte), the body one more, and a PUBLISH is
+        decoded from it in one pass (other packets by amqtt's decoders, from the body in memory).
+        The keep-alive bounds the wait for the fixed header as in amqtt; a header already buffered
+        needs no timer."""
         stream = getattr(self.reader, "stream", None)
         if not isinstance(stream, asyncio.StreamReader):
             return await self._amqtt_next_packet(keepalive)
         try:
-            if _header_buffered(stream._buffer):  # type: ignore[attr-defined]  # CPython's StreamReader
-                first, length = await _read_header(stream)
+            size = _header_size(stream._buffer)  # type: ignore[attr-defined]  # CPython's StreamReader
+            if size:
+                first, length = await _read_header(stream, size)
             else:
                 async with asyncio.timeout(keepalive):
-                    first, length = await _read_header(stream)
+                    first, length = await _read_header(stream, 2)
         except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
             return None  # amqtt: no data for a fixed header is the end of the stream
         kind = first >> 4
