@@ -4,7 +4,7 @@ version it patches.
 Each test shows what its patch fixes, on the real broker over TCP. To see a test fail without its
 patch (done for every one when it was written; do it again for each patch on an amqtt upgrade):
 
-    CARWASH_REVERT_PATCH=indexed_routing .venv/bin/python -m pytest tests/unit/test_amqtt_patches/
+    CARWASH_REVERT_PATCH=indexed_routing .venv/bin/python -m pytest tests/unit/test_amqtt_patches*.py
 
 runs that patch's test against `GatewayBroker` with the patch reverted to amqtt's own code
 (`REVERTED` below). A test that passes reverted means amqtt fixed the issue: drop the patch.
@@ -23,7 +23,7 @@ from amqtt.broker import Broker
 
 from gateway.mqtt import amqtt_patches
 from gateway.mqtt.acl import ACCOUNT
-from gateway.mqtt.amqtt_patches import AUDITED_AMQTT, PATCHES, GatewayBroker
+from gateway.mqtt.amqtt_patches import AUDITED_AMQTT, PATCHES, GatewayBroker, GatewayHandler
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.guard import AUTHENTICATED, KICKED
 from tests import mqtt_probe, mqtt_raw
@@ -153,12 +153,14 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
 def test_installed_amqtt_is_the_audited_one_and_every_patch_has_its_test() -> None:
     assert amqtt_patches.check_amqtt_version(), f"amqtt differs from {AUDITED_AMQTT}: review every patch"
     assert {p.amqtt for p in PATCHES} == {AUDITED_AMQTT}
-    tests = {name for name in globals() if name.startswith("test_")}
+    from tests.unit import test_amqtt_patches_io  # the patches of handler.py (registers its REVERTED)
+
+    tests = {name for name in (*globals(), *vars(test_amqtt_patches_io)) if name.startswith("test_")}
     for p in PATCHES:
         assert f"test_{p.name}" in tests, p.name
         assert p.name in REVERTED, p.name
         for method in p.methods:
-            assert method in vars(GatewayBroker), (p.name, method)
+            assert method in vars(GatewayBroker) or method in vars(GatewayHandler), (p.name, method)
 
 
 # --- one test per patch, amqtt 0.12.1 ---------------------------------------------------------------
@@ -391,8 +393,8 @@ async def test_batched_broadcast() -> None:
 
 
 async def test_reader_without_tasks() -> None:
-    """amqtt 0.12.1's reader starts two tasks per PUBLISH (the read's timeout, the handling); here
-    none, the order kept, the keep-alive still bounding each read."""
+    """amqtt 0.12.1's reader starts two tasks per PUBLISH and per PUBACK (the read's timeout, the
+    handling); here none, the order kept, the keep-alive still bounding each read."""
     n = 30
     async with running_bus("reader_without_tasks", client_rate_per_sec=0) as bus:
         seen: list[bytes] = []
@@ -406,18 +408,27 @@ async def test_reader_without_tasks() -> None:
             return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
 
         c = await raw_open(bus)
+        web = Probe(bus._settings.port, username=USER, password=PASSWORD, client_id="web-1")
         try:
+            await asyncio.to_thread(web.connect)
+            assert await asyncio.to_thread(web.subscribe, "wash/+/status") == [1]
             assert await c.connect("dev-1") == 0
             loop.set_task_factory(counting)
             try:
                 c.writer.write(b"".join(mqtt_raw.publish("server/dev-1/streaming", b"%d" % i) for i in range(n)))
                 await _until(lambda: len(seen) == n, timeout=3)
+                for i in range(5):  # QoS 1 to a client: its PUBACKs come back
+                    await bus.publish(f"wash/bay{i}/status", b"%d" % i)
+                    assert (await asyncio.to_thread(web.expect, None)).payload == b"%d" % i
+                web_session = bus.broker._sessions["web-1"][0]
+                await _until(lambda: not web_session.inflight_out)
             finally:
                 loop.set_task_factory(factory)
         finally:
             c.close()
+            web.close()
         assert seen == [b"%d" % i for i in range(n)]
-        per_packet = [q for q in started if q.endswith(("handle_publish", "from_stream"))]
+        per_packet = [q for q in started if q.endswith(("handle_publish", "handle_puback", "from_stream"))]
         assert per_packet == [], per_packet[:3]
         # The read's time limit is the keep-alive, handled as amqtt does (0.12.1: nothing happens).
         quiet = await raw_open(bus)

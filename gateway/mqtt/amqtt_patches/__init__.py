@@ -1,7 +1,8 @@
 """Every change the gateway makes to amqtt's own code, in one audited package.
 
 amqtt is embedded, not forked: `GatewayBroker` (`broker.py` here) subclasses amqtt's `Broker` and overrides some of
-its internals. Each override is a *patch*, listed in `PATCHES` with the amqtt version it was
+its internals; each connection gets a `GatewayHandler` (`handler.py`: its reader, writer and
+protocol handler). Each override is a *patch*, listed in `PATCHES` with the amqtt version it was
 written against (`AUDITED_AMQTT`) and why it exists; `make_broker()` is the one function that puts
 them in place (and checks the installed amqtt first). tests/unit/test_amqtt_patches/ has one test per
 patch, each showing the behaviour the patch fixes both ways: with the patch, and with it reverted
@@ -79,8 +80,27 @@ PATCHES: tuple[Patch, ...] = (
           "BATCH per turn so a burst cannot hold the loop."),
     Patch("reader_without_tasks", ("_initialize_client_session", "_install_handler"), "0.12.1",
           "amqtt's reader starts a task per packet for the keep-alive timeout of its read (`wait_for`) and "
-          "another to handle each PUBLISH; a QoS 0/1 PUBLISH never waits on a later packet, so it is "
-          "handled in place, in order, and the read is bounded by `asyncio.timeout` (`_GatewayHandler`)."),
+          "another to handle each PUBLISH and PUBACK; a QoS 0/1 PUBLISH or a PUBACK never waits on a later "
+          "packet, so it is handled in place, in order, and the read is bounded by `asyncio.timeout` "
+          "(`GatewayHandler`)."),
+    Patch("whole_packet_reads", ("_next_packet",), "0.12.1",
+          "amqtt reads a packet in ~11 `readexactly` calls (the type byte, each length byte, then the body "
+          "field by field); here the fixed header and the body are a read each and a PUBLISH is decoded in one "
+          "pass; a header already buffered needs no keep-alive timer."),
+    Patch("coalesced_writes", ("_writer",), "0.12.1",
+          "amqtt writes each packet to the socket at once: a `send` syscall per PUBACK and per PUBLISH out. "
+          "What a connection's packets write during one turn of the event loop goes out in one `send` here."),
+    Patch("drain_delivery_queue", ("_message_loop",), "0.12.1",
+          "amqtt's per-client loop waits on four futures and starts a task for each message it delivers; "
+          "here what the client has already queued is delivered in the same wake-up, in order."),
+    Patch("direct_outgoing_publish", ("_send", "publish"), "0.12.1",
+          "amqtt sends each delivery in a task of its own: a PublishPacket built and encoded piece by piece, a "
+          "keep-alive timer re-armed, and for QoS 1 a `wait_for` with a timer per message. Here a QoS 0/1 "
+          "PUBLISH is encoded straight to bytes and written in place when amqtt's path would not have waited; "
+          "the QoS 1 flow (in flight until its PUBACK, dropped after 5 s) runs on one timer per connection."),
+    Patch("puback_in_place", ("_handle_qos1_message_flow",), "0.12.1",
+          "amqtt sends each PUBACK through its generic packet path (a packet object, a drain, a keep-alive "
+          "timer re-armed per packet); here it is written in place, after the message is queued, as in amqtt."),
     Patch("login_decides_attributes", ("_authenticate",), "0.12.1",
           "a resumed persistent session keeps its attributes: a login must decide the account and the "
           "kicked mark anew."),
@@ -99,6 +119,8 @@ def check_amqtt_version() -> bool:
 
 
 # The code of the patches; imported last: it uses the names above.
-from gateway.mqtt.amqtt_patches.broker import GatewayBroker, PacketTooLarge, make_broker  # noqa: E402
+from gateway.mqtt.amqtt_patches.broker import GatewayBroker, make_broker  # noqa: E402
+from gateway.mqtt.amqtt_patches.handler import GatewayHandler, PacketTooLarge  # noqa: E402
 
-__all__ = ["AUDITED_AMQTT", "PATCHES", "GatewayBroker", "PacketTooLarge", "Patch", "check_amqtt_version", "make_broker"]
+__all__ = ["AUDITED_AMQTT", "PATCHES", "GatewayBroker", "GatewayHandler", "PacketTooLarge", "Patch",
+           "check_amqtt_version", "make_broker"]

@@ -11,137 +11,15 @@ from typing import Any
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.events import BrokerEvents, MQTTEvents
-from amqtt.mqtt import packet_class
-from amqtt.mqtt.connect import ConnectPacket
-from amqtt.mqtt.constants import QOS_0, QOS_1
-from amqtt.mqtt.packet import (
-    CONNACK,
-    CONNECT,
-    DISCONNECT,
-    PINGREQ,
-    PINGRESP,
-    PUBACK,
-    PUBCOMP,
-    PUBLISH,
-    PUBREC,
-    PUBREL,
-    RESERVED_0,
-    RESERVED_15,
-    SUBACK,
-    SUBSCRIBE,
-    UNSUBACK,
-    UNSUBSCRIBE,
-    MQTTFixedHeader,
-)
+from amqtt.errors import AMQTTError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from gateway.mqtt.acl import ACCOUNT, AccountBook, may_publish
 from gateway.mqtt.amqtt_patches import check_amqtt_version, log
+from gateway.mqtt.amqtt_patches.handler import CorkedWriter, GatewayHandler, GuardedReader, PacketTooLarge
 from gateway.mqtt.guard import AUTHENTICATED, KICKED, AbuseGuard, BrokerLimits
-
-
-class PacketTooLarge(Exception):
-    """A client announced a packet above its limit. Not an MQTTError on purpose: amqtt's reader
-    loop skips those and reads on (out of step with the stream); anything else closes the connection."""
-
-
-class _GuardedReader(StreamReaderAdapter):
-    """Patch `packet_size_limit`: amqtt 0.12.1 reads a packet's body with one `read(n)` once the
-    fixed header announced it: refusing a large `n` refuses the packet before a byte of it is buffered."""
-
-    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, guard: AbuseGuard, peer: Any) -> None:
-        super().__init__(reader)
-        self.max_bytes = max_bytes
-        self._guard = guard
-        self._peer = peer
-
-    async def read(self, n: int = -1) -> bytes:
-        if n > self.max_bytes:
-            self._guard.refusals.drop("packet_size", "connection",
-                                      f"{self._peer}: a packet of more than {n} bytes, above the limit of "
-                                      f"{self.max_bytes}; connection closed, the address cools down")
-            # No device sends such packets: whoever does would otherwise reconnect and try again at once.
-            self._guard.cool_down(self._peer[0] if self._peer else None)
-            raise PacketTooLarge(f"packet above {self.max_bytes} bytes")
-        data: bytes = await super().read(n)
-        return data
-
-
-_IN_TASK = {  # amqtt 0.12.1 handles these packets in a task each, as here
-    CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
-    SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
-    PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp", PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp",
-    DISCONNECT: "handle_disconnect",
-}
-
-
-class _GatewayHandler(BrokerProtocolHandler):
-    """Patch `reader_without_tasks`: amqtt 0.12.1's `BrokerProtocolHandler`, its reader loop without
-    a task per packet. Installed on each connection's handler by `GatewayBroker`."""
-
-    async def _reader_loop(self) -> None:
-        """amqtt 0.12.1's `ProtocolHandler._reader_loop`, same checks and order, two changes: the
-        fixed header is read under `asyncio.timeout` (amqtt: `wait_for`, a task per packet), and a
-        QoS 0/1 PUBLISH is handled in place (amqtt: a task each). QoS 2 keeps its task: it waits
-        for a PUBREL that this loop must read."""
-        if self.session is None or self._reader_ready is None:
-            raise AMQTTError("Session is not initialized.")
-        running: deque[asyncio.Task[None]] = deque()
-        keepalive: int | None = self.session.keep_alive
-        if keepalive is not None and keepalive <= 0:
-            keepalive = None
-        while True:
-            try:
-                self._reader_ready.set()
-                while running and running[0].done():
-                    running.popleft()
-                if self.reader is None:
-                    break
-                async with asyncio.timeout(keepalive):
-                    fixed_header = await MQTTFixedHeader.from_stream(self.reader)
-                if not fixed_header:
-                    break  # EOF
-                if fixed_header.packet_type in (RESERVED_0, RESERVED_15):
-                    await self.handle_connection_closed()
-                    continue
-                packet = await packet_class(fixed_header).from_stream(self.reader, fixed_header=fixed_header)
-                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
-                kind = packet.fixed_header.packet_type if packet.fixed_header is not None else None
-                if kind == PUBLISH and isinstance(packet, PublishPacket) and packet.qos in (QOS_0, QOS_1):
-                    try:
-                        await self.handle_publish(packet)
-                    except (asyncio.CancelledError, TimeoutError):
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - amqtt's task would have swallowed it too
-                        log.warning("mqtt: client %r: a PUBLISH failed: %r", self.session.client_id, exc)
-                elif kind == PUBLISH:
-                    running.append(asyncio.create_task(self.handle_publish(packet)))
-                elif kind == CONNECT and isinstance(packet, ConnectPacket):
-                    await self.handle_connect(packet)
-                elif kind in _IN_TASK:
-                    running.append(asyncio.create_task(getattr(self, _IN_TASK[kind])(packet)))
-                else:
-                    log.warning("mqtt: client %r sent an unhandled packet type %s", self.session.client_id, kind)
-            except MQTTError:
-                pass  # amqtt: "Message discarded"
-            except asyncio.CancelledError:
-                break
-            except TimeoutError:
-                self.handle_read_timeout()
-            except NoDataError:
-                pass
-            except Exception as exc:  # noqa: BLE001 - as amqtt: the connection ends, the broker does not
-                log.warning("mqtt: unhandled exception in the reader of %r: %r", self.session.client_id, exc)
-                break
-        while running:
-            running.popleft().cancel()
-        await self.handle_connection_closed()
-        self._reader_stopped.set()
-        await self.stop()
 
 
 class _Subscriptions(dict[str, list[tuple[Session, int]]]):
@@ -157,7 +35,8 @@ class GatewayBroker(Broker):
     """amqtt 0.12.1's Broker with the patches of `PATCHES` (each method names its patch). Build it
     with `make_broker()`."""
 
-    BATCH = 64  # queued broadcasts routed per turn of the loop (patch batched_broadcast)
+    BATCH = 64  # queued broadcasts routed, or a client's messages delivered, per turn of the loop
+    handler_class: type[GatewayHandler] = GatewayHandler  # each connection's (patch reader_without_tasks)
 
     def __init__(self, config: dict[str, Any], guard: AbuseGuard | None = None,
                  accounts: AccountBook | None = None) -> None:
@@ -220,7 +99,7 @@ class GatewayBroker(Broker):
             self.guard.refusals.drop("cooldown", "connect", f"{peer}: flooded a moment ago; closed")
             writer.close()
             return
-        await self._client_connected(listener_name, self._reader(reader, peer), StreamWriterAdapter(writer))
+        await self._client_connected(listener_name, self._reader(reader, peer), self._writer(writer))
 
     def _full(self, listener_name: str, peer: Any) -> bool:
         """Patch `refuse_past_max_connections`: amqtt would park the client, without CONNACK, until
@@ -235,17 +114,66 @@ class GatewayBroker(Broker):
 
     def _reader(self, reader: asyncio.StreamReader, peer: Any) -> StreamReaderAdapter:
         """Patch `packet_size_limit`: the connection's reader refuses packets above the limit."""
-        return _GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
+        return GuardedReader(reader, self.guard.limits.max_packet_bytes, self.guard, peer)
+
+    def _writer(self, writer: asyncio.StreamWriter) -> StreamWriterAdapter:
+        """Patch `coalesced_writes`: the connection's writer sends what one turn of the loop wrote
+        in one go (`CorkedWriter`)."""
+        return CorkedWriter(writer)
 
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
         """Patch `deliver_queued_on_disconnect`: amqtt 0.12.1 ends this loop at the client's
         DISCONNECT (or lost connection) and dropped what it had queued but not yet broadcast:
         messages it had already PUBACKed. Deliver them now, in order, as the loop would."""
-        await super()._client_message_loop(client_session, handler)
+        await self._message_loop(client_session, handler)
         queue = client_session.delivered_message_queue
         while not queue.empty():
             if not await self._deliver(client_session, queue.get_nowait()):
                 break
+
+    async def _message_loop(self, client_session: Session, handler: Any) -> None:
+        """Patch `drain_delivery_queue`: amqtt 0.12.1's `_client_message_loop` (same four waiters,
+        handled in the same order) waits on the four with `asyncio.wait` and starts a task to take
+        the next message, for each message. Here, once a delivery is handled, what the session has
+        already queued is delivered in the same wake-up (at most BATCH), in order, as long as no
+        other waiter (disconnect, subscribe, unsubscribe) is done: those still come first, as in amqtt."""
+        queue = client_session.delivered_message_queue
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+        while connected:
+            try:
+                done, _ = await asyncio.wait([disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if disconnect_waiter in done:
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break
+                    for _ in range(self.BATCH):  # a bounded turn: other connections get theirs
+                        if (not connected or queue.empty() or handler.session is None or disconnect_waiter.done()
+                                or subscribe_waiter.done() or unsubscribe_waiter.done()):
+                            break
+                        if not await self._deliver(client_session, queue.get_nowait()):
+                            connected = False  # amqtt: the loop ends (an invalid topic)
+                    if not connected and not disconnect_waiter.done():
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+            except asyncio.CancelledError:
+                break
+        waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any,
                                        wait_deliver: asyncio.Future[Any]) -> bool:
@@ -331,16 +259,16 @@ class GatewayBroker(Broker):
 
     def _install_handler(self, handler: Any) -> None:
         """Patch `reader_without_tasks`: the connection's handler (built by amqtt's classmethod,
-        before its reader starts) becomes a `_GatewayHandler`, same state, one method differing."""
+        before its reader starts) becomes a `handler_class`, same state, its patched methods differing."""
         if type(handler) is BrokerProtocolHandler:
-            handler.__class__ = _GatewayHandler
+            handler.__class__ = self.handler_class
 
     async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session, *args: Any) -> None:
         """Patches `packet_size_limit` (the internal users' larger limit), `acl_before_puback`
         (installed on the session's handler) and `forget_refused_sessions`."""
         # The internal users' RPCs carry request bodies (up to the web's body limit). Raised before
         # the password is checked, which is harmless: a refused login is closed right after CONNACK.
-        if isinstance(reader, _GuardedReader) and client_session.username == self.guard.limits.internal_username:
+        if isinstance(reader, GuardedReader) and client_session.username == self.guard.limits.internal_username:
             reader.max_bytes = self.guard.limits.internal_max_packet_bytes
         elif args:
             self._refuse_before_ack(client_session, args[0])
@@ -406,8 +334,17 @@ class GatewayBroker(Broker):
                 continue
             handler = self._get_handler(target_session)
             if handler:
-                running_tasks.append(asyncio.ensure_future(
-                    handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+                task = self._send(handler, topic, broadcast["data"], qos)
+                if task is not None:
+                    running_tasks.append(task)
+
+    def _send(self, handler: Any, topic: str, data: bytes, qos: int) -> asyncio.Task[Any] | None:
+        """Patch `direct_outgoing_publish`: a delivery is written in place when it can be
+        (`GatewayHandler.publish`); amqtt 0.12.1 starts a task running `mqtt_publish` for each."""
+        if isinstance(handler, GatewayHandler):
+            return handler.publish(topic, data, qos)
+        task: asyncio.Task[Any] = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+        return task
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
