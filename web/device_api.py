@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from gateway.access.signing import Verdict, verify_http
 from gateway.clock import iso_z, utc_now
@@ -35,6 +35,7 @@ from web.openapi import doc
 bp = Blueprint("device_api", __name__)
 
 SIGNED_ERRORS = (400, 401, 404, 413, 415)
+UPLOADED_REPLY = '{"success":true,"data":{"length":%d},"message":"Logs uploaded successfully"}\n'
 # The request schemas state the rules of device-api.md §3 that `gateway.devices.validate` enforces,
 # so that a client (and the fuzzer, tests/fuzzing.py) can tell a valid request from an invalid one.
 DEVICE_ID = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
@@ -190,9 +191,9 @@ def logs_upload() -> Any:
         r = _write(lambda: store_upload(db, prepared))
     except DeviceNotFound:
         raise ApiError(404, "DEVICE_NOT_FOUND", f"no device {dev!r}; register it first") from None
-    resp = jsonify({"success": True, "data": {"length": r.length}, "message": "Logs uploaded successfully"})
-    resp.status_code = 201
-    return resp
+    # What jsonify makes of {"success": true, "data": {"length": n}, "message": ...}, without
+    # its JSON provider and encoder set-up on the busiest endpoint.
+    return current_app.response_class(UPLOADED_REPLY % int(r.length), status=201, mimetype="application/json")
 
 
 def _device_view(d: Device) -> dict[str, Any]:

@@ -209,14 +209,25 @@ def install(app: Flask) -> None:
     def _start_timer() -> None:
         g.metrics_t0 = time.perf_counter()
 
+    # The labelled children per (route, method, status): `labels()` validates and locks on every
+    # call. As bounded as the series themselves (route templates, METHODS, statuses).
+    children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
     @app.after_request
     def _count(resp: Response) -> Response:
         t0 = g.pop("metrics_t0", None)
         route = _route()
-        method = request.method if request.method in METHODS else "other"  # clients choose it: bounded
-        http.requests.labels(route, method, str(resp.status_code)).inc()
+        method = request.method
+        if method not in METHODS:
+            method = "other"  # clients choose it: bounded
+        key = (route, method, resp.status_code)
+        pair = children.get(key)
+        if pair is None:
+            pair = children[key] = (http.requests.labels(route, method, str(resp.status_code)),
+                                    http.latency.labels(route, method))
+        pair[0].inc()
         if t0 is not None:
-            http.latency.labels(route, method).observe(time.perf_counter() - t0)
+            pair[1].observe(time.perf_counter() - t0)
         return resp
 
     app.register_blueprint(bp)
