@@ -105,7 +105,9 @@ class CommandService:
 
     async def _recover(self) -> None:
         """Publish what a crash left unsent once its devices have subscribed again (the broker forgot
-        every session with the restart), or after `RECONNECT_GRACE_SEC` at the latest."""
+        every session with the restart), or after `RECONNECT_GRACE_SEC` at the latest. First builds
+        the config validators, off the loop (the first APPLY_CONFIG need not)."""
+        await asyncio.to_thread(catalogue.warm)
         items, self._recovered = self._recovered, []
         if items:
             wanted = {DEVICE_COMMAND.format(device_id=d) for _, devices in items for d in devices}
