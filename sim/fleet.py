@@ -60,6 +60,32 @@ HELMET_CONFIGS = {
 }
 
 
+class _DeviceClient(aiomqtt.Client):
+    """aiomqtt's client, one per device as before; only how the socket's writer is registered
+    differs. paho asks for it at every publish (an ACK); aiomqtt always goes through
+    `call_soon_threadsafe` (paho may ask from its connect thread), a self-pipe write and an extra
+    turn of the loop per ACK: a tenth of the fleet's cost, in the loop that also has to receive
+    the rest of a bulk command. Asked from the loop's own thread, the writer is added directly."""
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            here = False
+        if not here:
+            super()._on_socket_register_write(client, userdata, sock)
+            return
+
+        def callback() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # as aiomqtt: a broken connection ends the session
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        self._loop.add_writer(sock.fileno(), callback)
+
+
 @dataclass
 class SimDevice:
     chip_id: str
@@ -215,7 +241,7 @@ class Fleet:
         return await self._call("/api/v1/device-event-logs/uploads", {"device_id": d.device_id, "items": items})
 
     async def _live(self, d: SimDevice, stop: asyncio.Event) -> None:
-        async with aiomqtt.Client(self.mqtt_host, self.mqtt_port, identifier=d.device_id, keepalive=60) as client:
+        async with _DeviceClient(self.mqtt_host, self.mqtt_port, identifier=d.device_id, keepalive=60) as client:
             await client.subscribe(f"device/{d.device_id}/command", qos=1)
             self.connected += 1
             if self.connected == len(self.devices):
