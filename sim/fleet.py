@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import re
 import signal
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 
 from gateway.access.signing import SignatureError, http_signature, parse_signed_mqtt, sign_mqtt
 from gateway.devices.validate import MAX_ITEMS as UPLOAD_MAX_ITEMS  # device-api.md: 1-1000 items per upload
@@ -84,6 +86,23 @@ class _DeviceClient(aiomqtt.Client):
                     self._disconnected.set_exception(exc)
 
         self._loop.add_writer(sock.fileno(), callback)
+
+    async def publish_acked(self, topic: str, payload: bytes) -> None:
+        """`publish(topic, payload, qos=1)`, returning once the broker's PUBACK came, as aiomqtt's
+        does, but waiting under `asyncio.timeout` instead of `asyncio.wait_for` (a task and a timer
+        handle of their own for every ACK a device sends)."""
+        info = self._client.publish(topic, payload, 1)
+        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if info.is_published():
+            return
+        confirmation = asyncio.Event()  # set by aiomqtt's on_publish, as for its own publish()
+        self._pending_publishes[info.mid] = confirmation
+        try:
+            async with asyncio.timeout(None if self.timeout == math.inf else self.timeout):
+                await confirmation.wait()
+        finally:
+            self._pending_publishes.pop(info.mid, None)
 
 
 @dataclass
@@ -288,7 +307,7 @@ class Fleet:
                     return msg
         return parse_signed_mqtt(raw, self.key)
 
-    async def _commands(self, d: SimDevice, client: aiomqtt.Client) -> None:
+    async def _commands(self, d: SimDevice, client: _DeviceClient) -> None:
         async for message in client.messages:
             try:
                 cmd = self._verified(bytes(message.payload))
@@ -303,7 +322,7 @@ class Fleet:
             self._answers.add(task)
             task.add_done_callback(self._answers.discard)
 
-    async def _answer(self, d: SimDevice, client: aiomqtt.Client, cmd: dict[str, Any]) -> None:
+    async def _answer(self, d: SimDevice, client: _DeviceClient, cmd: dict[str, Any]) -> None:
         b = d.behaviour
         if b == "silent":
             return
@@ -313,7 +332,7 @@ class Fleet:
         async def ack(status: str, **extra: Any) -> None:
             body = {"command_id": cmd.get("command_id"), "device_id": d.device_id, "command": cmd.get("command"),
                     "status": status, **extra, "timestamp": int(time.time() * 1000)}
-            await client.publish(f"server/{d.device_id}/ack", sign_mqtt(body, self.key), qos=1)
+            await client.publish_acked(f"server/{d.device_id}/ack", sign_mqtt(body, self.key))
             d.acks += 1
             d.acked_at[str(cmd.get("command_id"))] = time.monotonic()
 
