@@ -63,29 +63,10 @@ HELMET_CONFIGS = {
 
 
 class _DeviceClient(aiomqtt.Client):
-    """aiomqtt's client, one per device as before; only how the socket's writer is registered
-    differs. paho asks for it at every publish (an ACK); aiomqtt always goes through
-    `call_soon_threadsafe` (paho may ask from its connect thread), a self-pipe write and an extra
-    turn of the loop per ACK: a tenth of the fleet's cost, in the loop that also has to receive
-    the rest of a bulk command. Asked from the loop's own thread, the writer is added directly."""
-
-    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        try:
-            here = asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            here = False
-        if not here:
-            super()._on_socket_register_write(client, userdata, sock)
-            return
-
-        def callback() -> None:
-            try:
-                client.loop_write()
-            except Exception as exc:  # as aiomqtt: a broken connection ends the session
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
-
-        self._loop.add_writer(sock.fileno(), callback)
+    """aiomqtt's client, one per device; only the wait for an ACK's PUBACK differs (below). Its
+    socket writer is registered as aiomqtt does (through `call_soon_threadsafe`): adding it at once
+    saved the fleet a tenth of its CPU but raised the core's per device and delayed the last
+    receipt (bench/README.md, commands; likely a device's PUBACK and ACK written apart, not together)."""
 
     async def publish_acked(self, topic: str, payload: bytes) -> None:
         """`publish(topic, payload, qos=1)`, returning once the broker's PUBACK came, as aiomqtt's
