@@ -2,7 +2,7 @@
 
 `check_payload(command, payload)` raises `Invalid` naming the failing field as `payload.<path>`;
 `check_configs(device_id, device_type, configs)` checks APPLY_CONFIG against the device type's
-config schema and names the device too.
+config schema and names the device too. `warm()` builds those validators ahead of use.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from gateway.devices.schemas import Validator, validate_configs
+from gateway.devices.schemas import SCHEMA_FILES, Validator, validate_configs
 from gateway.devices.validate import Invalid
 
 ACK_STATUSES = ("SUCCESS", "FAILED", "PROGRESS", "ERROR")
@@ -67,6 +67,17 @@ def check_configs(device_id: str, device_type: str, configs: Any) -> None:
         validate_configs(device_type, configs)
     except Invalid as exc:
         raise Invalid(f"device {device_id}: {exc.field}", str(exc).split(": ", 1)[1]) from None
+
+
+def warm() -> None:
+    """Check and compile every device type's config schema now (cached for the process): 30 to 100
+    ms of jsonschema work that the first APPLY_CONFIG after a start would otherwise wait for on the
+    bus dispatcher, in front of its answer."""
+    for device_type in SCHEMA_FILES:
+        try:
+            validate_configs(device_type, {})
+        except Invalid:
+            pass  # an empty document is refused: what counts is that the validator is built
 
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"

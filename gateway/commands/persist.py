@@ -109,22 +109,26 @@ class CommandStore:
         configs: list[tuple[str, str, str, str]] = []
         firmware: list[tuple[str, str]] = []
         completed: list[Tracked] = []
+        at, updated = iso_z(now), str(now)
+        applied: dict[str, str] = {}  # command_id -> its configs as stored (the same for every device)
         for u in updates:
             t = u.tracked
             for dev in u.devices:
                 r = t.results[dev]
                 progress = _dumps(r.progress) if r.progress else None
-                rows.append((r.status, r.error, progress, str(now), t.command_id, dev))
+                rows.append((r.status, r.error, progress, updated, t.command_id, dev))
                 if r.status not in FINAL:
                     continue
                 payload: dict[str, Any] = {"command_id": t.command_id, "setup_id": t.setup_id, "device_id": dev,
                                            "command": t.command, "status": r.status, "error": r.error,
-                                           "at": iso_z(now)}
+                                           "at": at}
                 if r.new_version is not None:
                     payload["new_version"] = r.new_version
                 results.append(("command.result", payload, dev))
                 if r.status == "SUCCESS" and t.command == "APPLY_CONFIG":
-                    configs.append((dev, _dumps(t.payload["configs"]), "apply", str(now)))
+                    if t.command_id not in applied:
+                        applied[t.command_id] = _dumps(t.payload["configs"])
+                    configs.append((dev, applied[t.command_id], "apply", updated))
                 elif r.status == "SUCCESS" and t.command == "UPDATE_FIRMWARE" and r.new_version:
                     firmware.append((r.new_version, dev))
             if u.completed:

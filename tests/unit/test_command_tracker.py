@@ -127,3 +127,11 @@ def test_catalogue_checks_payloads_and_configs() -> None:
     assert e.value.field.startswith("device dev-1: configs")
     ids = {catalogue.new_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 25 and i[0] == "c" for i in ids)
+
+
+def test_warm_builds_every_config_validator() -> None:
+    from gateway.devices import schemas
+
+    schemas._validator.cache_clear()
+    catalogue.warm()
+    assert schemas._validator.cache_info().currsize == len(schemas.SCHEMA_FILES)
