@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.mqtt.amqtt_patches import GatewayBroker
 from gateway.mqtt.broker import BrokerSettings, LocalBus
+from gateway.mqtt.client import close_client
 
 
 @dataclass
@@ -66,10 +67,7 @@ class Probe:
         # connection open: a ResourceWarning at some later garbage collection, in another test).
         if self.client.disconnect() == mqtt.MQTT_ERR_SUCCESS:
             self.disconnected.wait(5.0)
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:  # paho leaves it open after a refused CONNACK
-            sock.close()
+        close_client(self.client)  # also paho's socket after a refused CONNACK, and its wake-up pair
 
     def __enter__(self) -> Probe:
         return self

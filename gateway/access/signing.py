@@ -16,6 +16,7 @@ import enum
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -80,6 +81,9 @@ def sign_mqtt(message: Mapping[str, Any], key: str) -> bytes:
     return compact(body)
 
 
+_JSON_WS = re.compile(rb"[ \t\n\r]")
+
+
 def _strip_whitespace(raw: bytes) -> bytes:
     """Delete JSON whitespace outside strings, keeping everything else byte for byte."""
     out = bytearray()
@@ -119,7 +123,9 @@ def parse_signed_mqtt(raw: bytes, key: str, *, require: bool = True) -> dict[str
         return message
     if not isinstance(given, str):
         raise SignatureError("missing_signature", "sha256 member missing")
-    packed = _strip_whitespace(raw)
+    # Firmware and the gateway send compact JSON: with no whitespace byte anywhere the strip is
+    # the identity, and its byte-by-byte loop was most of the check's cost per device message.
+    packed = raw if _JSON_WS.search(raw) is None else _strip_whitespace(raw)
     suffix = b',"sha256":"' + given.encode() + b'"}'
     if packed.endswith(suffix):
         covered = packed[: -len(suffix)] + b"}"

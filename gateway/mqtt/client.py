@@ -27,6 +27,23 @@ from gateway.mqtt.topics import HEALTH, RPC_REPLY, RPC_REQUEST, STATUS, matches
 log = logging.getLogger(__name__)
 
 
+def close_client(client: mqtt.Client) -> None:
+    """Blocking: DISCONNECT if still connected, join paho's thread, close what is left.
+
+    Every paho client started with `loop_start()` ends here: paho closes the wake-up socket pair
+    of `loop_start()` only when the client is collected (and a client in a reference cycle may
+    have its sockets finalised first: a ResourceWarning, an fd held until the next collection)."""
+    client.disconnect()
+    client.loop_stop()
+    sock = client.socket()
+    if sock is not None:
+        sock.close()
+    # Closes the wake-up socket pair of loop_start() now rather than when the client is collected
+    # (an exception logged by paho's thread can keep the client alive through its traceback), and
+    # drops the callbacks and the logger (which refer back to the client).
+    client.reinitialise()
+
+
 class BusUnavailable(Exception):
     """Not connected to the local broker (the core is down or starting)."""
 
@@ -76,8 +93,7 @@ class BusClient:
 
     def stop(self) -> None:
         self._stopping = True  # our own disconnect is not a lost connection
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
         with self._lock:
             pending, self._pending = self._pending, {}
         for fut in pending.values():

@@ -64,11 +64,11 @@ from gateway.backoff import backoff_delay
 from gateway.clock import iso_z
 from gateway.droplog import Drops
 from gateway.mqtt import topics
+from gateway.mqtt.client import close_client
 from gateway.uplink.bridge_outbound import LatestPerTopic
 from gateway.uplink.bridge_paho import (
     Conn,
     PahoLog,
-    close_client,
     describe,
     hand_callbacks_to_loop,
     open_connection,

@@ -3,8 +3,7 @@
 Contract: helpers only, no state of the bridge. `PahoLog` turns paho's errors into one callback
 (logged at DEBUG), `TlsContext` remembers the sockets it wrapped so a failed handshake's socket
 can be closed, `Conn` is one connection attempt, `hand_callbacks_to_loop` wires paho's callbacks to the event
-loop, `close_client` (blocking; the bridge's worker thread) disconnects and joins paho's thread,
-`run_joined` runs a blocking call whose thread a cancellation waits for, `describe` names a
+loop (a client ends with `gateway.mqtt.client.close_client`), `run_joined` runs a blocking call whose thread a cancellation waits for, `describe` names a
 connect failure in one line.
 """
 
@@ -73,19 +72,6 @@ class Conn:
     lost_reason: str = ""
     error: str = ""  # the first error paho logged on this connection
     accepted: bool = False
-
-
-def close_client(client: mqtt.Client) -> None:
-    """Worker thread: DISCONNECT if still connected, join paho's thread, close what is left."""
-    client.disconnect()
-    client.loop_stop()
-    sock = client.socket()
-    if sock is not None:
-        sock.close()
-    # Closes the wake-up socket pair of loop_start() now rather than when the client is collected
-    # (an exception logged by paho's thread can keep the client alive through its traceback), and
-    # drops the callbacks and the logger (which refer back to the client).
-    client.reinitialise()
 
 
 def describe(exc: BaseException) -> str:
