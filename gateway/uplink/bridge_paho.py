@@ -1,10 +1,10 @@
 """paho-mqtt plumbing of the cloud bridge: its logger, TLS context, connection record, clean-up.
 
 Contract: helpers only, no state of the bridge. `PahoLog` turns paho's errors into one callback
-(logged at DEBUG), `TlsContext` remembers the sockets it wrapped so a failed handshake's socket
-can be closed, `Conn` is one connection attempt, `hand_callbacks_to_loop` wires paho's callbacks to the event
-loop (a client ends with `gateway.mqtt.client.close_client`), `run_joined` runs a blocking call whose thread a cancellation waits for, `describe` names a
-connect failure in one line.
+(logged at DEBUG), `TlsContext` remembers the sockets it wrapped so a failed handshake's socket can
+be closed, `Conn` is one connection attempt, `hand_callbacks_to_loop` wires paho's callbacks to the
+event loop (a client ends with `gateway.mqtt.client.close_client`), `run_joined` runs a blocking
+call whose thread a cancellation waits for, `describe` names a connect failure in one line.
 """
 
 from __future__ import annotations
