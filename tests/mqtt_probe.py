@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,3 +179,21 @@ async def running_bus(user: str, password: str, *, allow_anonymous: bool = True,
         dispatcher.cancel()
         await asyncio.gather(dispatcher, return_exceptions=True)
         await bus.stop()
+
+
+@contextlib.contextmanager
+def counting_tasks() -> Iterator[list[str]]:
+    """The coroutine names (`__qualname__`) of every task the running loop starts inside the block."""
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop_: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(getattr(coro, "__qualname__", ""))
+        return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
+
+    loop.set_task_factory(counting)
+    try:
+        yield started
+    finally:
+        loop.set_task_factory(factory)

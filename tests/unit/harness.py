@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from flask import Blueprint, Flask
 from peewee import SqliteDatabase
 
 from gateway.config import Config, Secrets
@@ -34,6 +35,8 @@ from plc.bus import BusScheduler, PlcError, PollResult
 from plc.profile import builtin_profiles, decode_status
 from tests.conftest import Site
 from tests.mqtt_probe import Msg, Probe
+from web.app import create_app
+from web.context import ctx
 
 # 2026-01-14T08:00:00Z, the seeds' timestamp (15:00 in the demo site's Asia/Bangkok).
 SEED_EPOCH = 1768377600.0
@@ -229,3 +232,18 @@ class FakeFieldbus:
 
     def line_stats(self) -> dict[str, float]:
         return {}
+
+
+@contextlib.contextmanager
+def web_app(site: Site, probe: Blueprint, *, migrated: bool = False) -> Iterator[Flask]:
+    """The web app of `site` with a test blueprint, started without the bus (and its database
+    migrated when asked), stopped afterwards."""
+    a = create_app(site.config, site.secrets)
+    a.register_blueprint(probe)
+    ctx(a).start(connect_bus=False)
+    try:
+        if migrated:
+            migrate(ctx(a).db)
+        yield a
+    finally:
+        ctx(a).stop()

@@ -27,7 +27,7 @@ from gateway.mqtt.amqtt_patches import AUDITED_AMQTT, PATCHES, GatewayBroker, Ga
 from gateway.mqtt.broker import LocalBus
 from gateway.mqtt.guard import AUTHENTICATED, KICKED
 from tests import mqtt_probe, mqtt_raw
-from tests.mqtt_probe import Probe
+from tests.mqtt_probe import Probe, counting_tasks
 
 USER, PASSWORD = "carwash-gateway", "internal-password-0123456789"
 
@@ -399,22 +399,13 @@ async def test_reader_without_tasks() -> None:
     async with running_bus("reader_without_tasks", client_rate_per_sec=0) as bus:
         seen: list[bytes] = []
         bus.subscribe("server/+/streaming", lambda topic, data, cid: seen.append(data))
-        loop = asyncio.get_running_loop()
-        started: list[str] = []
-        factory = loop.get_task_factory()
-
-        def counting(loop_: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-            started.append(getattr(coro, "__qualname__", ""))
-            return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
-
         c = await raw_open(bus)
         web = Probe(bus._settings.port, username=USER, password=PASSWORD, client_id="web-1")
         try:
             await asyncio.to_thread(web.connect)
             assert await asyncio.to_thread(web.subscribe, "wash/+/status") == [1]
             assert await c.connect("dev-1") == 0
-            loop.set_task_factory(counting)
-            try:
+            with counting_tasks() as started:
                 c.writer.write(b"".join(mqtt_raw.publish("server/dev-1/streaming", b"%d" % i) for i in range(n)))
                 await _until(lambda: len(seen) == n, timeout=3)
                 for i in range(5):  # QoS 1 to a client: its PUBACKs come back
@@ -422,8 +413,6 @@ async def test_reader_without_tasks() -> None:
                     assert (await asyncio.to_thread(web.expect, None)).payload == b"%d" % i
                 web_session = bus.broker._sessions["web-1"][0]
                 await _until(lambda: not web_session.inflight_out)
-            finally:
-                loop.set_task_factory(factory)
         finally:
             c.close()
             web.close()

@@ -18,7 +18,7 @@ from amqtt.mqtt.publish import PublishPacket
 from gateway.mqtt.amqtt_patches import GatewayBroker, GatewayHandler, handler as handler_module
 from gateway.mqtt.broker import LocalBus
 from tests import mqtt_raw
-from tests.mqtt_probe import Probe
+from tests.mqtt_probe import Probe, counting_tasks
 from tests.unit.test_amqtt_patches import PASSWORD, REVERTED, USER, _until, raw_open, running_bus
 
 # --- each patch reverted to amqtt 0.12.1's own code -------------------------------------------------
@@ -138,23 +138,12 @@ async def test_drain_delivery_queue() -> None:
     async with running_bus("drain_delivery_queue", client_rate_per_sec=0) as bus:
         seen: list[bytes] = []
         bus.subscribe("server/+/ack", lambda topic, data, cid: seen.append(data))
-        loop = asyncio.get_running_loop()
-        started: list[str] = []
-        factory = loop.get_task_factory()
-
-        def counting(loop_: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-            started.append(getattr(coro, "__qualname__", ""))
-            return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
-
         c = await raw_open(bus)
         try:
             assert await c.connect("dev-1") == 0
-            loop.set_task_factory(counting)
-            try:
+            with counting_tasks() as started:
                 c.writer.write(_burst("dev-1", n, qos1=False))
                 await _until(lambda: len(seen) == n, timeout=3)
-            finally:
-                loop.set_task_factory(factory)
         finally:
             c.close()
         assert seen == [b"%d" % i for i in range(n)]
@@ -173,21 +162,10 @@ async def test_direct_outgoing_publish() -> None:
         with Probe(bus._settings.port, username=USER, password=PASSWORD, client_id="web-1") as web:
             await asyncio.to_thread(web.connect)
             assert await asyncio.to_thread(web.subscribe, "wash/+/status") == [1]
-            loop = asyncio.get_running_loop()
-            started: list[str] = []
-            factory = loop.get_task_factory()
-
-            def counting(loop_: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-                started.append(getattr(coro, "__qualname__", ""))
-                return factory(loop_, coro, **kwargs) if factory else asyncio.Task(coro, loop=loop_, **kwargs)
-
-            loop.set_task_factory(counting)
-            try:
+            with counting_tasks() as started:
                 for i in range(n):
                     await bus.publish(f"wash/bay{i}/status", b"%d" % i, qos=i % 2)
                 got = [(await asyncio.to_thread(web.expect, None)).payload for _ in range(n)]
-            finally:
-                loop.set_task_factory(factory)
             session = bus.broker._sessions["web-1"][0]
             await _until(lambda: not session.inflight_out)  # every QoS 1 acknowledged, none left in flight
         assert got == [b"%d" % i for i in range(n)]

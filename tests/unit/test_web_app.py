@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, jsonify
 
 from gateway.store import migrate
 from tests.conftest import Site
-from web.app import create_app
+from tests.unit.harness import web_app
 from web.body import read_json
 from web.context import ctx
 from web.openapi import doc
@@ -36,11 +36,8 @@ def probe_blueprint() -> Blueprint:
 
 @pytest.fixture
 def app(site: Site) -> Iterator[Flask]:
-    a = create_app(site.config, site.secrets)
-    a.register_blueprint(probe_blueprint())
-    ctx(a).start(connect_bus=False)
-    yield a
-    ctx(a).stop()
+    with web_app(site, probe_blueprint()) as a:
+        yield a
 
 
 def check_envelope(resp, status: int, code: str, path: str) -> dict:

@@ -12,11 +12,9 @@ import pytest
 from flask import Blueprint, Flask, jsonify, request
 
 from gateway.access.signing import http_signature
-from gateway.store import migrate
 from tests.conftest import Site
-from web.app import create_app
+from tests.unit.harness import web_app
 from web.body import raw_body
-from web.context import ctx
 from web.device_api import UPLOADED_REPLY
 
 
@@ -33,12 +31,8 @@ def probe_blueprint() -> Blueprint:
 
 @pytest.fixture
 def app(site: Site) -> Iterator[Flask]:
-    a = create_app(site.config, site.secrets)
-    a.register_blueprint(probe_blueprint())
-    ctx(a).start(connect_bus=False)
-    migrate(ctx(a).db)
-    yield a
-    ctx(a).stop()
+    with web_app(site, probe_blueprint(), migrated=True) as a:
+        yield a
 
 
 def test_the_upload_reply_is_what_jsonify_made(app: Flask) -> None:
