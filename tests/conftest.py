@@ -70,6 +70,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --- leak checks ----------------------------------------------------------------------------
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What exists once the tests are collected (modules, libraries, test functions) lives for the
+    # whole session: out of the collector's way, so the full collection after each test
+    # (`no_leaks`) walks only what tests created.
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())
