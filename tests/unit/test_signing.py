@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 
 import pytest
 
+from gateway.access import signing
 from gateway.access.signing import (
     SignatureError,
     Verdict,
@@ -117,3 +119,36 @@ def test_mqtt_any_changed_byte_fails() -> None:
 
 def test_mqtt_signature_off_accepts_unsigned() -> None:
     assert parse_signed_mqtt(b'{"a":1}', KEY, require=False) == {"a": 1}
+
+
+COMPACT_CMD = {"command_id": "cmd-1", "command": "APPLY_CONFIG", "require_ack": True,
+               "payload": {"configs": {"machine": {"ACTIVE": True}}}, "timestamp": 1}
+COMPACT = sign_mqtt(COMPACT_CMD, KEY)
+
+
+@pytest.mark.parametrize("raw", [
+    COMPACT,
+    sign_mqtt({"a": 'with spaces, "quotes" and \\ a backslash'}, KEY),  # whitespace inside strings
+    b'{ "a" : 1 ,' + COMPACT[1:],  # whitespace between tokens
+    sign_mqtt(COMPACT_CMD, "another key"),
+    COMPACT.replace(b'"cmd-1"', b'"cmd-2"'),
+    COMPACT.replace(b'"sha256":"', b'"sha256":"0'),
+    COMPACT.upper(),
+    b'{"sha256":"' + COMPACT[-66:-2] + b'","a":1}',  # signature not last
+    b'{"a":"x\\\\","sha256":"00"}',
+    b"[1]",
+    b"not json",
+    b'{"a":1}',
+])
+def test_compact_messages_skip_the_strip_with_the_same_verdict(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message without whitespace skips the byte-by-byte strip: same result and same reason as
+    when every message goes through it."""
+    def outcome() -> object:
+        try:
+            return parse_signed_mqtt(raw, KEY)
+        except SignatureError as exc:
+            return exc.reason
+
+    fast = outcome()
+    monkeypatch.setattr(signing, "_JSON_WS", re.compile(rb""))  # matches everywhere: always strip
+    assert outcome() == fast
